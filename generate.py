@@ -1,0 +1,382 @@
+"""Generate text with a brisk checkpoint.
+
+    python generate.py --prompt "Once upon a time"            # complete a text
+    python generate.py --chat --prompt "What is gravity?"     # one turn through the chat template
+    python generate.py --interactive                          # multi-turn chat
+
+Generated text goes to stdout as it is produced; timings and speed go to stderr.
+
+How it is fast: the prompt is run through the model in one forward pass (prefill), which fills the
+static KV cache; then each new token is one forward pass over a single position (decode), which
+reads every weight once. Decoding is therefore bound by memory bandwidth: the report says how many
+bytes each step reads and what bandwidth that achieved. --compile turns the decode step into one
+fused graph (and, on CUDA, a CUDA graph replayed without Python overhead).
+"""
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer, load_model
+from tokenizer import StreamDecoder, load_tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.safetensors")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8  # 0 means greedy
+    top_k: Optional[int] = 200
+    top_p: Optional[float] = None
+
+
+def sample(logits: Tensor, sampling: Sampling) -> Tensor:
+    """Next token of each row from (batch, vocab) logits, without a host sync."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth_largest = torch.topk(logits, min(sampling.top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, -float("inf"))
+    probs = torch.softmax(logits.float(), dim=-1)
+    if sampling.top_p is not None:
+        # nucleus sampling (Holtzman et al. 2019): keep the most likely tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= sampling.top_p, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # argmax of p / Exp(1) noise is a sample from p (the exponential race), with no host sync
+    noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling):
+    logits = model(tokens, input_pos, left_pad)
+    return sample(logits[:, -1], sampling)
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],
+                     sampling: Sampling):
+    logits = model(token, input_pos, left_pad)
+    return sample(logits[:, -1], sampling)
+
+
+@dataclass
+class Timing:
+    prefill_s: float = 0.0  # time to first token
+    decode_s: float = 0.0  # every token after the first
+    decode_steps: int = 0  # forward passes after prefill, each reading every weight once
+    decoded_tokens: int = 0  # tokens those steps produced, all unfinished rows counted
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
+             start_pos: int = 0, on_token=None, prefill_step=prefill, decode_step=decode_one_token):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens, stopping a row at
+    its first stop id (which is kept). Prompts of different lengths are left-padded into one batch;
+    the model masks the padding, so each row gets what it would get alone. start_pos > 0 continues
+    a single sequence whose first start_pos tokens are already in the KV cache.
+    on_token(row, token_id) is called as each token is produced. Returns (new ids per row, Timing)."""
+    device = model.rope.device
+    longest = max(len(prompt) for prompt in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt)
+    padding = [longest - len(prompt) for prompt in prompts]
+    left_pad = torch.tensor(padding, device=device) if any(padding) else None
+    timing = Timing()
+
+    started = time.perf_counter()
+    input_pos = torch.arange(start_pos, start_pos + longest, device=device)
+    next_token = prefill_step(model, tokens.to(device), input_pos, left_pad, sampling).clone()
+    outputs, finished = [[] for _ in prompts], [False] * len(prompts)
+    for step in range(max_new_tokens):
+        for row, token_id in enumerate(next_token.view(-1).tolist()):  # the one host sync per step
+            if not finished[row]:
+                outputs[row].append(token_id)
+                finished[row] = token_id in stop_ids
+                if on_token:
+                    on_token(row, token_id)
+        now = time.perf_counter()
+        if step == 0:
+            timing.prefill_s, decode_started = now - started, now
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        input_pos = torch.tensor([start_pos + longest + step], device=device)
+        next_token = decode_step(model, next_token, input_pos, left_pad, sampling).clone()
+        timing.decode_steps += 1
+        timing.decoded_tokens += sum(not done for done in finished)
+    timing.decode_s = time.perf_counter() - decode_started
+    return outputs, timing
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available (use --device cpu)")
+    return name
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 halves the bytes per step, but this CPU path computes it slower than fp32 unless compiled
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.float32)
+    dtype = DTYPES[name]
+    try:
+        probe = torch.ones(2, 2, dtype=dtype, device=device)
+        (probe @ probe).sum().item()
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--dtype {name} is not supported on {device}: try --dtype fp32") from None
+    return dtype
+
+
+def weights_bytes(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every parameter once, except that an untied input
+    embedding is only looked up (one row per token), not read whole."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() * p.element_size() for p in unique)
+    if not model.args.tie_embeddings:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def kv_cache_bytes(model: Transformer, batch: int) -> int:
+    """Bytes of KV cache one decode step reads: attention runs over every slot of the static cache
+    (masked), so this is the whole cache of the rows in use, however short the sequence so far."""
+    cache = model.layers[0].attention.kv_cache
+    per_row = cache.k_cache[0].numel() * cache.k_cache.element_size() * 2
+    return per_row * batch * len(model.layers)
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
+    parser.add_argument("--prompt_file", type=Path, help="a file of prompts, one per line, run as one batch")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    parser.add_argument("--interactive", action="store_true", help="multi-turn chat on the terminal")
+    parser.add_argument("--system", help="system prompt for --chat and --interactive")
+    parser.add_argument("--num_samples", type=int, default=1, help="generate this many times (timings averaged)")
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    parser.add_argument("--top_k", type=int, default=200)
+    parser.add_argument("--top_p", type=float, help="nucleus sampling: keep tokens covering this probability")
+    parser.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="a converted checkpoint directory or its .safetensors file")
+    parser.add_argument("--random_weights", metavar="NAME",
+                        help="speed check only: random weights of a known shape (e.g. Llama-2-7B); "
+                             "the checkpoint's tokenizer encodes the prompt, and no text is printed")
+    parser.add_argument("--max_seq_length", type=int, help="KV cache length for --interactive (default 2048)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
+    return parser.parse_args(argv)
+
+
+def check_args(args):
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top_k must be >= 1, got {args.top_k}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.interactive and (args.prompt or args.prompt_file):
+        raise UsageError("--interactive reads prompts from the terminal: drop --prompt / --prompt_file")
+    if args.interactive and args.random_weights:
+        raise UsageError("--random_weights produces no text to chat with: drop --interactive")
+    if args.prompt_file and not args.prompt_file.is_file():
+        raise UsageError(f"--prompt_file {args.prompt_file}: no such file")
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+    return prompts or ["Once upon a time"]
+
+
+def load(args, device: str, dtype: torch.dtype):
+    """The model and tokenizer, with clear errors for a missing or broken checkpoint."""
+    try:
+        tokenizer = load_tokenizer(args.checkpoint_path)
+    except (FileNotFoundError, ValueError) as error:
+        hint = " (run: bash scripts/setup.sh)" if args.checkpoint_path == DEFAULT_CHECKPOINT else ""
+        raise UsageError(f"{error}{hint}") from None
+    if args.random_weights:
+        try:
+            model_args = ModelArgs.from_name(args.random_weights)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if tokenizer.vocab_size > model_args.vocab_size:
+            raise UsageError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more than "
+                             f"{args.random_weights}'s {model_args.vocab_size}: pass a matching --checkpoint_path")
+        with torch.device(device):
+            model = Transformer(model_args).to(dtype).eval()
+        return model, tokenizer
+    try:
+        return load_model(args.checkpoint_path, device, dtype), tokenizer
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+def compile_steps(args, device):
+    """torch.compile the decode step: one graph, no graph breaks (fullgraph), and on CUDA captured
+    as a CUDA graph (reduce-overhead) so a step costs a single launch."""
+    decode_step, prefill_step = decode_one_token, prefill
+    if args.compile:
+        mode = "reduce-overhead" if device == "cuda" else None
+        decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    if args.compile_prefill:
+        prefill_step = torch.compile(prefill, fullgraph=True, dynamic=True)
+    return decode_step, prefill_step
+
+
+def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
+    seconds = timing.decode_s or float("nan")
+    tokens_per_s, steps_per_s = timing.decoded_tokens / seconds, timing.decode_steps / seconds
+    weights, kv = weights_bytes(model), kv_cache_bytes(model, batch)
+    print(f"{label}time to first token {timing.prefill_s * 1000:.1f} ms; decode {timing.decoded_tokens} tokens "
+          f"in {timing.decode_s:.2f} s: {tokens_per_s:.1f} tokens/s; memory bandwidth "
+          f"{(weights + kv) * steps_per_s / 1e9:.1f} GB/s (weights {weights / 1e6:.0f} MB + KV cache "
+          f"{kv / 1e6:.0f} MB per step); peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+
+
+def run_prompts(args, model, tokenizer, sampling, device, steps):
+    texts = read_prompts(args)
+    messages = lambda text: ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": text}]
+    prompts = [tokenizer.encode(tokenizer.render_chat(messages(t)) if args.chat else t) for t in texts]
+    check_length(model, max(map(len, prompts)), args.max_new_tokens)
+    model.setup_caches(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
+    decode_step, prefill_step = steps
+    for sample_index in range(args.num_samples):
+        profiling = args.profile and sample_index == args.num_samples - 1
+        stream = StreamDecoder(tokenizer) if len(prompts) == 1 and not args.random_weights else None
+        if stream and not args.chat:
+            print(texts[0], end="", flush=True)
+        on_token = (lambda row, token_id: print(stream.push(token_id), end="", flush=True)) if stream else None
+        on_token = shown_text(tokenizer, on_token)
+        profiler = torch.profiler.profile() if profiling else contextlib.nullcontext()
+        with profiler:
+            outputs, timing = generate(model, prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
+                                       on_token=on_token, prefill_step=prefill_step, decode_step=decode_step)
+        if stream:
+            print(stream.flush(), flush=True)
+        elif not args.random_weights:
+            for text, output in zip(texts, outputs):
+                shown = [token_id for token_id in output if token_id not in tokenizer.stop_ids]
+                print(("" if args.chat else text) + tokenizer.decode(shown), end="\n\n", flush=True)
+        if profiling:
+            profiler.export_chrome_trace(str(args.profile))
+            print(f"wrote a Chrome trace to {args.profile}", file=sys.stderr)
+        report(timing, model, len(prompts), device, f"sample {sample_index + 1}: " if args.num_samples > 1 else "")
+
+
+def shown_text(tokenizer, on_token):
+    """on_token, skipping the stop tokens that end a reply (they are markers, not text)."""
+    if on_token is None:
+        return None
+    return lambda row, token_id: None if token_id in tokenizer.stop_ids else on_token(row, token_id)
+
+
+def check_length(model, prompt_length, max_new_tokens):
+    context = model.args.max_seq_length
+    if prompt_length >= context:
+        raise UsageError(f"the prompt has {prompt_length} tokens, longer than the model's context of {context}: "
+                         "shorten it")
+    if prompt_length + max_new_tokens > context:
+        raise UsageError(f"prompt ({prompt_length} tokens) + --max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {context}: lower --max_new_tokens to {context - prompt_length}")
+
+
+def interactive(args, model, tokenizer, sampling, device, steps):
+    """Multi-turn chat. The whole conversation is re-rendered through the chat template each turn,
+    and only the tokens that differ from what the KV cache already holds are run through the model."""
+    max_seq_length = min(args.max_seq_length or 2048, model.args.max_seq_length)
+    model.setup_caches(1, max_seq_length)
+    decode_step, prefill_step = steps
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    cached = []  # token ids whose keys and values are in the KV cache, in order
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            user_text = input("> ")
+        except EOFError:
+            break
+        if not user_text.strip():
+            break
+        messages.append({"role": "user", "content": user_text})
+        conversation = tokenizer.encode(tokenizer.render_chat(messages))
+        reused = next((i for i, (a, b) in enumerate(zip(cached, conversation)) if a != b),
+                      min(len(cached), len(conversation) - 1))
+        if len(conversation) + args.max_new_tokens > max_seq_length:
+            print(f"the conversation ({len(conversation)} tokens) + --max_new_tokens would pass the "
+                  f"{max_seq_length}-token context: start a new chat or raise --max_seq_length", file=sys.stderr)
+            break
+        stream = StreamDecoder(tokenizer)
+        on_token = shown_text(tokenizer, lambda row, token_id: print(stream.push(token_id), end="", flush=True))
+        [reply], timing = generate(model, [conversation[reused:]], args.max_new_tokens, sampling, tokenizer.stop_ids,
+                                   start_pos=reused, on_token=on_token, prefill_step=prefill_step,
+                                   decode_step=decode_step)
+        print(stream.flush(), flush=True)
+        cached = conversation + reply[:-1]  # the last sampled token has not been run through the model yet
+        text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
+        messages.append({"role": "assistant", "content": text})
+        report(timing, model, 1, device, "")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        started = time.perf_counter()
+        model, tokenizer = load(args, device, dtype)
+        print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
+              f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        steps = compile_steps(args, device)
+        if args.interactive:
+            interactive(args, model, tokenizer, sampling, device, steps)
+        else:
+            run_prompts(args, model, tokenizer, sampling, device, steps)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

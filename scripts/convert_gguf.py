@@ -1,0 +1,159 @@
+"""Convert a GGUF file (llama.cpp's format) into a brisk checkpoint directory:
+
+    checkpoints/NAME/model.safetensors   weights, dequantized with the `gguf` package
+    checkpoints/NAME/config.json         the model's shape, Hugging Face style
+    checkpoints/NAME/tokenizer.tiktoken  + tokenizer_config.json, from the GGUF metadata
+    checkpoints/NAME/chat_template.jinja if the GGUF has one
+
+Usage: python scripts/convert_gguf.py MODEL.gguf [--out checkpoints/NAME] [--dtype float32]
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import ModelArgs, save_config, save_safetensors  # noqa: E402
+from tokenizer import DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, byte_level_ranks, save_tiktoken, write_atomic  # noqa: E402
+
+# llama.cpp's tensor names -> brisk's (blk.N.* are per layer)
+TENSOR_NAMES = {
+    "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
+    "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+    "attn_output": "attention.wo", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
+    "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+}
+# llama.cpp's name for a byte-level BPE pre-tokenizer -> the regex that reproduces it
+PRE_TOKENIZER_PATTERNS = {
+    "gpt-2": GPT2_PATTERN, "default": GPT2_PATTERN,
+    "smollm": DIGITS_PATTERN, "starcoder": DIGITS_PATTERN,
+    "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN,
+}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def field(reader, key, default=None):
+    found = reader.fields.get(key)
+    return default if found is None else found.contents()
+
+
+def model_args(reader) -> ModelArgs:
+    arch = field(reader, "general.architecture")
+    if arch != "llama":
+        raise SystemExit(f"error: GGUF architecture {arch!r} is not a Llama-family model (expected 'llama')")
+    if any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
+        raise SystemExit("error: this GGUF stores Llama 3.1 rope frequency factors, which brisk reads from a "
+                         "Hugging Face config.json instead: convert the Hugging Face directory")
+    n_heads = field(reader, "llama.attention.head_count")
+    n_vocab = field(reader, "llama.vocab_size") or len(field(reader, "tokenizer.ggml.tokens"))
+    return ModelArgs(
+        dim=field(reader, "llama.embedding_length"),
+        n_layers=field(reader, "llama.block_count"),
+        n_heads=n_heads,
+        n_kv_heads=field(reader, "llama.attention.head_count_kv", n_heads),
+        intermediate_size=field(reader, "llama.feed_forward_length"),
+        vocab_size=n_vocab,
+        head_dim=field(reader, "llama.attention.key_length"),
+        norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_base=float(field(reader, "llama.rope.freq_base", 10000.0)),
+        max_seq_length=field(reader, "llama.context_length", 4096),
+        tie_embeddings=not any(tensor.name == "output.weight" for tensor in reader.tensors),
+    )
+
+
+def brisk_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")  # e.g. blk.3.attn_q.weight, or output_norm.weight
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{TENSOR_NAMES[parts[2]]}.{parts[3]}"
+    return f"{TENSOR_NAMES[parts[0]]}.{parts[1]}"
+
+
+def unpermute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp stores Q and K rows with each head's two rotary halves interleaved (pairs 0,1 / 2,3 ...,
+    Meta's layout); brisk uses Hugging Face's rotate-half layout (dims i and i + head_dim/2 pair up).
+    This is the inverse of the permutation llama.cpp's converter applies."""
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def dequantized(tensor, args: ModelArgs) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    weight = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+    if tensor.name.endswith("attn_q.weight"):
+        weight = unpermute(weight, args.n_heads)
+    elif tensor.name.endswith("attn_k.weight"):
+        weight = unpermute(weight, args.n_kv_heads)
+    return weight
+
+
+def tokenizer_files(reader, out_dir: Path):
+    kind = field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise SystemExit(f"error: GGUF tokenizer model {kind!r} is not supported here (only byte-level BPE, 'gpt2'): "
+                         "convert the Hugging Face directory instead")
+    pre = field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_PATTERNS:
+        raise SystemExit(f"error: GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_PATTERNS)}")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    token_types = field(reader, "tokenizer.ggml.token_type")
+    # token types 3 (control) and 4 (user-defined) are matched whole in text, never BPE-merged
+    special = {token: id_ for id_, (token, kind) in enumerate(zip(tokens, token_types)) if kind in (3, 4)}
+    ranks = byte_level_ranks({token: id_ for id_, token in enumerate(tokens)},
+                             field(reader, "tokenizer.ggml.merges"), special)
+    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+    save_tiktoken(out_dir, ranks, {
+        "pattern": PRE_TOKENIZER_PATTERNS[pre],
+        "special_tokens": special,
+        "bos_token": None if bos is None else tokens[bos],
+        "eos_token": None if eos is None else tokens[eos],
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+    })
+    chat_template = field(reader, "tokenizer.chat_template")
+    if chat_template:
+        write_atomic(out_dir / "chat_template.jinja", chat_template)
+
+
+def convert(gguf_path, out_dir, dtype=None):
+    """dtype None keeps a float GGUF's own precision and writes dequantized blocks as float32 (exact)."""
+    from gguf import GGUFReader
+    from tqdm import tqdm
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if not gguf_path.is_file():
+        raise SystemExit(f"error: no GGUF file at {gguf_path}")
+    try:
+        reader = GGUFReader(gguf_path)
+    except Exception as error:
+        raise SystemExit(f"error: cannot read {gguf_path} as GGUF ({error})") from None
+    args = model_args(reader)
+    if dtype is None:
+        types = {tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1}
+        dtype = FLOAT_TYPES[types.pop()] if len(types) == 1 and types <= set(FLOAT_TYPES) else torch.float32
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_files(reader, out_dir)
+
+    tensors = sorted(reader.tensors, key=lambda tensor: brisk_name(tensor.name))
+    shapes = {brisk_name(t.name): (tuple(int(n) for n in reversed(t.shape)), dtype) for t in tensors}
+    converted = ((brisk_name(t.name), dequantized(t, args).to(dtype))
+                 for t in tqdm(tensors, desc=f"converting {gguf_path.name}", unit="tensor"))
+    save_safetensors(out_dir / "model.safetensors", shapes, converted, {"format": "pt", "source": gguf_path.name})
+    save_config(args, out_dir)
+    return out_dir
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf_path", type=Path)
+    parser.add_argument("--out", type=Path, help="output directory (default: checkpoints/<file name>)")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="weights' precision (default: the GGUF's float type, or float32 for quantized blocks)")
+    options = parser.parse_args()
+    out_dir = options.out or Path("checkpoints") / options.gguf_path.stem
+    convert(options.gguf_path, out_dir, options.dtype and getattr(torch, options.dtype))
+    print(f"wrote {out_dir}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

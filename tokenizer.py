@@ -1,0 +1,250 @@
+"""Tokenizers: one small interface over sentencepiece (Llama 2, Mistral, TinyLlama, stories) and
+tiktoken (Llama 3, and any GPT-2-style byte-level BPE such as SmolLM2's); the `tokenizers` library
+only as a fallback for a vocabulary tiktoken cannot reproduce exactly.
+
+A converted checkpoint directory holds either `tokenizer.model` (a sentencepiece protobuf) or
+`tokenizer.tiktoken` (base64 token, rank per line), plus `tokenizer_config.json` with the special
+tokens, the pre-tokenizer pattern, and whether a BOS token is prepended; and, if the model has
+one, `chat_template.jinja`.
+"""
+import base64
+import json
+import os
+import re
+from pathlib import Path
+
+# Pre-tokenizer patterns: text is split by the pattern first, then each piece is BPE-merged.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# SmolLM2 (StarCoder-style): Hugging Face first isolates every digit, then applies the GPT-2 regex to
+# what lies between. As one regex: digits alone, and a whitespace run before a digit kept whole
+# (it ends a piece in the two-step version, so `\s+(?!\S)` takes all of it there).
+DIGITS_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+
+# Tokens that end a turn or a document, stopping generation wherever the tokenizer has them.
+END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>", "</s>")
+
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                   "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+# Llama 2 chat: a system prompt folds into the first user turn; each exchange is <s>[INST] ... [/INST] ... </s>
+LLAMA2_TEMPLATE = ("{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+                   "{% for m in messages if m['role'] != 'system' %}"
+                   "{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+                   "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}"
+                   "{{ m['content'] | trim }} [/INST]{% else %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}"
+                   "{% endfor %}")
+
+
+class Tokenizer:
+    """What generate.py needs of a tokenizer, whatever the backend."""
+
+    def __init__(self, config: dict, special_tokens: dict, chat_template):
+        self.special_tokens = special_tokens  # text -> id
+        self.bos_id = special_tokens.get(config.get("bos_token"))
+        self.eos_id = special_tokens.get(config.get("eos_token"))
+        self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
+        self.stop_ids = sorted({self.eos_id} - {None} | {special_tokens[t] for t in END_TOKENS if t in special_tokens})
+        self.chat_template = chat_template or self._default_chat_template()
+
+    def encode(self, text: str, bos=None) -> list:
+        """Token ids of text; special tokens written in the text (as a chat template writes them)
+        become their ids. A BOS id is prepended when the tokenizer's config says so, unless bos says otherwise."""
+        ids = self._encode(text)
+        bos = self.add_bos if bos is None else bos
+        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+
+    def _default_chat_template(self):
+        if "<|im_start|>" in self.special_tokens:
+            return CHATML_TEMPLATE
+        if "<|start_header_id|>" in self.special_tokens:
+            return LLAMA3_TEMPLATE
+        return LLAMA2_TEMPLATE
+
+    def render_chat(self, messages, add_generation_prompt=True) -> str:
+        """The model's chat template applied to [{"role": ..., "content": ...}, ...]."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        names = {id_: text for text, id_ in self.special_tokens.items()}
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        return environment.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+            bos_token=names.get(self.bos_id, ""), eos_token=names.get(self.eos_id, ""))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file, config: dict, chat_template=None):
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        special = {self.processor.id_to_piece(i): i for i in range(self.processor.get_piece_size())
+                   if self.processor.is_control(i) or self.processor.is_unknown(i)}
+        special.update(config.get("special_tokens", {}))
+        config = {"bos_token": self.processor.id_to_piece(self.processor.bos_id()),
+                  "eos_token": self.processor.id_to_piece(self.processor.eos_id()),
+                  "add_bos_token": True, **config}
+        super().__init__(config, special, chat_template)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len)[::-1])) + ")")
+
+    def _encode(self, text):
+        # sentencepiece does not parse special tokens in text, so split them out first
+        ids = []
+        for piece in self._special_pattern.split(text):
+            if piece in self.special_tokens:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids.extend(self.processor.encode(piece))
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.processor.decode(list(ids))
+
+    @property
+    def vocab_size(self):
+        return self.processor.get_piece_size()
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, ranks_file, config: dict, chat_template=None):
+        import tiktoken
+
+        ranks = load_ranks(ranks_file)
+        special = {text: int(id_) for text, id_ in config.get("special_tokens", {}).items()}
+        self.encoding = tiktoken.Encoding(
+            name=Path(ranks_file).parent.name, pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        super().__init__(config, special, chat_template)
+
+    def _encode(self, text):
+        return self.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids) -> str:
+        return self.encoding.decode(list(ids))
+
+    @property
+    def vocab_size(self):
+        return self.encoding.n_vocab
+
+
+class TokenizersLibraryTokenizer(Tokenizer):
+    """The fallback for a tokenizer.json whose pre-tokenizer no single tiktoken regex reproduces:
+    run it with the `tokenizers` library itself rather than approximate it."""
+
+    def __init__(self, json_file, config: dict, chat_template=None):
+        try:
+            from tokenizers import Tokenizer as LibraryTokenizer
+        except ImportError:
+            raise ValueError(f"{json_file} needs the tokenizers package: pip install tokenizers") from None
+        self.library_tokenizer = LibraryTokenizer.from_file(str(json_file))
+        special = {text: int(id_) for text, id_ in config.get("special_tokens", {}).items()}
+        super().__init__(config, special, chat_template)
+
+    def _encode(self, text):
+        return self.library_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.library_tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def vocab_size(self):
+        return self.library_tokenizer.get_vocab_size()
+
+
+def load_tokenizer(checkpoint_dir) -> Tokenizer:
+    directory = Path(checkpoint_dir)
+    directory = directory if directory.is_dir() else directory.parent
+    config_file, template_file = directory / "tokenizer_config.json", directory / "chat_template.jinja"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    chat_template = template_file.read_text() if template_file.is_file() else None
+    if (directory / "tokenizer.tiktoken").is_file():
+        if "pattern" not in config:
+            raise ValueError(f"{config_file} has no pre-tokenizer 'pattern': re-convert the checkpoint")
+        return TiktokenTokenizer(directory / "tokenizer.tiktoken", config, chat_template)
+    if (directory / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(directory / "tokenizer.model", config, chat_template)
+    if (directory / "tokenizer.json").is_file():
+        return TokenizersLibraryTokenizer(directory / "tokenizer.json", config, chat_template)
+    raise FileNotFoundError(f"no tokenizer.model, tokenizer.tiktoken or tokenizer.json in {directory}: convert the checkpoint with scripts/")
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, holding back a multi-byte UTF-8 character until all
+    of its bytes have come (byte-level BPE often splits one character over several tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.window, self.offset = [], 0
+
+    def push(self, token_id: int) -> str:
+        self.window.append(token_id)
+        text = self.tokenizer.decode(self.window)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the rest of its bytes
+            return ""
+        new_text = text[self.offset:]
+        # keep the last token as context: sentencepiece decodes a leading space differently at the start
+        self.window = self.window[-1:]
+        self.offset = len(self.tokenizer.decode(self.window))
+        return new_text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.window)[self.offset:]
+        self.window, self.offset = [], 0
+        return text
+
+
+def byte_level_alphabet() -> dict:
+    """GPT-2's map from the printable characters used in byte-level BPE vocabularies back to bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def byte_level_ranks(vocab: dict, merges: list, special_tokens: dict) -> dict:
+    """A tiktoken ranks table (token bytes -> id) from a byte-level BPE vocabulary and merge list.
+    tiktoken merges the pair whose result has the lowest rank, and ranks are ids, so it equals the
+    merge-list BPE only if merging in id order is merging in merge-list order: checked here."""
+    to_byte = byte_level_alphabet()
+    ranks = {bytes(to_byte[c] for c in token): id_ for token, id_ in vocab.items() if token not in special_tokens}
+    last_id = -1
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        merged_id = vocab[left + right]
+        if merged_id < last_id:
+            raise ValueError("this vocabulary's merge order differs from its id order; tiktoken cannot reproduce it")
+        last_id = merged_id
+    return ranks
+
+
+def save_tiktoken(out_dir, ranks: dict, config: dict):
+    """Write tokenizer.tiktoken and tokenizer_config.json (config: pattern, special_tokens, bos_token,
+    eos_token, add_bos_token), each through a temporary name so no half-written file is left."""
+    out_dir = Path(out_dir)
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda r: r[1])]
+    write_atomic(out_dir / "tokenizer.tiktoken", "".join(lines))
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def load_ranks(path) -> dict:
+    ranks = {}
+    for line in Path(path).read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def write_atomic(path, text: str):
+    temporary = Path(f"{path}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
