@@ -1,0 +1,133 @@
+"""The command line: text on stdout, figures on stderr, one clear line for bad input."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import generate
+from conftest import ROOT
+from generate import Sampling, main, sample
+from model import load_model
+
+
+def run_main(capsys, *argv):
+    status = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_text_goes_to_stdout_and_figures_to_stderr(smollm2_dir):
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--checkpoint_path", smollm2_dir, "--prompt", "The capital of France is",
+         "--temperature", "0", "--max_new_tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The capital of France is Paris.\n"
+    assert "tokens/s" in result.stderr and "memory bandwidth" in result.stderr
+
+
+def test_chat_wraps_the_prompt_in_the_template_and_stops_at_end_of_turn(capsys, smollm2_dir):
+    status, out, err = run_main(capsys, "--checkpoint_path", smollm2_dir, "--chat", "--prompt",
+                                "What is the capital of France?", "--temperature", 0, "--max_new_tokens", 40)
+    assert status == 0
+    assert out == "The capital of France is Paris.\n"
+
+
+def test_batch_from_prompt_file_prints_each_completion(capsys, tiny_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("the quick brown\nhello\n")
+    status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt_file", tmp_path / "prompts.txt",
+                                "--temperature", 0, "--max_new_tokens", 5)
+    assert status == 0
+    first, second = out.strip("\n").split("\n\n")
+    assert first.startswith("the quick brown") and second.startswith("hello")
+
+
+def test_interactive_chat_reusing_the_cache_equals_fresh_runs(capsys, monkeypatch, smollm2_dir):
+    questions = ["Name a fruit.", "And a vegetable?"]
+    answers = iter(questions)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers, ""))  # "" ends the chat
+    status, out, err = run_main(capsys, "--checkpoint_path", smollm2_dir, "--interactive", "--temperature", 0,
+                                "--max_new_tokens", 30)
+    assert status == 0
+
+    tokenizer, model = generate.load_tokenizer(smollm2_dir), load_model(smollm2_dir)
+    model.setup_caches(1, 256)
+    messages, expected = [], ""
+    for question in questions:  # each turn from scratch: the whole conversation prefilled again
+        messages.append({"role": "user", "content": question})
+        conversation = tokenizer.encode(tokenizer.render_chat(messages))
+        [reply], _ = generate.generate(model, [conversation], 30, Sampling(0), tokenizer.stop_ids)
+        text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
+        messages.append({"role": "assistant", "content": text})
+        expected += text + "\n"
+    assert out == expected
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+    (["--random_weights", "Llama-2"], "unknown model name 'Llama-2'; known names: Llama-2-7B"),
+])
+def test_bad_arguments_are_one_line_and_status_2(capsys, tiny_dir, argv, message):
+    status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, *argv)
+    assert status == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    status, _, err = run_main(capsys, "--checkpoint_path", tmp_path / "nothing" / "model.safetensors")
+    assert status == 2 and "no tokenizer" in err and err.count("\n") == 1
+
+
+def test_corrupt_checkpoint(capsys, tiny_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    status, _, err = run_main(capsys, "--checkpoint_path", broken)
+    assert status == 2 and "cannot read" in err and "re-convert the checkpoint" in err and err.count("\n") == 1
+
+
+def test_prompt_longer_than_the_context(capsys, tiny_dir):
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt", "hello " * 300)
+    assert status == 2 and "longer than the model's context of 256" in err
+
+
+def test_max_new_tokens_past_the_context(capsys, tiny_dir):
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt", "hello", "--max_new_tokens", 300)
+    assert status == 2 and "exceeds the model's context of 256: lower --max_new_tokens to" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(capsys, tiny_dir):
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--device", "cuda")
+    assert status == 2 and "no CUDA device is available" in err
+
+
+def test_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    assert torch.equal(sample(logits, Sampling(temperature=1.0, top_k=1)), logits.argmax(-1, keepdim=True))
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    assert torch.equal(sample(logits, Sampling(temperature=1.0, top_k=None, top_p=1e-6)),
+                       logits.argmax(-1, keepdim=True))
+
+
+def test_sampling_follows_the_softmax_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).log_softmax(-1)
+    draws = torch.cat([sample(logits, Sampling(temperature=1.0, top_k=None)) for _ in range(20000)]).view(-1)
+    frequencies = torch.bincount(draws, minlength=4) / draws.numel()
+    assert torch.allclose(frequencies, logits.softmax(-1)[0], atol=0.015)
+
+
+def test_same_seed_same_sample(capsys, tiny_dir):
+    runs = [run_main(capsys, "--checkpoint_path", tiny_dir, "--seed", 7, "--max_new_tokens", 12)[1] for _ in range(2)]
+    assert runs[0] == runs[1]

@@ -1,0 +1,158 @@
+"""brisk's tokenizers give exactly the ids of the `tokenizers` library, and stream text safely."""
+import json
+
+import pytest
+
+from conftest import shared_text, train_byte_level_bpe
+from tokenizer import LLAMA3_PATTERN, StreamDecoder, byte_level_ranks, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.mark.parametrize("name", ["wikitext-2-raw-test.txt", "tinyshakespeare.txt"])
+def test_smollm2_ids_equal_tokenizers_library_on_every_line(name, smollm2, smollm2_reference_tokenizer):
+    lines = shared_text(name).split("\n")
+    expected = [encoding.ids for encoding in smollm2_reference_tokenizer.encode_batch(lines)]
+    differing = [line for line, ids in zip(lines, expected) if smollm2.encode(line) != ids]
+    assert differing == []
+
+
+@pytest.mark.parametrize("name", ["wikitext-2-raw-test.txt", "tinyshakespeare.txt"])
+def test_smollm2_ids_equal_tokenizers_library_on_the_whole_file(name, smollm2, smollm2_reference_tokenizer):
+    text = shared_text(name)
+    assert smollm2.encode(text) == smollm2_reference_tokenizer.encode(text).ids
+
+
+@pytest.mark.parametrize("text", ["abc  1", "x \n 5", "  12  34", "a\t\t9 b", "hello   2024!", "Ⅻ  ²3"])
+def test_whitespace_run_before_a_digit_is_one_token_as_in_tokenizers(text, smollm2, smollm2_reference_tokenizer):
+    # Hugging Face isolates digits before its byte-level regex, so a whitespace run before a digit ends a
+    # piece and stays whole; the plain GPT-2 regex with single digits would split it.
+    assert smollm2.encode(text) == smollm2_reference_tokenizer.encode(text).ids
+
+
+def test_special_tokens_in_text_become_their_ids(smollm2, smollm2_reference_tokenizer):
+    ids = smollm2.encode("<|im_start|>user\nHi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+    assert ids == smollm2_reference_tokenizer.encode("<|im_start|>user\nHi<|im_end|>").ids
+
+
+def test_smollm2_does_not_prepend_bos_as_its_metadata_says(smollm2):
+    assert smollm2.add_bos is False
+    assert smollm2.encode("Hello") == [19556]
+    assert smollm2.encode("Hello", bos=True) == [1, 19556]
+
+
+def test_smollm2_stops_at_end_of_turn_and_end_of_text(smollm2):
+    assert smollm2.stop_ids == [0, 2]
+
+
+def test_decode_inverts_encode(smollm2):
+    text = "Naïve café — 東京 🚀 costs $3.50!\n\ttabs"
+    assert smollm2.decode(smollm2.encode(text)) == text
+
+
+def test_streaming_never_emits_a_broken_character(smollm2):
+    text = "Emoji 🚀🎉, CJK 東京都, accents éàü, and math ∑∫ end."
+    ids = smollm2.encode(text)
+    assert len(ids) > len(text.split())  # several characters are split over more than one token
+    stream = StreamDecoder(smollm2)
+    pieces = [stream.push(token_id) for token_id in ids] + [stream.flush()]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) == text
+
+
+def test_chatml_template_from_the_gguf(smollm2):
+    rendered = smollm2.render_chat([{"role": "user", "content": "Hi"}])
+    assert rendered == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                        "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_converted_tokenizer_json_equals_tokenizers_library(tiny_dir, tiny_hf_dir):
+    from tokenizers import Tokenizer
+
+    reference = Tokenizer.from_file(str(tiny_hf_dir / "tokenizer.json"))
+    ours = load_tokenizer(tiny_dir)
+    assert (tiny_dir / "tokenizer.tiktoken").is_file()
+    lines = shared_text("tinyshakespeare.txt").split("\n")[:3000]
+    assert [ours.encode(line) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
+
+
+def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
+    from tokenizers import Regex, pre_tokenizers
+
+    from scripts.convert_hf_checkpoint import convert_tokenizer
+
+    reference = train_byte_level_bpe(400, ["<|begin_of_text|>", "<|eot_id|>"])
+    reference.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir(), out.mkdir()
+    reference.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True}))
+    convert_tokenizer(source, out)
+    ours = load_tokenizer(out)
+    lines = shared_text("wikitext-2-raw-test.txt").split("\n")[:1000]
+    assert [ours.encode(line, bos=False) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
+    assert ours.encode("hi")[0] == ours.bos_id == 0
+    assert "<|start_header_id|>" not in ours.special_tokens and ours.stop_ids == [1]
+
+
+def test_unsupported_pre_tokenizer_falls_back_to_the_tokenizers_library(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from scripts.convert_hf_checkpoint import convert_tokenizer
+
+    reference = train_byte_level_bpe(300, ["<|endoftext|>"])
+    reference.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir(), out.mkdir()
+    reference.save(str(source / "tokenizer.json"))
+    convert_tokenizer(source, out)
+    assert not (out / "tokenizer.tiktoken").exists() and (out / "tokenizer.json").is_file()
+    text = "Hello, world... it's 12:30!"
+    assert load_tokenizer(out).encode(text) == reference.encode(text).ids
+
+
+def test_merge_order_that_tiktoken_cannot_reproduce_is_refused():
+    vocab = {"a": 0, "b": 1, "c": 2, "bc": 3, "ab": 4}
+    with pytest.raises(ValueError, match="merge order differs"):
+        byte_level_ranks(vocab, ["a b", "b c"], {})
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory):
+    import sentencepiece
+
+    directory = tmp_path_factory.mktemp("spm")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog", "hello world, how are you today"] * 20),
+        model_prefix=str(directory / "tokenizer"), vocab_size=300, model_type="bpe", byte_fallback=True,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    return directory
+
+
+def test_sentencepiece_prepends_bos_by_default(sentencepiece_dir):
+    tokenizer = load_tokenizer(sentencepiece_dir)
+    ids = tokenizer.encode("hello world")
+    assert ids[0] == tokenizer.bos_id == 1
+    assert tokenizer.decode(ids[1:]) == "hello world"
+    assert tokenizer.stop_ids == [2]
+
+
+def test_sentencepiece_parses_special_tokens_in_text(sentencepiece_dir):
+    tokenizer = load_tokenizer(sentencepiece_dir)
+    ids = tokenizer.encode("<s>hello</s>", bos=False)
+    assert ids[0] == 1 and ids[-1] == 2 and tokenizer.decode(ids[1:-1]) == "hello"
+
+
+def test_llama2_chat_template_is_the_default_for_sentencepiece(sentencepiece_dir):
+    tokenizer = load_tokenizer(sentencepiece_dir)
+    rendered = tokenizer.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}])
+    assert rendered == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST]"
