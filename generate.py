@@ -260,6 +260,16 @@ def compile_steps(args, device):
     return decode_step, prefill_step
 
 
+def warm_up(model, prompts, sampling, steps):
+    """With --compile, run a few tokens first so that compilation is not counted as decoding time."""
+    decode_step, prefill_step = steps
+    if decode_step is decode_one_token and prefill_step is prefill:
+        return
+    started = time.perf_counter()
+    generate(model, prompts, 3, sampling, prefill_step=prefill_step, decode_step=decode_step)
+    print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
 def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
     seconds = timing.decode_s or float("nan")
     tokens_per_s, steps_per_s = timing.decoded_tokens / seconds, timing.decode_steps / seconds
@@ -277,6 +287,7 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
     prompts = [tokenizer.encode(tokenizer.render_chat(messages(t)) if args.chat else t) for t in texts]
     check_length(model, max(map(len, prompts)), args.max_new_tokens)
     model.setup_caches(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
+    warm_up(model, prompts, sampling, steps)
     decode_step, prefill_step = steps
     for sample_index in range(args.num_samples):
         profiling = args.profile and sample_index == args.num_samples - 1
@@ -323,6 +334,7 @@ def interactive(args, model, tokenizer, sampling, device, steps):
     and only the tokens that differ from what the KV cache already holds are run through the model."""
     max_seq_length = min(args.max_seq_length or 2048, model.args.max_seq_length)
     model.setup_caches(1, max_seq_length)
+    warm_up(model, [tokenizer.encode("Hello")], sampling, steps)
     decode_step, prefill_step = steps
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cached = []  # token ids whose keys and values are in the KV cache, in order

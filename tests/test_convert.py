@@ -87,3 +87,18 @@ def test_hf_directory_of_another_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(SystemExit, match="model_type 'gpt2' is not Llama-family"):
         convert_hf(tmp_path, tmp_path / "out")
+
+
+def test_download_offline_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, "scripts/download.py", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                             "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: cannot download HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert result.stderr.count("\n") <= 1 and not (tmp_path / "out").exists()

