@@ -2,12 +2,16 @@
 
     checkpoints/NAME/model.safetensors   weights, dequantized with the `gguf` package
     checkpoints/NAME/config.json         the model's shape, Hugging Face style
-    checkpoints/NAME/tokenizer.tiktoken  + tokenizer_config.json, from the GGUF metadata
+    checkpoints/NAME/tokenizer.tiktoken  + tokenizer_config.json (byte-level BPE), or tokenizer.model
+                                         (sentencepiece), rebuilt from the GGUF metadata
     checkpoints/NAME/chat_template.jinja if the GGUF has one
 
 Usage: python scripts/convert_gguf.py MODEL.gguf [--out checkpoints/NAME] [--dtype float32]
 """
 import argparse
+import json
+import os
+import struct
 import sys
 from pathlib import Path
 
@@ -88,11 +92,65 @@ def dequantized(tensor, args: ModelArgs) -> torch.Tensor:
     return weight
 
 
+def protobuf_field(number: int, value) -> bytes:
+    """One field of protobuf's wire format: ints and bools as varints, floats as fixed32, bytes and
+    nested messages length-delimited."""
+    def varint(n):
+        n &= (1 << 64) - 1  # negative int32s are written as 10-byte two's complement
+        out = bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    if isinstance(value, float):
+        return varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bool, int)):
+        return varint(number << 3) + varint(int(value))
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def sentencepiece_model(reader) -> bytes:
+    """A sentencepiece ModelProto (sentencepiece_model.proto) rebuilt from a GGUF's 'llama' vocabulary:
+    pieces with their scores and types (GGUF uses sentencepiece's type numbers), a BPE trainer spec with
+    byte fallback, and Llama's normalizer (no normalisation, spaces as U+2581, a leading space added)."""
+    tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
+    types = field(reader, "tokenizer.ggml.token_type")
+    pieces = b"".join(protobuf_field(1, protobuf_field(1, token.encode()) + protobuf_field(2, float(score))
+                                     + protobuf_field(3, int(kind)))
+                      for token, score, kind in zip(tokens, scores, types))
+    trainer = b"".join([
+        protobuf_field(3, 2), protobuf_field(4, len(tokens)), protobuf_field(35, True),  # BPE, vocab size, bytes
+        protobuf_field(40, field(reader, "tokenizer.ggml.unknown_token_id", 0)),
+        protobuf_field(41, field(reader, "tokenizer.ggml.bos_token_id", -1)),
+        protobuf_field(42, field(reader, "tokenizer.ggml.eos_token_id", -1)),
+        protobuf_field(43, field(reader, "tokenizer.ggml.padding_token_id", -1))])
+    normalizer = b"".join([
+        protobuf_field(1, b"identity"), protobuf_field(3, bool(field(reader, "tokenizer.ggml.add_space_prefix", True))),
+        protobuf_field(4, False), protobuf_field(5, True)])
+    return pieces + protobuf_field(2, trainer) + protobuf_field(3, normalizer)
+
+
 def tokenizer_files(reader, out_dir: Path):
     kind = field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise SystemExit(f"error: GGUF tokenizer model {kind!r} is not supported here (only byte-level BPE, 'gpt2'): "
-                         "convert the Hugging Face directory instead")
+    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
+    if kind == "llama":
+        temporary = out_dir / "tokenizer.model.tmp"
+        temporary.write_bytes(sentencepiece_model(reader))
+        os.replace(temporary, out_dir / "tokenizer.model")
+        write_atomic(out_dir / "tokenizer_config.json", json.dumps(
+            {"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True))}, indent=2))
+    elif kind != "gpt2":
+        raise SystemExit(f"error: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE and "
+                         "'llama' sentencepiece): convert the Hugging Face directory instead")
+    else:
+        byte_level_tokenizer(reader, out_dir, bos, eos)
+    chat_template = field(reader, "tokenizer.chat_template")
+    if chat_template:
+        write_atomic(out_dir / "chat_template.jinja", chat_template)
+
+
+def byte_level_tokenizer(reader, out_dir: Path, bos, eos):
     pre = field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_PATTERNS:
         raise SystemExit(f"error: GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_PATTERNS)}")
@@ -102,7 +160,6 @@ def tokenizer_files(reader, out_dir: Path):
     special = {token: id_ for id_, (token, kind) in enumerate(zip(tokens, token_types)) if kind in (3, 4)}
     ranks = byte_level_ranks({token: id_ for id_, token in enumerate(tokens)},
                              field(reader, "tokenizer.ggml.merges"), special)
-    bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
     save_tiktoken(out_dir, ranks, {
         "pattern": PRE_TOKENIZER_PATTERNS[pre],
         "special_tokens": special,
@@ -110,9 +167,6 @@ def tokenizer_files(reader, out_dir: Path):
         "eos_token": None if eos is None else tokens[eos],
         "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
     })
-    chat_template = field(reader, "tokenizer.chat_template")
-    if chat_template:
-        write_atomic(out_dir / "chat_template.jinja", chat_template)
 
 
 def convert(gguf_path, out_dir, dtype=None):

@@ -102,3 +102,96 @@ def test_download_offline_is_one_clear_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("error: cannot download HuggingFaceTB/SmolLM2-135M-Instruct")
     assert result.stderr.count("\n") <= 1 and not (tmp_path / "out").exists()
+
+
+# A tensor type for each kind of GGUF block; K-quants need rows of 256 values.
+MIXED_TYPES = {"attn_q": "Q4_K", "attn_k": "Q5_K", "attn_v": "Q6_K", "attn_output": "Q8_0",
+               "ffn_gate": "Q4_0", "ffn_up": "Q4_1", "ffn_down": "F16", "token_embd": "BF16"}
+# where each K-quant block (of 256 values) keeps its fp16 scales: (block bytes, byte offsets of the fp16s)
+K_QUANT_SCALES = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def gguf_block(weight, kind):
+    """weight (rows, cols) as a GGUF tensor of this type. gguf cannot quantize K-quants in Python, so
+    their blocks are random bytes with small, finite fp16 scales: any such block is a valid one."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    if kind not in K_QUANT_SCALES:
+        return quantize(weight.numpy(), GGMLQuantizationType[kind])
+    block_bytes, scale_offsets = K_QUANT_SCALES[kind]
+    blocks = np.random.default_rng(0).integers(0, 256, (weight.numel() // 256, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        blocks[:, offset:offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    return blocks.reshape(weight.shape[0], -1)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_gguf(tmp_path_factory):
+    """A small Llama with a sentencepiece vocabulary, one GGUF block type per tensor, Q/K rows in
+    llama.cpp's order: what `convert_hf_to_gguf.py` would write for a Llama 2 style model."""
+    import sentencepiece
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    directory = tmp_path_factory.mktemp("gguf")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog", "hello world, how are you"] * 20),
+        model_prefix=str(directory / "spm"), vocab_size=300, model_type="bpe", byte_fallback=True)
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spm.model"))
+    dim, n_heads, n_kv_heads, hidden, vocab = 256, 4, 2, 512, processor.get_piece_size()
+    writer = GGUFWriter(directory / "mixed.gguf", "llama")
+    writer.add_block_count(1), writer.add_context_length(128), writer.add_embedding_length(dim)
+    writer.add_feed_forward_length(hidden), writer.add_head_count(n_heads), writer.add_head_count_kv(n_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5), writer.add_rope_freq_base(10000.0), writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([processor.id_to_piece(i) for i in range(vocab)])
+    writer.add_token_scores([processor.get_score(i) for i in range(vocab)])
+    writer.add_token_types([1 + processor.is_unknown(i) + 2 * processor.is_control(i) + 5 * processor.is_byte(i)
+                            for i in range(vocab)])
+    writer.add_bos_token_id(processor.bos_id()), writer.add_eos_token_id(processor.eos_id())
+    writer.add_unk_token_id(processor.unk_id())
+    torch.manual_seed(0)
+    shapes = {"attn_q": (dim, dim), "attn_k": (dim // 2, dim), "attn_v": (dim // 2, dim), "attn_output": (dim, dim),
+              "ffn_gate": (hidden, dim), "ffn_up": (hidden, dim), "ffn_down": (dim, hidden)}
+    for name, shape in shapes.items():
+        weight = torch.randn(shape) * 0.05
+        if name in ("attn_q", "attn_k"):
+            weight = llama_cpp_permute(weight, n_heads if name == "attn_q" else n_kv_heads)
+        writer.add_tensor(f"blk.0.{name}.weight", gguf_block(weight, MIXED_TYPES[name]),
+                          raw_dtype=GGMLQuantizationType[MIXED_TYPES[name]])
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, torch.ones(dim).numpy())
+    writer.add_tensor("token_embd.weight", gguf_block(torch.randn(vocab, dim), "BF16"),
+                      raw_dtype=GGMLQuantizationType.BF16)
+    writer.add_tensor("output.weight", torch.randn(vocab, dim).numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return directory / "mixed.gguf", processor
+
+
+def test_every_block_type_converts_to_the_gguf_package_dequantization(sentencepiece_gguf, tmp_path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    gguf_path, _ = sentencepiece_gguf
+    out = convert(gguf_path, tmp_path / "mixed")
+    with safe_open(out / "model.safetensors", framework="pt") as converted:
+        for tensor in GGUFReader(gguf_path).tensors:
+            ours = converted.get_tensor(brisk_name(tensor.name))
+            if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+                ours = llama_cpp_permute(ours, 4 if "attn_q" in tensor.name else 2)
+            expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+            assert torch.equal(ours, expected), (tensor.name, tensor.tensor_type.name)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_sentencepiece_vocabulary_from_gguf_encodes_like_the_original(sentencepiece_gguf, tmp_path):
+    from conftest import shared_text
+    from tokenizer import load_tokenizer
+
+    gguf_path, processor = sentencepiece_gguf
+    tokenizer = load_tokenizer(convert(gguf_path, tmp_path / "mixed"))
+    lines = shared_text("tinyshakespeare.txt").split("\n")[:2000]
+    assert [tokenizer.encode(line, bos=False) for line in lines] == [processor.encode(line) for line in lines]
+    assert tokenizer.encode("hello")[0] == tokenizer.bos_id == processor.bos_id()

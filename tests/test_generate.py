@@ -131,3 +131,13 @@ def test_sampling_follows_the_softmax_distribution():
 def test_same_seed_same_sample(capsys, tiny_dir):
     runs = [run_main(capsys, "--checkpoint_path", tiny_dir, "--seed", 7, "--max_new_tokens", 12)[1] for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_profile_writes_a_chrome_trace(capsys, tiny_dir, tmp_path):
+    import json
+
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--max_new_tokens", 4,
+                              "--profile", tmp_path / "trace.json")
+    assert status == 0 and "wrote a Chrome trace" in err
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any(event.get("name") == "aten::scaled_dot_product_attention" for event in events)
