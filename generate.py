@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from model import ModelArgs, Transformer, load_model
+from model import ModelArgs, Transformer, load_model, unique_state_dict
 from tokenizer import StreamDecoder, load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.safetensors")
@@ -148,13 +148,10 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
 
 
 def weights_bytes(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except that an untied input
-    embedding is only looked up (one row per token), not read whole."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() * p.element_size() for p in unique)
-    if not model.args.tie_embeddings:
-        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
-    return total
+    """Bytes of weights one decode step reads: every weight once, as stored (int8 and int4 weights
+    with their scales), except that an untied input embedding is only looked up (one row per token)."""
+    return sum(tensor.numel() * tensor.element_size() for name, tensor in unique_state_dict(model).items()
+               if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
 
 
 def kv_cache_bytes(model: Transformer, batch: int) -> int:

@@ -285,6 +285,15 @@ class Transformer(nn.Module):
         """tokens: (batch, seq) ids written at cache slots input_pos (seq,).
         left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
         different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits."""
+        rope, mask = self.rope_and_mask(input_pos, left_pad)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        return self.output(self.norm(x))
+
+    def rope_and_mask(self, input_pos: Tensor, left_pad: Optional[Tensor] = None):
+        """What every block needs besides its input: the rotary cos/sin of each token's position and
+        the attention mask over cache slots (causal, and blind to each row's left padding)."""
         causal = self.slots.unsqueeze(0) <= input_pos.unsqueeze(1)  # (seq, max_seq_length)
         mask = causal[None, None]
         positions = input_pos.unsqueeze(0)  # (1, seq): RoPE position of each token
@@ -294,12 +303,17 @@ class Transformer(nn.Module):
             # a padding token attends to itself only, which keeps its (unused) output finite
             itself = self.slots.unsqueeze(0) == input_pos.unsqueeze(1)  # (seq, max_seq_length)
             mask = mask & (real[:, None, None, :] | itself[None, None])
-        rope = self.rope[positions]
+        return self.rope[positions], mask
 
-        x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
-        return self.output(self.norm(x))
+
+def unique_state_dict(model: nn.Module) -> dict:
+    """The model's weights, each shared tensor (tied embedding and output head) once, under its first name."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
 
 
 def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transformer:
@@ -307,6 +321,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transforme
     memory-mapped safetensors file into it, so the weights are held in RAM only once.
     checkpoint_path is a converted checkpoint directory or a .safetensors file inside one;
     the model's shape comes from the config.json beside it."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(checkpoint_path)
@@ -317,23 +332,36 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transforme
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json beside {weights_file}: convert the checkpoint with scripts/")
     args = ModelArgs.from_hf_config(config_file)
-    with torch.device("meta"):
-        model = Transformer(args)
     try:
+        with safe_open(weights_file, framework="pt") as file:
+            metadata = file.metadata() or {}
         state_dict = load_file(weights_file, device="cpu")
     except Exception as error:
         raise ValueError(f"cannot read {weights_file} as safetensors ({error}): re-convert the checkpoint") from None
+    with torch.device("meta"):
+        model = Transformer(args)
+        if "quantization" in metadata:  # written by quantize.py: swap in its int8 / int4 layers
+            from quantize import replace_linears
+
+            replace_linears(model, metadata["quantization"], int(metadata.get("groupsize", 0)),
+                            metadata.get("quantize_embedding") == "True")
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
-    expected = {name for name in model.state_dict() if not (args.tie_embeddings and name == "output.weight")}
+    expected = set(unique_state_dict(model))
     if set(state_dict) != expected:
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         raise ValueError(f"{weights_file} does not match its config.json (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}): re-convert the checkpoint")
-    state_dict = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state_dict.items()}
+    # integer weights keep their type; floating ones (scales included) take the compute dtype
+    state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                  for name, tensor in state_dict.items()}
     model.load_state_dict(state_dict, assign=True, strict=False)
-    if args.tie_embeddings:
+    if args.tie_embeddings and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
+    if "quantization" in metadata:
+        from quantize import prepare_kernels
+
+        prepare_kernels(model)
     return model.eval()
 
 
