@@ -273,7 +273,7 @@ class Transformer(nn.Module):
         sequences (prompt + generated) up to max_seq_length tokens."""
         if max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length:
             return
-        dtype, device = self.output.weight.dtype, self.output.weight.device
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device  # the head may be quantized: ask the norm
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(
                 max_batch_size, max_seq_length, self.args.n_kv_heads, self.args.head_dim, dtype).to(device)

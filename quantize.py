@@ -235,6 +235,16 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: in
     return values, scales, zeros
 
 
+def gptq_layer(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
+    """An Int4Linear filled by GPTQ. Padding columns (see Int4Linear) always meet zero inputs, so they
+    enter the Hessian as dead columns."""
+    layer = Int4Linear(weight.shape[1], weight.shape[0], groupsize)
+    padding = layer.padded_in - layer.in_features
+    hessian = F.pad(hessian, (0, padding, 0, padding))
+    set_int4(layer, *gptq_quantize(layer.padded(weight), hessian, groupsize, blocksize, percdamp))
+    return layer
+
+
 class HessianAccumulator:
     """H = 2/n * sum of x x^T over every input row x a linear layer sees, kept as a running mean, so
     memory is (in_features)^2 however many calibration tokens pass through."""
@@ -317,12 +327,8 @@ def quantize_gptq(model: nn.Module, calibration: Tensor, groupsize: int, quantiz
         for hook in hooks:
             hook.remove()
         for (parent, name), accumulator in zip(targets, accumulators):
-            linear = getattr(parent, name)
-            layer = Int4Linear(linear.in_features, linear.out_features, groupsize)
-            padding = layer.padded_in - layer.in_features  # padded inputs are always zero: dead columns
-            hessian = F.pad(accumulator.hessian, (0, padding, 0, padding))
-            set_int4(layer, *gptq_quantize(layer.padded(linear.weight), hessian, groupsize, blocksize, percdamp))
-            setattr(parent, name, layer)
+            setattr(parent, name, gptq_layer(getattr(parent, name).weight, accumulator.hessian, groupsize,
+                                             blocksize, percdamp))
         hidden = [block(x, rope, mask, input_pos) for x in hidden]
     if quantize_embedding:
         embedding = model.tok_embeddings.weight
@@ -351,7 +357,7 @@ def calibration_tokens(model, tokenizer, text_file, samples: int, length: int, s
 
     torch.manual_seed(seed)
     prompts = [tokenizer.encode(NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)]) for i in range(samples)]
-    model.setup_caches(samples, length)
+    model.setup_caches(samples, max(map(len, prompts)) + length)
     outputs, _ = generate(model, prompts, length, Sampling(temperature=1.0, top_k=None))
     return torch.tensor([(prompt + output)[:length] for prompt, output in zip(prompts, outputs)])
 

@@ -1,0 +1,97 @@
+"""Perplexity is what the logits say, whatever the windows' batching."""
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluate
+from model import load_model
+from tokenizer import load_tokenizer
+
+
+@pytest.mark.parametrize("n_tokens, max_seq_length, stride", [(10, 4, 4), (10, 4, 2), (10, 4, 1), (1000, 128, 96),
+                                                               (7, 20, 5), (513, 512, 512)])
+def test_windows_score_every_token_after_the_first_at_most_once(n_tokens, max_seq_length, stride):
+    scored = []
+    for begin, end, first_scored in evaluate.windows(n_tokens, max_seq_length, stride):
+        assert end - begin <= max_seq_length and begin < first_scored <= end
+        scored += range(first_scored, end)
+    assert len(scored) == len(set(scored)) and 0 not in scored
+    unscored = set(range(1, n_tokens)) - set(scored)
+    # only window starts can go unscored, and only when windows do not overlap
+    assert unscored == (set(range(stride, n_tokens, stride)) if stride == max_seq_length else set())
+
+
+def text_tokens(checkpoint, n):
+    from conftest import shared_text
+
+    tokenizer = load_tokenizer(checkpoint)
+    return tokenizer.encode(shared_text("wikitext-2-raw-test.txt")[:20000])[:n]
+
+
+def test_perplexity_equals_the_logits_by_hand(tiny_dir):
+    model = load_model(tiny_dir)
+    tokens = text_tokens(tiny_dir, 200)
+    model.setup_caches(1, 256)
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens]), torch.arange(len(tokens)))[0]
+    by_hand = F.cross_entropy(logits[:-1], torch.tensor(tokens[1:]), reduction="mean").item()
+    result = evaluate.perplexity(model, tokens, max_seq_length=256, stride=128)
+    assert result["tokens_scored"] == 199
+    assert result["mean_nll"] == pytest.approx(by_hand, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(by_hand), rel=1e-6)
+
+
+def test_same_numbers_whatever_the_batch_size(smollm2_dir):
+    model = load_model(smollm2_dir)
+    tokens = text_tokens(smollm2_dir, 700)
+    one, three = (evaluate.perplexity(model, tokens, 128, 64, batch_size) for batch_size in (1, 3))
+    assert one["tokens_scored"] == three["tokens_scored"] == 699
+    assert one["perplexity"] == pytest.approx(three["perplexity"], rel=1e-5)
+    assert 5 < one["perplexity"] < 60  # SmolLM2 on Wikipedia text
+
+
+def test_quantized_checkpoint_is_evaluated_through_its_metadata(tiny_dir, tmp_path, capsys):
+    import quantize
+
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    quantize.main(["--checkpoint_path", str(directory), "--mode", "int4", "--groupsize", "32"])
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint_path", str(directory / "model_int4.g32.safetensors"),
+                          "--text_file", str(text), "--max_seq_length", "64", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert '"perplexity"' in out and "perplexity" in err
+
+
+def test_continuation_scores_sum_the_continuation_log_probs(tiny_dir):
+    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    context, continuation = "the quick brown", " fox jumps"
+    [(log_prob, is_greedy)] = evaluate.continuation_scores(model, tokenizer, [(context, continuation)])
+    ids = tokenizer.encode(context) + tokenizer.encode(continuation)
+    n = len(tokenizer.encode(continuation))
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids]), torch.arange(len(ids)))[0, :-1].log_softmax(-1)
+    expected = sum(log_probs[len(ids) - n - 1 + i, ids[len(ids) - n + i]].item() for i in range(n))
+    assert log_prob == pytest.approx(expected, rel=1e-5)
+    greedy = [log_probs[len(ids) - n - 1 + i].argmax().item() for i in range(n)]
+    assert is_greedy == (greedy == ids[-n:])
+
+
+def test_no_text_file_and_no_tasks_is_one_clear_line(capsys):
+    assert evaluate.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: nothing to evaluate: pass --text_file")
+
+
+def test_tasks_without_lm_eval_say_how_to_install_it(tiny_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm_eval is installed")
+    assert evaluate.main(["--checkpoint_path", str(tiny_dir), "--tasks", "hellaswag"]) == 2
+    assert capsys.readouterr().err == "error: --tasks needs lm-evaluation-harness: pip install lm_eval\n"

@@ -1,0 +1,155 @@
+"""Quantized layers compute what their dequantized weights compute; files round-trip; GPTQ beats rounding."""
+import shutil
+
+import pytest
+import torch
+
+import quantize
+from model import load_model
+from quantize import (Int4Linear, Int8Linear, HessianAccumulator, dequantize_int4, gptq_layer, int4_group_params,
+                      int4_values, quantize_int8, set_rtn)
+from tokenizer import load_tokenizer
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    return (10 * torch.log10(reference.pow(2).sum() / (reference - approximation).pow(2).sum())).item()
+
+
+@pytest.fixture(scope="module")
+def smollm2_weight(smollm2_dir):
+    """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
+    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
+
+
+def filled(layer, weight):
+    set_rtn(layer, weight)
+    return layer
+
+
+def test_int8_reconstruction_of_a_real_layer(smollm2_weight):
+    values, scales = quantize_int8(smollm2_weight)
+    assert sqnr_db(smollm2_weight, values.float() * scales[:, None]) > 38
+
+
+@pytest.mark.parametrize("groupsize, bound", [(32, 22), (64, 20), (128, 19), (256, 18)])
+def test_int4_reconstruction_of_a_real_layer(smollm2_weight, groupsize, bound):
+    # fresh random weights, since SmolLM2's own already lie on a Q4_1 grid of 32 columns
+    weight = torch.randn(256, 1536, generator=torch.Generator().manual_seed(0))
+    scales, zeros = int4_group_params(weight, groupsize)
+    restored = dequantize_int4(int4_values(weight, scales, zeros, groupsize), scales, zeros, groupsize)
+    assert sqnr_db(weight, restored) > bound - 6  # Gaussian weights have heavier tails than trained ones
+    layer = filled(Int4Linear(576, 1536, groupsize), smollm2_weight)
+    assert sqnr_db(smollm2_weight, layer.dequantized()[:, :576]) > bound
+
+
+def test_int8_kernel_equals_reference_path(smollm2_weight):
+    layer = filled(Int8Linear(576, 1536), smollm2_weight)
+    x = torch.randn(3, 5, 576)
+    with_kernel = layer(x)
+    layer.use_kernel = False
+    assert torch.allclose(with_kernel, layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+def test_int4_kernel_equals_reference_path(smollm2_weight, groupsize):
+    layer = filled(Int4Linear(576, 1536, groupsize), smollm2_weight)
+    x = torch.randn(3, 5, 576)
+    reference = layer(x)
+    layer.prepare()
+    assert layer.kernel_weight is not None
+    assert torch.allclose(layer(x), reference, rtol=1e-4, atol=2e-4)
+
+
+def test_padded_groups_multiply_only_real_columns():
+    weight = torch.randn(8, 576)
+    layer = filled(Int4Linear(576, 8, 256), weight)  # 576 is 2.25 groups of 256: padded to 768
+    assert layer.padded_in == 768 and layer.scales.shape == (8, 3)
+    x = torch.randn(2, 576)
+    assert torch.allclose(layer(x), x @ layer.dequantized()[:, :576].T, atol=1e-5)
+
+
+@pytest.mark.parametrize("table", [Int8Linear(576, 40), Int4Linear(576, 40, 64)])
+def test_embedding_rows_are_the_dequantized_weight_rows(table):
+    filled(table, torch.randn(40, 576))
+    ids = torch.tensor([[3, 0], [39, 3]])
+    weight = (table.weight.float() * table.scales[:, None] if isinstance(table, Int8Linear)
+              else table.dequantized()[:, :576])
+    assert torch.equal(table.rows(ids), weight[ids])
+
+
+@pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32), ("int4", 128), ("int4-gptq", 32)])
+def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsize):
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    argv = ["--checkpoint_path", str(directory), "--mode", mode, "--quantize_embedding",
+            "--calibration_samples", "4", "--calibration_seq_length", "32"] + (
+        ["--groupsize", str(groupsize)] if groupsize else [])
+    model = load_model(directory)
+    if mode == "int4-gptq":
+        calibration = quantize.calibration_tokens(model, load_tokenizer(directory), None, 4, 32)
+        quantize.quantize_gptq(model, calibration, groupsize, True)
+    else:
+        quantize.quantize_rtn(model, mode, groupsize, True)
+    assert quantize.main(argv) == 0
+    written = quantize.output_path(directory, mode, groupsize)
+    renamed = directory / "anything.safetensors"  # loading reads the metadata, not the file name
+    written.rename(renamed)
+    loaded = load_model(renamed)
+    tokens, positions = torch.tensor([[5, 60, 200, 7, 31]]), torch.arange(5)
+    model.setup_caches(1, 16), loaded.setup_caches(1, 16)
+    quantize.prepare_kernels(model)
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens, positions), model(tokens, positions), atol=1e-5)
+    assert isinstance(loaded.layers[1].attention.wk, Int8Linear if mode == "int8" else Int4Linear)
+    assert loaded.tok_embeddings.table is loaded.output  # tied, and quantized once
+
+
+def test_gptq_output_error_is_below_rounding_on_real_activations(smollm2_dir):
+    """SmolLM2's first attention block's q projection, its inputs from Shakespeare through the real model."""
+    from conftest import shared_text
+
+    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    ids = torch.tensor(tokenizer.encode(shared_text("tinyshakespeare.txt")[:40000])[:2048]).view(8, 256)
+    block, accumulator = model.layers[3], HessianAccumulator(576)
+    hook = block.attention.wq.register_forward_hook(accumulator.add)
+    inputs = []
+    capture = block.attention.wq.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    model.setup_caches(8, 256)
+    with torch.no_grad():
+        model(ids, torch.arange(256))
+    hook.remove(), capture.remove()
+    X = inputs[0].reshape(-1, 576)
+    W = block.attention.wq.weight.detach()
+    for groupsize in (64, 128):
+        rtn = filled(Int4Linear(576, 576, groupsize), W).dequantized()[:, :576]
+        gptq = gptq_layer(W, accumulator.hessian, groupsize).dequantized()[:, :576]
+        rtn_error, gptq_error = [(X @ (W - Q).T).pow(2).mean().item() for Q in (rtn, gptq)]
+        assert gptq_error < 0.8 * rtn_error, (groupsize, gptq_error, rtn_error)
+
+
+def test_calibration_without_a_file_uses_text_the_model_writes(tiny_dir):
+    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    first = quantize.calibration_tokens(model, tokenizer, None, samples=3, length=20, seed=1)
+    again = quantize.calibration_tokens(model, tokenizer, None, samples=3, length=20, seed=1)
+    assert first.shape == (3, 20) and torch.equal(first, again)
+    assert first[0, 0].item() == tokenizer.encode("The")[0]
+
+
+def test_missing_calibration_file_is_one_clear_line(tiny_dir, capsys, tmp_path):
+    status = quantize.main(["--checkpoint_path", str(tiny_dir), "--mode", "int4-gptq",
+                            "--calibration_file", str(tmp_path / "absent.txt")])
+    assert status == 2 and capsys.readouterr().err.startswith("error: --calibration_file")
+
+
+def test_generate_reports_the_quantized_bytes(tiny_dir, tmp_path, capsys):
+    from generate import main
+
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    quantize.main(["--checkpoint_path", str(directory), "--mode", "int8"])
+    capsys.readouterr()
+    main(["--checkpoint_path", str(directory / "model_int8.safetensors"), "--max_new_tokens", "3"])
+    full = load_model(directory)
+    int8_bytes = sum(p.numel() for name, p in full.state_dict().items()
+                     if "layers." in name and name.endswith("w1.weight"))  # sanity: int8 is 1 byte a weight
+    assert int8_bytes > 0 and "memory bandwidth" in capsys.readouterr().err
