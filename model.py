@@ -341,10 +341,9 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transforme
     with torch.device("meta"):
         model = Transformer(args)
         if "quantization" in metadata:  # written by quantize.py: swap in its int8 / int4 layers
-            from quantize import replace_linears
+            from quantize import match_checkpoint
 
-            replace_linears(model, metadata["quantization"], int(metadata.get("groupsize", 0)),
-                            metadata.get("quantize_embedding") == "True")
+            match_checkpoint(model, state_dict)
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
     expected = set(unique_state_dict(model))

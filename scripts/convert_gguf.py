@@ -42,6 +42,13 @@ def field(reader, key, default=None):
     return default if found is None else found.contents()
 
 
+def required(reader, key):
+    value = field(reader, key)
+    if value is None:
+        raise SystemExit(f"error: the GGUF has no {key!r} metadata: it is incomplete or not a llama.cpp model file")
+    return value
+
+
 def model_args(reader) -> ModelArgs:
     arch = field(reader, "general.architecture")
     if arch != "llama":
@@ -49,14 +56,14 @@ def model_args(reader) -> ModelArgs:
     if any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
         raise SystemExit("error: this GGUF stores Llama 3.1 rope frequency factors, which brisk reads from a "
                          "Hugging Face config.json instead: convert the Hugging Face directory")
-    n_heads = field(reader, "llama.attention.head_count")
-    n_vocab = field(reader, "llama.vocab_size") or len(field(reader, "tokenizer.ggml.tokens"))
+    n_heads = required(reader, "llama.attention.head_count")
+    n_vocab = field(reader, "llama.vocab_size") or len(required(reader, "tokenizer.ggml.tokens"))
     return ModelArgs(
-        dim=field(reader, "llama.embedding_length"),
-        n_layers=field(reader, "llama.block_count"),
+        dim=required(reader, "llama.embedding_length"),
+        n_layers=required(reader, "llama.block_count"),
         n_heads=n_heads,
         n_kv_heads=field(reader, "llama.attention.head_count_kv", n_heads),
-        intermediate_size=field(reader, "llama.feed_forward_length"),
+        intermediate_size=required(reader, "llama.feed_forward_length"),
         vocab_size=n_vocab,
         head_dim=field(reader, "llama.attention.key_length"),
         norm_eps=float(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
@@ -131,6 +138,42 @@ def sentencepiece_model(reader) -> bytes:
     return pieces + protobuf_field(2, trainer) + protobuf_field(3, normalizer)
 
 
+# GGUF block types that brisk's layouts hold exactly, groups of 32 (llama.cpp's ggml-quants.c):
+#   Q8_0: fp16 d, 32 int8 q           w = q * d             -> int8, groupsize 32
+#   Q4_0: fp16 d, 16 bytes of nibbles w = (q - 8) * d       -> int4 g32, zero 0
+#   Q4_1: fp16 d, fp16 m, 16 bytes    w = q * d + m         -> int4 g32, zero m + 8 d
+# Nibbles: byte j holds value j (low) and value j + 16 (high) of its block.
+KEEPABLE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
+
+
+def kept_blocks(tensor) -> dict:
+    """A Q8_0 / Q4_0 / Q4_1 tensor as brisk's int8 / int4 tensors (weight, scales[, zeros]), unchanged."""
+    from quantize import pack_int4
+
+    kind, rows = tensor.tensor_type.name, tensor.data.shape[0]
+    blocks = torch.from_numpy(tensor.data.copy()).reshape(rows, -1, KEEPABLE[kind])
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
+    if kind == "Q8_0":
+        return {"weight": blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), "scales": d}
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if kind == "Q4_1" else None
+    nibbles = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+    values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
+    zeros = (m + 8 * d) if kind == "Q4_1" else torch.zeros_like(d)
+    return {"weight": pack_int4(values), "scales": d, "zeros": zeros}
+
+
+def kept_shapes(tensor) -> dict:
+    rows, cols = int(tensor.shape[1]), int(tensor.shape[0])
+    if tensor.tensor_type.name == "Q8_0":
+        return {"weight": ((rows, cols), torch.int8), "scales": ((rows, cols // 32), torch.float32)}
+    return {"weight": ((rows, cols // 2), torch.uint8), "scales": ((rows, cols // 32), torch.float32),
+            "zeros": ((rows, cols // 32), torch.float32)}
+
+
+def keepable(tensor) -> bool:
+    return tensor.tensor_type.name in KEEPABLE and len(tensor.shape) == 2
+
+
 def tokenizer_files(reader, out_dir: Path):
     kind = field(reader, "tokenizer.ggml.model")
     bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
@@ -169,8 +212,10 @@ def byte_level_tokenizer(reader, out_dir: Path, bos, eos):
     })
 
 
-def convert(gguf_path, out_dir, dtype=None):
-    """dtype None keeps a float GGUF's own precision and writes dequantized blocks as float32 (exact)."""
+def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
+    """dtype None keeps a float GGUF's own precision and writes dequantized blocks as float32 (exact).
+    keep_quantized writes Q8_0 / Q4_0 / Q4_1 blocks as brisk's int8 / int4 layers, values unchanged,
+    to model_<type>.safetensors, and dequantizes only the other tensors."""
     from gguf import GGUFReader
     from tqdm import tqdm
 
@@ -182,19 +227,53 @@ def convert(gguf_path, out_dir, dtype=None):
     except Exception as error:
         raise SystemExit(f"error: cannot read {gguf_path} as GGUF ({error})") from None
     args = model_args(reader)
+    types = [tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1]
     if dtype is None:
-        types = {tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1}
-        dtype = FLOAT_TYPES[types.pop()] if len(types) == 1 and types <= set(FLOAT_TYPES) else torch.float32
+        dtype = FLOAT_TYPES[types[0]] if len(set(types)) == 1 and types[0] in FLOAT_TYPES else torch.float32
+    kept = {tensor.name for tensor in reader.tensors if keep_quantized and keepable(tensor)}
+    if keep_quantized and not kept:
+        raise SystemExit(f"error: --keep_quantized: {gguf_path.name} has no Q8_0, Q4_0 or Q4_1 tensors to keep")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_files(reader, out_dir)
 
-    tensors = sorted(reader.tensors, key=lambda tensor: brisk_name(tensor.name))
-    shapes = {brisk_name(t.name): (tuple(int(n) for n in reversed(t.shape)), dtype) for t in tensors}
-    converted = ((brisk_name(t.name), dequantized(t, args).to(dtype))
-                 for t in tqdm(tensors, desc=f"converting {gguf_path.name}", unit="tensor"))
-    save_safetensors(out_dir / "model.safetensors", shapes, converted, {"format": "pt", "source": gguf_path.name})
+    def name_of(tensor):  # a kept embedding is a quantized table, looked up row by row
+        name = brisk_name(tensor.name).rsplit(".", 1)[0]
+        return "tok_embeddings.table" if name == "tok_embeddings" and tensor.name in kept else name
+
+    tensors = sorted(reader.tensors, key=name_of)
+    shapes = {}
+    for tensor in tensors:
+        if tensor.name in kept:
+            shapes.update({f"{name_of(tensor)}.{part}": shape for part, shape in kept_shapes(tensor).items()})
+        else:
+            shapes[f"{name_of(tensor)}.weight"] = (tuple(int(n) for n in reversed(tensor.shape)), dtype)
+
+    def converted():
+        for tensor in tqdm(tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
+            if tensor.name not in kept:
+                yield f"{name_of(tensor)}.weight", dequantized(tensor, args).to(dtype)
+                continue
+            heads = {"attn_q.weight": args.n_heads, "attn_k.weight": args.n_kv_heads}.get(tensor.name.split(".", 2)[-1])
+            for part, value in kept_blocks(tensor).items():
+                if heads and part != "weight":
+                    value = unpermute(value, heads)
+                elif heads:  # un-permute rows of values, then pack again
+                    from quantize import pack_int4, unpack_int4
+
+                    value = pack_int4(unpermute(unpack_int4(value), heads)) if value.dtype == torch.uint8 \
+                        else unpermute(value, heads)
+                yield f"{name_of(tensor)}.{part}", value
+
+    weights_name = "model.safetensors"
+    metadata = {"format": "pt", "source": gguf_path.name}
+    if kept:
+        main_type = max(set(types), key=types.count)
+        weights_name = f"model_{main_type.lower()}.safetensors"
+        metadata.update(quantization=f"gguf-{main_type.lower()}", groupsize=32,
+                        quantize_embedding=any("token_embd" in name for name in kept))
+    save_safetensors(out_dir / weights_name, shapes, converted(), metadata)
     save_config(args, out_dir)
-    return out_dir
+    return out_dir / weights_name
 
 
 def main():
@@ -203,10 +282,13 @@ def main():
     parser.add_argument("--out", type=Path, help="output directory (default: checkpoints/<file name>)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="weights' precision (default: the GGUF's float type, or float32 for quantized blocks)")
+    parser.add_argument("--keep_quantized", action="store_true",
+                        help="keep Q8_0 / Q4_0 / Q4_1 blocks as int8 / int4 layers (groups of 32), values unchanged")
     options = parser.parse_args()
     out_dir = options.out or Path("checkpoints") / options.gguf_path.stem
-    convert(options.gguf_path, out_dir, options.dtype and getattr(torch, options.dtype))
-    print(f"wrote {out_dir}", file=sys.stderr)
+    written = convert(options.gguf_path, out_dir, options.dtype and getattr(torch, options.dtype),
+                      options.keep_quantized)
+    print(f"wrote {written}", file=sys.stderr)
 
 
 if __name__ == "__main__":

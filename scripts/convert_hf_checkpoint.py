@@ -161,7 +161,7 @@ def convert(hf_dir, out_dir, dtype=None):
     converted = ((name, metas[name].to(shapes[name][1])) for name in tqdm(shapes, desc="converting", unit="tensor"))
     save_safetensors(out_dir / "model.safetensors", shapes, converted, {"format": "pt", "source": hf_dir.name})
     save_config(args, out_dir)
-    return out_dir
+    return out_dir / "model.safetensors"
 
 
 def main():
@@ -171,8 +171,8 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the source's")
     options = parser.parse_args()
     out_dir = options.out or Path("checkpoints") / options.hf_dir.resolve().name
-    convert(options.hf_dir, out_dir, options.dtype and getattr(torch, options.dtype))
-    print(f"wrote {out_dir}", file=sys.stderr)
+    print(f"wrote {convert(options.hf_dir, out_dir, options.dtype and getattr(torch, options.dtype))}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

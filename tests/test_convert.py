@@ -55,6 +55,17 @@ def test_missing_gguf_is_one_clear_error(tmp_path):
         convert(tmp_path / "absent.gguf", tmp_path / "out")
 
 
+def test_gguf_without_the_model_shape_is_one_clear_error(tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "bare.gguf", "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SystemExit, match="the GGUF has no 'llama.attention.head_count' metadata"):
+        convert(tmp_path / "bare.gguf", tmp_path / "out")
+
+
 def test_file_that_is_not_gguf_is_one_clear_error(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(SystemExit, match="cannot read .* as GGUF"):
@@ -75,7 +86,7 @@ def test_hf_conversion_renames_without_changing_values(tiny_hf_dir, tiny_dir):
 def test_hf_conversion_to_bfloat16(tiny_hf_dir, tmp_path):
     from scripts.convert_hf_checkpoint import convert as convert_hf
 
-    out = convert_hf(tiny_hf_dir, tmp_path / "bf16", torch.bfloat16)
+    out = convert_hf(tiny_hf_dir, tmp_path / "bf16", torch.bfloat16).parent
     with safe_open(out / "model.safetensors", framework="pt") as converted:
         assert converted.get_tensor("norm.weight").dtype == torch.bfloat16
     assert (out / "chat_template.jinja").read_text().startswith("{% for m in messages %}")
@@ -175,7 +186,7 @@ def test_every_block_type_converts_to_the_gguf_package_dequantization(sentencepi
     from gguf.quants import dequantize
 
     gguf_path, _ = sentencepiece_gguf
-    out = convert(gguf_path, tmp_path / "mixed")
+    out = convert(gguf_path, tmp_path / "mixed").parent
     with safe_open(out / "model.safetensors", framework="pt") as converted:
         for tensor in GGUFReader(gguf_path).tensors:
             ours = converted.get_tensor(brisk_name(tensor.name))
@@ -195,3 +206,58 @@ def test_sentencepiece_vocabulary_from_gguf_encodes_like_the_original(sentencepi
     lines = shared_text("tinyshakespeare.txt").split("\n")[:2000]
     assert [tokenizer.encode(line, bos=False) for line in lines] == [processor.encode(line) for line in lines]
     assert tokenizer.encode("hello")[0] == tokenizer.bos_id == processor.bos_id()
+
+
+@pytest.fixture(scope="module")
+def smollm2_kept(smollm2_gguf, smollm2_dir):
+    """The embedded GGUF with its Q4_1 blocks and Q8_0 embedding kept as int4 / int8 layers."""
+    return convert(smollm2_gguf, smollm2_dir, keep_quantized=True)
+
+
+def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from model import load_model
+    from quantize import Int4Linear, Int8Linear
+
+    assert smollm2_kept.name == "model_q4_1.safetensors"
+    model = load_model(smollm2_kept)
+    tensors = {tensor.name: tensor for tensor in GGUFReader(smollm2_gguf).tensors}
+    for gguf_name, layer, heads in [("blk.7.attn_q.weight", model.layers[7].attention.wq, 9),
+                                    ("blk.7.attn_k.weight", model.layers[7].attention.wk, 3),
+                                    ("blk.29.ffn_down.weight", model.layers[29].feed_forward.w2, None),
+                                    ("token_embd.weight", model.output, None)]:
+        tensor = tensors[gguf_name]
+        expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        ours = layer.dequantized()[:, :expected.shape[1]]
+        ours = llama_cpp_permute(ours, heads) if heads else ours
+        assert isinstance(layer, Int8Linear if gguf_name == "token_embd.weight" else Int4Linear)
+        assert torch.allclose(ours, expected, rtol=0, atol=1e-6), gguf_name
+    assert model.tok_embeddings.table is model.output
+
+
+def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept):
+    from model import load_model
+
+    tokens, positions = torch.tensor([[504, 3575, 282, 4649, 314]]), torch.arange(5)
+    logits = []
+    for path in (smollm2_dir / "model.safetensors", smollm2_kept):
+        model = load_model(path)
+        model.setup_caches(1, 8)
+        with torch.no_grad():
+            logits.append(model(tokens, positions))
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-3
+
+
+def test_keep_quantized_without_keepable_blocks_is_refused(tiny_hf_dir, tmp_path):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(tmp_path / "f32.gguf", "llama")
+    writer.add_block_count(1), writer.add_embedding_length(8), writer.add_head_count(2)
+    writer.add_feed_forward_length(16), writer.add_vocab_size(4), writer.add_tokenizer_model("gpt2")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SystemExit, match="has no Q8_0, Q4_0 or Q4_1 tensors to keep"):
+        convert(tmp_path / "f32.gguf", tmp_path / "out", keep_quantized=True)
