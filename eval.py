@@ -159,7 +159,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         return fail(str(error))
     if args.max_seq_length > model.args.max_seq_length:
-        return fail(f"--max_seq_length {args.max_seq_length} is past the model's context of {model.args.max_seq_length}")
+        return fail(f"--max_seq_length {args.max_seq_length} is past the model's context of "
+                    f"{model.args.max_seq_length}")
 
     results = {"checkpoint": str(args.checkpoint_path)}
     if args.text_file:

@@ -98,7 +98,8 @@ class ModelArgs:
         }
 
 
-_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 _LLAMA32_ROPE = dict(_LLAMA31_ROPE, factor=32.0)
 _LLAMA3 = dict(vocab_size=128256, rope_base=500000.0, max_seq_length=8192)
 _LLAMA31 = dict(_LLAMA3, rope_scaling=_LLAMA31_ROPE, max_seq_length=131072)
@@ -375,7 +376,8 @@ def save_safetensors(path, shapes: dict, tensors, metadata: Optional[dict] = Non
     header, offset = {}, 0
     for name, (shape, dtype) in shapes.items():
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:
         header["__metadata__"] = {key: str(value) for key, value in metadata.items()}

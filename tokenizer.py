@@ -169,7 +169,8 @@ def load_tokenizer(checkpoint_dir) -> Tokenizer:
         return SentencePieceTokenizer(directory / "tokenizer.model", config, chat_template)
     if (directory / "tokenizer.json").is_file():
         return TokenizersLibraryTokenizer(directory / "tokenizer.json", config, chat_template)
-    raise FileNotFoundError(f"no tokenizer.model, tokenizer.tiktoken or tokenizer.json in {directory}: convert the checkpoint with scripts/")
+    raise FileNotFoundError(f"no tokenizer.model, tokenizer.tiktoken or tokenizer.json in {directory}: "
+                            "convert the checkpoint with scripts/")
 
 
 class StreamDecoder:
@@ -230,7 +231,8 @@ def save_tiktoken(out_dir, ranks: dict, config: dict):
     """Write tokenizer.tiktoken and tokenizer_config.json (config: pattern, special_tokens, bos_token,
     eos_token, add_bos_token), each through a temporary name so no half-written file is left."""
     out_dir = Path(out_dir)
-    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda r: r[1])]
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    lines = [f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in by_rank]
     write_atomic(out_dir / "tokenizer.tiktoken", "".join(lines))
     write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 

@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, save_config, save_safetensors  # noqa: E402
-from tokenizer import DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, byte_level_ranks, save_tiktoken, write_atomic  # noqa: E402
+from tokenizer import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, byte_level_ranks, save_tiktoken,  # noqa: E402
+                       write_atomic)
 
 # llama.cpp's tensor names -> brisk's (blk.N.* are per layer)
 TENSOR_NAMES = {

@@ -114,7 +114,8 @@ def test_load_rejects_weights_that_do_not_match_the_config(tiny_dir, tmp_path):
     import shutil
 
     shutil.copytree(tiny_dir, tmp_path / "wrong")
-    config = (tmp_path / "wrong" / "config.json").read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
-    (tmp_path / "wrong" / "config.json").write_text(config)
+    config_file = tmp_path / "wrong" / "config.json"
+    config = config_file.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3')
+    config_file.write_text(config)
     with pytest.raises(ValueError, match="does not match its config.json"):
         load_model(tmp_path / "wrong")

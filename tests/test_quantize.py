@@ -154,3 +154,20 @@ def test_generate_reports_the_quantized_bytes(tiny_dir, tmp_path, capsys):
     int8_bytes = sum(p.numel() for name, p in full.state_dict().items()
                      if "layers." in name and name.endswith("w1.weight"))  # sanity: int8 is 1 byte a weight
     assert int8_bytes > 0 and "memory bandwidth" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32)])
+def test_compiled_quantized_decode_equals_eager(tiny_dir, tmp_path, mode, groupsize):
+    from generate import Sampling, decode_one_token, generate
+
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    quantize.main(["--checkpoint_path", str(directory), "--mode", mode, "--groupsize", str(groupsize or 32),
+                   "--quantize_embedding"])
+    model = load_model(quantize.output_path(directory, mode, groupsize))
+    model.setup_caches(1, 64)
+    eager, _ = generate(model, [[5, 17, 29]], 12, Sampling(0))
+    compiled_step = torch.compile(decode_one_token, fullgraph=True)
+    compiled, _ = generate(model, [[5, 17, 29]], 12, Sampling(0), decode_step=compiled_step)
+    assert compiled == eager
