@@ -90,7 +90,7 @@ def continuation_scores(model, tokenizer, requests: list):
     return results
 
 
-def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None) -> dict:
+def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None, include_path=None) -> dict:
     """Run lm-evaluation-harness tasks through a small adapter around brisk's model."""
     import lm_eval
     from lm_eval.api.model import LM
@@ -125,7 +125,10 @@ def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None) ->
                 outputs.append(text)
             return outputs
 
-    return lm_eval.simple_evaluate(model=BriskLM(), tasks=tasks, limit=limit)["results"]
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
+    return lm_eval.simple_evaluate(model=BriskLM(), tasks=tasks, limit=limit, task_manager=task_manager)["results"]
 
 
 def main(argv=None):
@@ -139,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--limit_tokens", type=int, help="score only the first N tokens of the file")
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--limit", type=int, help="--tasks: examples per task")
+    parser.add_argument("--include_path", type=Path, help="--tasks: a folder of your own task YAML files")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -170,7 +174,8 @@ def main(argv=None):
               f"{args.max_seq_length} (stride {stride}); mean NLL {results['mean_nll']:.4f}; "
               f"perplexity {results['perplexity']:.4f}; {results['seconds']:.1f} s", file=sys.stderr)
     if args.tasks:
-        results["tasks"] = run_tasks(model, tokenizer, args.tasks.split(","), args.max_seq_length, args.limit)
+        results["tasks"] = run_tasks(model, tokenizer, args.tasks.split(","), args.max_seq_length, args.limit,
+                                     args.include_path)
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     return 0

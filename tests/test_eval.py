@@ -95,3 +95,32 @@ def test_tasks_without_lm_eval_say_how_to_install_it(tiny_dir, capsys):
         pytest.skip("lm_eval is installed")
     assert evaluate.main(["--checkpoint_path", str(tiny_dir), "--tasks", "hellaswag"]) == 2
     assert capsys.readouterr().err == "error: --tasks needs lm-evaluation-harness: pip install lm_eval\n"
+
+
+def test_lm_evaluation_harness_runs_local_tasks_of_each_request_type(smollm2_dir, tmp_path, monkeypatch):
+    """Multiple choice (loglikelihood), rolling log-likelihood and generation, on tasks written here."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = {"capitals": [{"question": "The capital of France is", "choices": [" Paris", " Berlin"], "answer": 0},
+                         {"question": "The capital of Italy is", "choices": [" Oslo", " Rome"], "answer": 1}],
+            "texts": [{"text": "Paris is the capital and most populous city of France."}],
+            "qa": [{"q": "The capital of France is", "a": " Paris"}]}
+    kinds = {"capitals": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+                         'doc_to_target: "{{answer}}"\nmetric_list:\n  - metric: acc\n',
+             "texts": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+                      'metric_list:\n  - metric: word_perplexity\n',
+             "qa": 'output_type: generate_until\ndoc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\n'
+                   'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 4\nmetric_list:\n  - metric: exact_match\n'}
+    for name, examples in rows.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in examples))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: brisk_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
+            f"test_split: test\n{kinds[name]}")
+    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    results = evaluate.run_tasks(model, tokenizer, ["brisk_capitals", "brisk_texts", "brisk_qa"], 256,
+                                 include_path=tmp_path)
+    assert results["brisk_capitals"]["acc,none"] == 1.0
+    assert 1 < results["brisk_texts"]["word_perplexity,none"] < 1000
+    assert results["brisk_qa"]["exact_match,none"] == 1.0  # greedy: " Paris" then "."
