@@ -46,6 +46,16 @@ def sample(logits: Tensor, sampling: Sampling) -> Tensor:
     """Next token of each row from (batch, vocab) logits, without a host sync."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    probs = probabilities(logits, sampling)
+    # argmax of p / Exp(1) noise is a sample from p (the exponential race), with no host sync
+    noise = torch.empty_like(probs).exponential_(1)
+    return (probs / noise).argmax(dim=-1, keepdim=True)
+
+
+def probabilities(logits: Tensor, sampling: Sampling) -> Tensor:
+    """The distribution sample() draws from: temperature, then top-k, then top-p; greedy is one-hot."""
+    if sampling.temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / sampling.temperature
     if sampling.top_k is not None:
         kth_largest = torch.topk(logits, min(sampling.top_k, logits.size(-1))).values[:, -1:]
@@ -57,9 +67,8 @@ def sample(logits: Tensor, sampling: Sampling) -> Tensor:
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before >= sampling.top_p, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    # argmax of p / Exp(1) noise is a sample from p (the exponential race), with no host sync
-    noise = torch.empty_like(probs).exponential_(1)
-    return (probs / noise).argmax(dim=-1, keepdim=True)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling):
@@ -192,6 +201,11 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
+    parser.add_argument("--speculative", choices=["draft", "prompt_lookup"],
+                        help="speculative decoding (one prompt): guesses from a draft model or from the prompt")
+    parser.add_argument("--draft_checkpoint_path", type=Path, help="--speculative draft: a smaller model with "
+                        "the same tokenizer, or a quantized file of the target")
+    parser.add_argument("--speculate_k", type=int, default=5, help="guesses the target checks per forward pass")
     return parser.parse_args(argv)
 
 
@@ -210,6 +224,10 @@ def check_args(args):
         raise UsageError("--interactive reads prompts from the terminal: drop --prompt / --prompt_file")
     if args.interactive and args.random_weights:
         raise UsageError("--random_weights produces no text to chat with: drop --interactive")
+    if args.speculative == "draft" and args.draft_checkpoint_path is None:
+        raise UsageError("--speculative draft needs --draft_checkpoint_path")
+    if args.speculative and (args.interactive or args.random_weights or args.speculate_k < 1):
+        raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")
     if args.prompt_file and not args.prompt_file.is_file():
         raise UsageError(f"--prompt_file {args.prompt_file}: no such file")
 
@@ -277,13 +295,49 @@ def report(timing: Timing, model: Transformer, batch: int, device: str, label: s
           f"{kv / 1e6:.0f} MB per step); peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 
+def load_draft(args, tokenizer, device, dtype):
+    """The draft model for --speculative draft, refused unless its tokenizer is the target's."""
+    from speculative import DraftModel
+
+    try:
+        draft_tokenizer = load_tokenizer(args.draft_checkpoint_path)
+        draft = load_model(args.draft_checkpoint_path, device, dtype)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--draft_checkpoint_path: {error}") from None
+    probe = "Speculative drafts must tokenize 1,234 words the same way: naïve café 東京!"
+    if (draft_tokenizer.vocab_size, draft_tokenizer.special_tokens, draft_tokenizer.encode(probe)) != (
+            tokenizer.vocab_size, tokenizer.special_tokens, tokenizer.encode(probe)):
+        raise UsageError(f"the draft at {args.draft_checkpoint_path} has a different vocabulary from the target: "
+                         "use a draft with the same tokenizer")
+    return DraftModel(draft)
+
+
+def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token):
+    from speculative import speculative_generate
+
+    started = time.perf_counter()
+    output, stats = speculative_generate(model, prompt, args.max_new_tokens, sampling, args.speculate_k, draft,
+                                         tokenizer.stop_ids, on_token)
+    seconds = time.perf_counter() - started
+    print(f"speculative ({args.speculative}, k={args.speculate_k}): {len(output)} tokens in {seconds:.2f} s, "
+          f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
+          f"({stats.accepted}/{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass",
+          file=sys.stderr)
+    return output
+
+
 def run_prompts(args, model, tokenizer, sampling, device, steps):
     texts = read_prompts(args)
     messages = lambda text: ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": text}]
     prompts = [tokenizer.encode(tokenizer.render_chat(messages(t)) if args.chat else t) for t in texts]
     check_length(model, max(map(len, prompts)), args.max_new_tokens)
+    if args.speculative and len(prompts) > 1:
+        raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
+    draft = load_draft(args, tokenizer, device, model.norm.weight.dtype) if args.speculative == "draft" else None
     model.setup_caches(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
+    if draft:
+        draft.model.setup_caches(1, model.max_seq_length)
     warm_up(model, prompts, sampling, steps)
     decode_step, prefill_step = steps
     for sample_index in range(args.num_samples):
@@ -294,6 +348,10 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
         on_token = (lambda row, token_id: print(stream.push(token_id), end="", flush=True)) if stream else None
         on_token = shown_text(tokenizer, on_token)
         profiler = torch.profiler.profile() if profiling else contextlib.nullcontext()
+        if args.speculative:
+            run_speculative(args, model, tokenizer, prompts[0], sampling, draft, on_token)
+            print(stream.flush(), flush=True)
+            continue
         with profiler:
             outputs, timing = generate(model, prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
                                        on_token=on_token, prefill_step=prefill_step, decode_step=decode_step)
