@@ -265,8 +265,13 @@ def load(args, device: str, dtype: torch.dtype):
 
 def compile_steps(args, device):
     """torch.compile the decode step: one graph, no graph breaks (fullgraph), and on CUDA captured
-    as a CUDA graph (reduce-overhead) so a step costs a single launch."""
+    as a CUDA graph (reduce-overhead) so a step costs a single launch. With --speculative, the step
+    compiled is the target's verify pass instead (k + 1 tokens at a time)."""
     decode_step, prefill_step = decode_one_token, prefill
+    if args.compile and args.speculative:
+        from speculative import target_logits
+
+        return torch.compile(target_logits, fullgraph=True), prefill_step
     if args.compile:
         mode = "reduce-overhead" if device == "cuda" else None
         decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
@@ -312,12 +317,17 @@ def load_draft(args, tokenizer, device, dtype):
     return DraftModel(draft)
 
 
-def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token):
+def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token, compiled_forward):
     from speculative import speculative_generate
 
+    if compiled_forward is not None:  # compile outside the timings, as warm_up does for plain decoding
+        started = time.perf_counter()
+        speculative_generate(model, prompt, 2 * args.speculate_k + 2, sampling, args.speculate_k, draft,
+                             compiled_forward=compiled_forward)
+        print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     started = time.perf_counter()
     output, stats = speculative_generate(model, prompt, args.max_new_tokens, sampling, args.speculate_k, draft,
-                                         tokenizer.stop_ids, on_token)
+                                         tokenizer.stop_ids, on_token, compiled_forward)
     seconds = time.perf_counter() - started
     print(f"speculative ({args.speculative}, k={args.speculate_k}): {len(output)} tokens in {seconds:.2f} s, "
           f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
@@ -338,7 +348,8 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
     model.setup_caches(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
     if draft:
         draft.model.setup_caches(1, model.max_seq_length)
-    warm_up(model, prompts, sampling, steps)
+    if not args.speculative:
+        warm_up(model, prompts, sampling, steps)
     decode_step, prefill_step = steps
     for sample_index in range(args.num_samples):
         profiling = args.profile and sample_index == args.num_samples - 1
@@ -349,7 +360,8 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
         on_token = shown_text(tokenizer, on_token)
         profiler = torch.profiler.profile() if profiling else contextlib.nullcontext()
         if args.speculative:
-            run_speculative(args, model, tokenizer, prompts[0], sampling, draft, on_token)
+            run_speculative(args, model, tokenizer, prompts[0], sampling, draft, on_token,
+                            decode_step if args.compile else None)
             print(stream.flush(), flush=True)
             continue
         with profiler:

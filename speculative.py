@@ -70,15 +70,24 @@ class DraftModel:
         return guesses, torch.stack(distributions)
 
 
+def target_logits(target: Transformer, inputs: Tensor, input_pos: Tensor) -> Tensor:
+    return target(inputs, input_pos)
+
+
 @torch.no_grad()
-def verify(target: Transformer, tokens: list, guesses: list, draft_distributions, sampling: Sampling):
+def verify(target: Transformer, tokens: list, guesses: list, draft_distributions, sampling: Sampling,
+           forward=target_logits, pad_to: int = 0):
     """Run the target once over the last token and the guesses; return the tokens it keeps: the accepted
     guesses and one token of its own. `tokens[-1]` is sampled but not yet in the target's cache.
-    draft_distributions: (len(guesses), vocab), or None for a deterministic guess (prompt lookup)."""
+    draft_distributions: (len(guesses), vocab), or None for a deterministic guess (prompt lookup).
+    pad_to: pad the guesses to this many, so that every pass has one shape (for a compiled forward);
+    the padding's cache slots are overwritten by the next pass before anything attends to them."""
     device = target.rope.device
     start = len(tokens) - 1
-    inputs = torch.tensor([[tokens[-1], *guesses]], device=device)
-    p = probabilities(target(inputs, torch.arange(start, start + len(guesses) + 1, device=device))[0], sampling)
+    padded = guesses + [tokens[-1]] * (pad_to - len(guesses))
+    inputs = torch.tensor([[tokens[-1], *padded]], device=device)
+    logits = forward(target, inputs, torch.arange(start, start + len(padded) + 1, device=device))
+    p = probabilities(logits[0, :len(guesses) + 1], sampling)
     kept = []
     for i, guess in enumerate(guesses):
         q = draft_distributions[i] if draft_distributions is not None else torch.zeros_like(p[i]).index_fill_(
@@ -95,9 +104,10 @@ def verify(target: Transformer, tokens: list, guesses: list, draft_distributions
 
 @torch.no_grad()
 def speculative_generate(target: Transformer, prompt: list, max_new_tokens: int, sampling: Sampling, k: int,
-                         draft: DraftModel = None, stop_ids=(), on_token=None):
+                         draft: DraftModel = None, stop_ids=(), on_token=None, compiled_forward=None):
     """Like generate.generate for one prompt, with up to k guesses per target pass, from draft if given,
-    else from prompt lookup. Returns (new token ids, SpeculationStats)."""
+    else from prompt lookup. compiled_forward: a torch.compile'd target_logits, then run on k + 1
+    tokens every pass. Returns (new token ids, SpeculationStats)."""
     device = target.rope.device
     logits = target(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))
     new = [torch.multinomial(probabilities(logits[:, -1], sampling), 1).item()]
@@ -113,7 +123,10 @@ def speculative_generate(target: Transformer, prompt: list, max_new_tokens: int,
             guesses, distributions = draft.guesses(tokens, room, sampling)
         else:
             guesses, distributions = prompt_lookup_guesses(tokens, room), None
-        kept = verify(target, tokens, guesses, distributions, sampling)
+        if compiled_forward is not None and len(tokens) + k < target.max_seq_length:
+            kept = verify(target, tokens, guesses, distributions, sampling, compiled_forward, pad_to=k)
+        else:
+            kept = verify(target, tokens, guesses, distributions, sampling)
         stats.verify_steps += 1
         stats.proposed += len(guesses)
         stats.accepted += len(kept) - 1

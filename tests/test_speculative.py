@@ -144,3 +144,17 @@ def test_speculative_runs_one_prompt_at_a_time(capsys, tiny_dir):
     status = main(["--checkpoint_path", str(tiny_dir), "--prompt", "a", "--prompt", "b",
                    "--speculative", "prompt_lookup"])
     assert status == 2 and "one prompt at a time" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_compiled_verify_equals_plain_greedy(with_draft):
+    from speculative import target_logits
+
+    target = random_model(0)
+    drafter = DraftModel(random_model(0 if with_draft else 1)) if with_draft else None
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]  # repeats, so prompt lookup finds guesses
+    compiled = torch.compile(target_logits, fullgraph=True)
+    output, stats = speculative_generate(target, prompt, 30, GREEDY, 4, drafter, compiled_forward=compiled)
+    assert output == plain_greedy(target, prompt, 30)
+    assert stats.verify_steps < 29
