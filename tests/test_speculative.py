@@ -157,4 +157,5 @@ def test_compiled_verify_equals_plain_greedy(with_draft):
     compiled = torch.compile(target_logits, fullgraph=True)
     output, stats = speculative_generate(target, prompt, 30, GREEDY, 4, drafter, compiled_forward=compiled)
     assert output == plain_greedy(target, prompt, 30)
-    assert stats.verify_steps < 29
+    if with_draft:  # the draft is the target itself: every guess accepted, far fewer passes
+        assert stats.accepted == stats.proposed and stats.verify_steps < 10
