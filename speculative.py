@@ -63,7 +63,8 @@ class DraftModel:
         for _ in range(k):
             q = probabilities(self.model(pending, input_pos)[:, -1], sampling)
             guess = torch.multinomial(q, 1)
-            guesses.append(guess.item()), distributions.append(q[0])
+            guesses.append(guess.item())
+            distributions.append(q[0])
             pending, input_pos = guess, input_pos[-1:] + 1
         # the cache now holds everything but the last guess; a rejection rolls `cached` back (verify)
         self.cached = len(tokens) + k - 1
@@ -90,8 +91,11 @@ def verify(target: Transformer, tokens: list, guesses: list, draft_distributions
     p = probabilities(logits[0, :len(guesses) + 1], sampling)
     kept = []
     for i, guess in enumerate(guesses):
-        q = draft_distributions[i] if draft_distributions is not None else torch.zeros_like(p[i]).index_fill_(
-            0, torch.tensor(guess, device=device), 1.0)
+        if draft_distributions is not None:
+            q = draft_distributions[i]
+        else:  # a deterministic guess: all of q's mass on it
+            q = torch.zeros_like(p[i])
+            q[guess] = 1.0
         if torch.rand(()) < torch.clamp(p[i, guess] / q[guess], max=1):
             kept.append(guess)
             continue
