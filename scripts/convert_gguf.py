@@ -147,20 +147,26 @@ def sentencepiece_model(reader) -> bytes:
 KEEPABLE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
 
 
-def kept_blocks(tensor) -> dict:
-    """A Q8_0 / Q4_0 / Q4_1 tensor as brisk's int8 / int4 tensors (weight, scales[, zeros]), unchanged."""
+def kept_blocks(tensor, n_heads=None) -> dict:
+    """A Q8_0 / Q4_0 / Q4_1 tensor as brisk's int8 / int4 tensors (weight, scales[, zeros]), unchanged
+    but for the Q/K row order (n_heads given), which applies alike to every per-row tensor."""
     from quantize import pack_int4
 
     kind, rows = tensor.tensor_type.name, tensor.data.shape[0]
     blocks = torch.from_numpy(tensor.data.copy()).reshape(rows, -1, KEEPABLE[kind])
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
     if kind == "Q8_0":
-        return {"weight": blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), "scales": d}
-    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if kind == "Q4_1" else None
-    nibbles = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
-    values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
-    zeros = (m + 8 * d) if kind == "Q4_1" else torch.zeros_like(d)
-    return {"weight": pack_int4(values), "scales": d, "zeros": zeros}
+        parts = {"weight": blocks[..., 2:].contiguous().view(torch.int8).reshape(rows, -1), "scales": d}
+    else:
+        m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if kind == "Q4_1" else None
+        nibbles = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+        values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
+        parts = {"weight": values, "scales": d, "zeros": (m + 8 * d) if kind == "Q4_1" else torch.zeros_like(d)}
+    if n_heads:
+        parts = {name: unpermute(part, n_heads) for name, part in parts.items()}
+    if kind != "Q8_0":
+        parts["weight"] = pack_int4(parts["weight"])
+    return parts
 
 
 def kept_shapes(tensor) -> dict:
@@ -255,14 +261,7 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
                 yield f"{name_of(tensor)}.weight", dequantized(tensor, args).to(dtype)
                 continue
             heads = {"attn_q.weight": args.n_heads, "attn_k.weight": args.n_kv_heads}.get(tensor.name.split(".", 2)[-1])
-            for part, value in kept_blocks(tensor).items():
-                if heads and part != "weight":
-                    value = unpermute(value, heads)
-                elif heads:  # un-permute rows of values, then pack again
-                    from quantize import pack_int4, unpack_int4
-
-                    value = pack_int4(unpermute(unpack_int4(value), heads)) if value.dtype == torch.uint8 \
-                        else unpermute(value, heads)
+            for part, value in kept_blocks(tensor, heads).items():
                 yield f"{name_of(tensor)}.{part}", value
 
     weights_name = "model.safetensors"
