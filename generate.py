@@ -14,6 +14,7 @@ fused graph (and, on CUDA, a CUDA graph replayed without Python overhead).
 """
 import argparse
 import contextlib
+import os
 import resource
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import tp
 from model import ModelArgs, Transformer, load_model, unique_state_dict
 from tokenizer import StreamDecoder, load_tokenizer
 
@@ -254,13 +256,27 @@ def load(args, device: str, dtype: torch.dtype):
         if tokenizer.vocab_size > model_args.vocab_size:
             raise UsageError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more than "
                              f"{args.random_weights}'s {model_args.vocab_size}: pass a matching --checkpoint_path")
-        with torch.device(device):
-            model = Transformer(model_args).to(dtype).eval()
-        return model, tokenizer
+        return random_model(model_args, device, dtype), tokenizer
     try:
-        return load_model(args.checkpoint_path, device, dtype), tokenizer
+        return load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader()), tokenizer
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+
+
+def random_model(model_args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
+    """Random weights (normal, std 0.02) of a known shape; under torchrun, this rank's share of them."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    if tp.world_size() > 1:
+        tp.shard(model, {}, tp.rank(), tp.world_size())
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, parameter in unique_state_dict(model).items():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0, 0.02)
+    return model.eval()
 
 
 def compile_steps(args, device):
@@ -294,10 +310,13 @@ def report(timing: Timing, model: Transformer, batch: int, device: str, label: s
     seconds = timing.decode_s or float("nan")
     tokens_per_s, steps_per_s = timing.decoded_tokens / seconds, timing.decode_steps / seconds
     weights, kv = weights_bytes(model), kv_cache_bytes(model, batch)
+    # under torchrun each rank reads its own share of the weights and cache: the figures are rank 0's
+    per_rank = f" per rank, {tp.world_size()} ranks" if tp.world_size() > 1 else ""
+    memory = " / ".join(f"{gb:.2f}" for gb in tp.gathered(peak_memory_gb(device)))
     print(f"{label}time to first token {timing.prefill_s * 1000:.1f} ms; decode {timing.decoded_tokens} tokens "
           f"in {timing.decode_s:.2f} s: {tokens_per_s:.1f} tokens/s; memory bandwidth "
           f"{(weights + kv) * steps_per_s / 1e9:.1f} GB/s (weights {weights / 1e6:.0f} MB + KV cache "
-          f"{kv / 1e6:.0f} MB per step); peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
+          f"{kv / 1e6:.0f} MB per step{per_rank}); peak memory {memory} GB", file=sys.stderr)
 
 
 def load_draft(args, tokenizer, device, dtype):
@@ -407,10 +426,7 @@ def interactive(args, model, tokenizer, sampling, device, steps):
     cached = []  # token ids whose keys and values are in the KV cache, in order
     print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
     while True:
-        try:
-            user_text = input("> ")
-        except EOFError:
-            break
+        user_text = tp.on_rank_0(read_line)
         if not user_text.strip():
             break
         messages.append({"role": "user", "content": user_text})
@@ -433,14 +449,25 @@ def interactive(args, model, tokenizer, sampling, device, steps):
         report(timing, model, 1, device, "")
 
 
+def read_line() -> str:
+    try:
+        return input("> ")
+    except EOFError:
+        return ""
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         check_args(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
+        tp.init(device)
+        if tp.rank() > 0:  # under torchrun every rank generates the same text; rank 0 shows it
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        seed = tp.common_seed(args.seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         started = time.perf_counter()
         model, tokenizer = load(args, device, dtype)
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
@@ -454,6 +481,8 @@ def main(argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        tp.finish()
     return 0
 
 

@@ -275,9 +275,9 @@ class Transformer(nn.Module):
         if max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length:
             return
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # the head may be quantized: ask the norm
-        for layer in self.layers:
+        for layer in self.layers:  # a tensor-parallel rank (tp.py) caches only its own share of KV heads
             layer.attention.kv_cache = KVCache(
-                max_batch_size, max_seq_length, self.args.n_kv_heads, self.args.head_dim, dtype).to(device)
+                max_batch_size, max_seq_length, layer.attention.n_kv_heads, self.args.head_dim, dtype).to(device)
         self.register_buffer("rope", rope_table(self.args, max_seq_length).to(device), persistent=False)
         self.register_buffer("slots", torch.arange(max_seq_length, device=device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
@@ -317,11 +317,13 @@ def unique_state_dict(model: nn.Module) -> dict:
     return unique
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
     """Build the model on the meta device (no memory, no random init) and assign the tensors of a
     memory-mapped safetensors file into it, so the weights are held in RAM only once.
     checkpoint_path is a converted checkpoint directory or a .safetensors file inside one;
-    the model's shape comes from the config.json beside it."""
+    the model's shape comes from the config.json beside it. shard(model, tensors) -> tensors, given by
+    tp.py, resizes the empty model to one rank's share and slices the tensors to match, before any
+    byte of the file is read (the mapped pages of the other ranks' shares are never touched)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -352,6 +354,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32) -> Transforme
         missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
         raise ValueError(f"{weights_file} does not match its config.json (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}): re-convert the checkpoint")
+    if shard is not None:
+        state_dict = shard(model, state_dict)
     # integer weights keep their type; floating ones (scales included) take the compute dtype
     state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
                   for name, tensor in state_dict.items()}

@@ -1,0 +1,228 @@
+"""Tensor parallelism: every transformer block split across processes (Megatron-LM, Shoeybi et al. 2019).
+
+    torchrun --nproc_per_node=3 generate.py --prompt "Once upon a time"     # 3 processes, one machine
+    torchrun --nproc_per_node=3 tp.py                                       # check: sharded == whole model
+
+Each of the N ranks holds 1/N of every block's weights and computes 1/N of its heads and of its
+feed-forward width:
+
+    attention     wq, wk, wv split by output features (column-wise): rank r owns query heads
+                  r*H/N ... (r+1)*H/N - 1 and the matching share of KV heads, and caches only those;
+                  wo split by input features (row-wise): each rank's partial output sums to the whole.
+    feed-forward  w1 (gate) and w3 (up) column-wise, w2 (down) row-wise.
+
+A column-wise layer needs no communication (heads, and feed-forward units, are independent); a
+row-wise layer leaves a partial sum on each rank, so each block does two all-reduces, after attention
+and after the feed-forward, and every rank then holds the same residual stream. The embedding, the
+norms and the output head are replicated, so every rank computes the same logits and, from the same
+seed, samples the same tokens: generation runs unchanged on every rank, and rank 0 prints.
+
+The transport is torch.distributed as set up by torchrun: gloo on CPU, NCCL on CUDA. The all-reduces
+are functional collectives, which torch.compile traces into the compiled decode step.
+"""
+import argparse
+import ctypes
+import functools
+import json
+import mmap
+import os
+import resource
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn as nn
+from torch import Tensor
+
+from model import ModelArgs
+
+COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+ROW_WISE = ("attention.wo", "feed_forward.w2")
+
+
+def world_size() -> int:
+    """Processes launched together by torchrun (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def init(device: str):
+    """Join the process group torchrun describes in the environment; a no-op for a single process."""
+    if world_size() == 1 or dist.is_initialized():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_world_size(args: ModelArgs, ranks: int):
+    """Refuse, before any weight is read, a world size that does not split the model into equal shares."""
+    for count, what in ((args.n_heads, "attention heads"), (args.n_kv_heads, "KV heads"),
+                        (args.intermediate_size, "feed-forward units")):
+        if count % ranks:
+            divisors = [d for d in range(1, args.n_kv_heads + 1)
+                        if args.n_heads % d == 0 == args.n_kv_heads % d == args.intermediate_size % d]
+            raise ValueError(f"world size {ranks} does not divide the model's {count} {what} "
+                             f"({args.n_heads} heads, {args.n_kv_heads} KV heads, {args.intermediate_size} "
+                             f"feed-forward units): use --nproc_per_node in {divisors}")
+
+
+def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """An empty layer (on the meta device: no memory, no random init) of layer's kind, float, int8 or
+    int4 with the same groupsize, in a new shape."""
+    with torch.device("meta"):
+        if isinstance(layer, nn.Linear):
+            return nn.Linear(in_features, out_features, bias=False)
+        return type(layer)(in_features, out_features, layer.groupsize)
+
+
+def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
+    """load_model's hook: shrink the (meta-device) model to this rank's share, and slice each tensor of
+    the file to match. One rule covers float, int8 and int4 layers alike: a column-wise layer's tensors
+    (weight, scales, zeros) are split along dim 0; a row-wise layer's 2-D tensors along dim 1 (weight
+    columns, packed int4 column pairs, per-group scales), and per-channel scales stay whole."""
+    check_world_size(model.args, ranks)
+    for block in model.layers:
+        attention, feed_forward = block.attention, block.feed_forward
+        attention.n_heads //= ranks
+        attention.n_kv_heads //= ranks
+        for name in ("wq", "wk", "wv"):
+            layer = getattr(attention, name)
+            setattr(attention, name, resized(layer, layer.in_features, layer.out_features // ranks))
+        attention.wo = resized(attention.wo, attention.wo.in_features // ranks, attention.wo.out_features)
+        for name in ("w1", "w3"):
+            layer = getattr(feed_forward, name)
+            setattr(feed_forward, name, resized(layer, layer.in_features, layer.out_features // ranks))
+        feed_forward.w2 = resized(feed_forward.w2, feed_forward.w2.in_features // ranks, feed_forward.w2.out_features)
+        attention.register_forward_hook(all_reduce)
+        feed_forward.register_forward_hook(all_reduce)
+
+    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
+    sharded = {}
+    for name, tensor in tensors.items():
+        layer_name = name.rpartition(".")[0]
+        if layer_name.endswith(COLUMN_WISE):
+            tensor = tensor.chunk(ranks, dim=0)[rank]
+        elif layer_name.endswith(ROW_WISE) and tensor.dim() == 2:
+            tensor = tensor.chunk(ranks, dim=1)[rank]
+        if tensor.shape != expected[name]:
+            layer = model.get_submodule(layer_name)
+            raise ValueError(f"{layer_name} cannot be split into {ranks} shares of whole quantization groups "
+                             f"(groupsize {layer.groupsize}, {layer.in_features} input features per rank): "
+                             "quantize with a groupsize dividing it, or use another world size")
+        # a private copy of the share; the file's pages this read mapped are then let go, so that the
+        # rank's resident memory grows by its share only, not by the whole file
+        sharded[name] = tensor.clone(memory_format=torch.contiguous_format)
+        release_pages(tensors[name])
+    return sharded
+
+
+def release_pages(tensor: Tensor):
+    """Drop a memory-mapped tensor's pages from this process (madvise MADV_DONTNEED). They stay in the
+    kernel's page cache, shared and reclaimable, and would be mapped again if the tensor were read."""
+    if not hasattr(mmap, "MADV_DONTNEED"):  # not a POSIX system: the pages stay until the file is closed
+        return
+    start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
+def all_reduce(module: nn.Module, inputs, output: Tensor) -> Tensor:
+    """Forward hook after a row-wise layer: sum the ranks' partial outputs. The sum is taken in fp32, so
+    that a bf16 model's partial outputs are not rounded again at every addition."""
+    return funcol.all_reduce(output.float(), "sum", dist.group.WORLD).to(output.dtype)
+
+
+def sharded_loader():
+    """load_model's shard argument for this process, or None when it runs alone."""
+    return functools.partial(shard, rank=rank(), ranks=world_size()) if world_size() > 1 else None
+
+
+def common_seed(seed):
+    """The seed every rank uses: the given one, or rank 0's random pick, so that all ranks sample alike."""
+    if world_size() == 1:
+        return seed
+    chosen = [seed if seed is not None else int(torch.randint(2**62, ()).item())]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def on_rank_0(read):
+    """read() on rank 0 (a line typed in a chat, say), the same value on every rank."""
+    if world_size() == 1:
+        return read()
+    value = [read() if rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def gathered(value) -> list:
+    """value from every rank, in rank order (a one-item list when run alone)."""
+    if world_size() == 1:
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def check(argv=None):
+    """Run the sharded model and, on rank 0, the whole one; compare their logits and greedy tokens."""
+    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, pick_device
+    from model import load_model
+    from tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(description="check that the sharded model computes what the whole one does")
+    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = parser.parse_args(argv)
+    device, dtype = pick_device(args.device), DTYPES[args.dtype]
+    init(device)
+    try:
+        model = load_model(args.checkpoint_path, device, dtype, shard=sharded_loader())
+    except (FileNotFoundError, ValueError) as error:
+        if rank() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    prompt = load_tokenizer(args.checkpoint_path).encode(args.prompt)
+    tokens = torch.tensor([prompt], device=device)
+    model.setup_caches(1, len(prompt) + args.max_new_tokens)
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(len(prompt), device=device))
+    [generated], _ = generate(model, [prompt], args.max_new_tokens, Sampling(temperature=0))
+    memory = gathered(round(peak_rss_gb(), 3))
+    if rank() == 0:
+        whole = load_model(args.checkpoint_path, device, dtype)
+        whole.setup_caches(1, len(prompt) + args.max_new_tokens)
+        with torch.no_grad():
+            expected_logits = whole(tokens, torch.arange(len(prompt), device=device))
+        [expected], _ = generate(whole, [prompt], args.max_new_tokens, Sampling(temperature=0))
+        result = dict(world_size=world_size(), dtype=args.dtype, device=device,
+                      max_abs_logit_diff=(logits.float() - expected_logits.float()).abs().max().item(),
+                      tokens=generated, expected_tokens=expected, peak_rss_gb_per_rank=memory)
+        print(json.dumps(result) if args.json else
+              f"{world_size()} ranks ({device}, {args.dtype}): logits differ from the whole model's by at most "
+              f"{result['max_abs_logit_diff']:.2e}; greedy tokens {'identical' if generated == expected else 'DIFFER'}"
+              f" ({len(generated)}); peak memory per rank (GB) {memory}")
+    finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check())
