@@ -16,3 +16,23 @@ def test_bench_reports_each_precision_and_prefill_length(tiny_dir, tmp_path, cap
         assert row["decode_tokens_per_s"] > 0 and row["prefill_32_tokens_per_s"] > 0
         assert row["bandwidth_gbs"] == row["weights_mb"] * 1e6 * row["decode_tokens_per_s"] / 1e9
     assert "| int4 | eager |" in capsys.readouterr().out
+
+
+def test_random_checkpoint_has_the_named_shape_and_loads(tiny_dir, tmp_path):
+    from model import ModelArgs, load_model
+    from tokenizer import load_tokenizer
+    from scripts.random_checkpoint import main as write_random
+
+    assert write_random(["stories15M", str(tmp_path / "random"), "--tokenizer_from", str(tiny_dir)]) == 0
+    model = load_model(tmp_path / "random")
+    assert model.args == ModelArgs.from_name("stories15M")
+    assert load_tokenizer(tmp_path / "random").encode("the quick") == load_tokenizer(tiny_dir).encode("the quick")
+
+
+def test_bench_tp_reports_each_world_size(tiny_dir, capsys):
+    from scripts.bench_tp import main as bench_tp
+
+    bench_tp(["--checkpoint_path", str(tiny_dir), "--world_sizes", "1", "2", "--max_new_tokens", "4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or
+            line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[1].count(" / ") == 1  # two ranks: two peak-memory figures
