@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import offload
 import tp
 from model import ModelArgs, Transformer, load_model, unique_state_dict
 from tokenizer import StreamDecoder, load_tokenizer
@@ -176,7 +177,17 @@ def kv_cache_bytes(model: Transformer, batch: int) -> int:
 def peak_memory_gb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+    return peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. On Linux, from VmHWM: getrusage's ru_maxrss would also count
+    the parent's memory, which a child started with fork carries until its exec."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e6  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux, bytes on macOS
 
 
 def parse_args(argv=None):
@@ -200,6 +211,13 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, help="KV cache length for --interactive (default 2048)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
+                        help="models larger than memory: keep the blocks on disk or in host memory and stream "
+                             "each to the device as it runs (see offload.py)")
+    parser.add_argument("--memory_budget", help="with --offload: memory the weights may take, e.g. 150MB or 2GB "
+                        "(with disk on a CPU: the whole process); blocks beyond it stream")
+    parser.add_argument("--batch_size", type=int, help="with --prompt_file: prompts generated together "
+                        "(default: all of them)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
@@ -230,6 +248,12 @@ def check_args(args):
         raise UsageError("--speculative draft needs --draft_checkpoint_path")
     if args.speculative and (args.interactive or args.random_weights or args.speculate_k < 1):
         raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")
+    if args.offload != "none" and (args.compile or args.compile_prefill or tp.world_size() > 1):
+        raise UsageError("--offload streams blocks eagerly in one process: drop --compile / torchrun")
+    if args.memory_budget and args.offload == "none":
+        raise UsageError("--memory_budget applies to --offload cpu or disk: add --offload disk")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.prompt_file and not args.prompt_file.is_file():
         raise UsageError(f"--prompt_file {args.prompt_file}: no such file")
 
@@ -258,6 +282,9 @@ def load(args, device: str, dtype: torch.dtype):
                              f"{args.random_weights}'s {model_args.vocab_size}: pass a matching --checkpoint_path")
         return random_model(model_args, device, dtype), tokenizer
     try:
+        if args.offload != "none":
+            budget = offload.parse_size(args.memory_budget) if args.memory_budget else None
+            return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget), tokenizer
         return load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader()), tokenizer
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
@@ -316,7 +343,17 @@ def report(timing: Timing, model: Transformer, batch: int, device: str, label: s
     print(f"{label}time to first token {timing.prefill_s * 1000:.1f} ms; decode {timing.decoded_tokens} tokens "
           f"in {timing.decode_s:.2f} s: {tokens_per_s:.1f} tokens/s; memory bandwidth "
           f"{(weights + kv) * steps_per_s / 1e9:.1f} GB/s (weights {weights / 1e6:.0f} MB + KV cache "
-          f"{kv / 1e6:.0f} MB per step{per_rank}); peak memory {memory} GB", file=sys.stderr)
+          f"{kv / 1e6:.0f} MB per step{per_rank}){streamed_bytes(model, timing)}; peak memory {memory} GB",
+          file=sys.stderr)
+
+
+def streamed_bytes(model: Transformer, timing: Timing) -> str:
+    """With --offload: the bytes each step brings to the device, and their share per generated token."""
+    streamer = getattr(model, "streamer", None)
+    if streamer is None:
+        return ""
+    per_token = streamer.bytes_per_pass * timing.decode_steps / max(timing.decoded_tokens, 1)
+    return f"; streamed {streamer.bytes_per_pass / 1e6:.0f} MB per step, {per_token / 1e6:.1f} MB per token"
 
 
 def load_draft(args, tokenizer, device, dtype):
@@ -364,11 +401,12 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
     if args.speculative and len(prompts) > 1:
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
     draft = load_draft(args, tokenizer, device, model.norm.weight.dtype) if args.speculative == "draft" else None
-    model.setup_caches(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
+    batch_size = min(args.batch_size or len(prompts), len(prompts))
+    model.setup_caches(batch_size, max(map(len, prompts)) + args.max_new_tokens)
     if draft:
         draft.model.setup_caches(1, model.max_seq_length)
     if not args.speculative:
-        warm_up(model, prompts, sampling, steps)
+        warm_up(model, prompts[:batch_size], sampling, steps)
     decode_step, prefill_step = steps
     for sample_index in range(args.num_samples):
         profiling = args.profile and sample_index == args.num_samples - 1
@@ -383,19 +421,29 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
                             decode_step if args.compile else None)
             print(stream.flush(), flush=True)
             continue
+        label = f"sample {sample_index + 1}: " if args.num_samples > 1 else ""
         with profiler:
-            outputs, timing = generate(model, prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
-                                       on_token=on_token, prefill_step=prefill_step, decode_step=decode_step)
-        if stream:
-            print(stream.flush(), flush=True)
-        elif not args.random_weights:
-            for text, output in zip(texts, outputs):
-                shown = [token_id for token_id in output if token_id not in tokenizer.stop_ids]
-                print(("" if args.chat else text) + tokenizer.decode(shown), end="\n\n", flush=True)
+            for start in range(0, len(prompts), batch_size):
+                last = min(start + batch_size, len(prompts))
+                which = "" if batch_size == len(prompts) else f"prompts {start + 1}-{last}: "
+                run_batch(args, model, tokenizer, texts[start:start + batch_size], prompts[start:start + batch_size],
+                          sampling, device, steps, stream, on_token, label + which)
         if profiling:
             profiler.export_chrome_trace(str(args.profile))
             print(f"wrote a Chrome trace to {args.profile}", file=sys.stderr)
-        report(timing, model, len(prompts), device, f"sample {sample_index + 1}: " if args.num_samples > 1 else "")
+
+
+def run_batch(args, model, tokenizer, texts, prompts, sampling, device, steps, stream, on_token, label):
+    decode_step, prefill_step = steps
+    outputs, timing = generate(model, prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
+                               on_token=on_token, prefill_step=prefill_step, decode_step=decode_step)
+    if stream:
+        print(stream.flush(), flush=True)
+    elif not args.random_weights:
+        for text, output in zip(texts, outputs):
+            shown = [token_id for token_id in output if token_id not in tokenizer.stop_ids]
+            print(("" if args.chat else text) + tokenizer.decode(shown), end="\n\n", flush=True)
+    report(timing, model, len(prompts), device, label)
 
 
 def shown_text(tokenizer, on_token):

@@ -317,16 +317,9 @@ def unique_state_dict(model: nn.Module) -> dict:
     return unique
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
-    """Build the model on the meta device (no memory, no random init) and assign the tensors of a
-    memory-mapped safetensors file into it, so the weights are held in RAM only once.
-    checkpoint_path is a converted checkpoint directory or a .safetensors file inside one;
-    the model's shape comes from the config.json beside it. shard(model, tensors) -> tensors, given by
-    tp.py, resizes the empty model to one rank's share and slices the tensors to match, before any
-    byte of the file is read (the mapped pages of the other ranks' shares are never touched)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def checkpoint_files(checkpoint_path):
+    """The weights file and the model shape of a converted checkpoint: checkpoint_path is a checkpoint
+    directory or a .safetensors file inside one, with the config.json beside it."""
     path = Path(checkpoint_path)
     weights_file = path / "model.safetensors" if path.is_dir() else path
     config_file = weights_file.parent / "config.json"
@@ -334,26 +327,45 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
         raise FileNotFoundError(f"no checkpoint at {weights_file}: convert one first (see README, scripts/)")
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json beside {weights_file}: convert the checkpoint with scripts/")
-    args = ModelArgs.from_hf_config(config_file)
+    return weights_file, ModelArgs.from_hf_config(config_file)
+
+
+def empty_model(args: ModelArgs, tensors: dict, quantized: bool, weights_file) -> Transformer:
+    """The model on the meta device (no memory, no random init), with the layer types of the file's
+    tensors (int8 / int4 layers where quantize.py wrote them), checked against the file's tensor names."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        if quantized:
+            from quantize import match_checkpoint
+
+            match_checkpoint(model, tensors)
+    names = set(tensors) - ({"output.weight"} if args.tie_embeddings else set())
+    expected = set(unique_state_dict(model))
+    if names != expected:
+        missing, unexpected = sorted(expected - names), sorted(names - expected)
+        raise ValueError(f"{weights_file} does not match its config.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): re-convert the checkpoint")
+    return model
+
+
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+    """Build the model on the meta device and assign the tensors of a memory-mapped safetensors file
+    into it, so the weights are held in RAM only once. shard(model, tensors) -> tensors, given by tp.py,
+    resizes the empty model to one rank's share and slices the tensors to match, before any byte of the
+    file is read (the mapped pages of the other ranks' shares are never touched)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights_file, args = checkpoint_files(checkpoint_path)
     try:
         with safe_open(weights_file, framework="pt") as file:
             metadata = file.metadata() or {}
         state_dict = load_file(weights_file, device="cpu")
     except Exception as error:
         raise ValueError(f"cannot read {weights_file} as safetensors ({error}): re-convert the checkpoint") from None
-    with torch.device("meta"):
-        model = Transformer(args)
-        if "quantization" in metadata:  # written by quantize.py: swap in its int8 / int4 layers
-            from quantize import match_checkpoint
-
-            match_checkpoint(model, state_dict)
+    model = empty_model(args, state_dict, "quantization" in metadata, weights_file)
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
-    expected = set(unique_state_dict(model))
-    if set(state_dict) != expected:
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        raise ValueError(f"{weights_file} does not match its config.json (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}): re-convert the checkpoint")
     if shard is not None:
         state_dict = shard(model, state_dict)
     # integer weights keep their type; floating ones (scales included) take the compute dtype
@@ -369,7 +381,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
     return model.eval()
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
 
 
@@ -380,7 +392,7 @@ def save_safetensors(path, shapes: dict, tensors, metadata: Optional[dict] = Non
     header, offset = {}, 0
     for name, (shape, dtype) in shapes.items():
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     if metadata:

@@ -18,7 +18,6 @@ int4 values are packed two per byte, low nibble first, and the device kernel's o
 when the file is loaded, on whatever device that is.
 """
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
@@ -406,11 +405,8 @@ def save_quantized(model: nn.Module, path: Path, metadata: dict):
     save_safetensors(path, shapes, tensors.items(), {"format": "pt", **metadata})
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
 def main(argv=None):
+    from generate import peak_rss_gb
     from model import load_model
     from tokenizer import load_tokenizer
 

@@ -26,7 +26,6 @@ import functools
 import json
 import mmap
 import os
-import resource
 import sys
 
 import torch
@@ -174,13 +173,9 @@ def gathered(value) -> list:
     return values
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
-
-
 def check(argv=None):
     """Run the sharded model and, on rank 0, the whole one; compare their logits and greedy tokens."""
-    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, pick_device
+    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, peak_rss_gb, pick_device
     from model import load_model
     from tokenizer import load_tokenizer
 

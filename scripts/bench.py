@@ -11,7 +11,6 @@ Comparisons with other engines and scaling curves are not here yet.
 """
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import Sampling, decode_one_token, generate, weights_bytes  # noqa: E402
+from generate import Sampling, decode_one_token, generate, peak_rss_gb, weights_bytes  # noqa: E402
 from model import load_model  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -120,7 +119,7 @@ def main(argv=None):
         print(f"| {row['precision']} | {row['mode']} | {row['decode_tokens_per_s']:.1f} | {row['bandwidth_gbs']:.1f} "
               f"| {row['bandwidth_share']:.0%} | {prefill} | {row['warm_up_s']:.1f} |")
     if args.json:
-        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        peak_gb = peak_rss_gb()
         args.json.write_text(json.dumps({"machine_bandwidth_gbs": machine, "threads": args.threads,
                                          "torch": torch.__version__, "peak_rss_gb": peak_gb, "results": rows},
                                         indent=2))
