@@ -221,11 +221,15 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
-    parser.add_argument("--speculative", choices=["draft", "prompt_lookup"],
-                        help="speculative decoding (one prompt): guesses from a draft model or from the prompt")
+    parser.add_argument("--speculative", choices=["draft", "prompt_lookup", "lookahead"],
+                        help="speculative decoding (one prompt): guesses from a draft model, from the prompt, or "
+                             "from the model's own Jacobi iterations (lookahead; greedy)")
     parser.add_argument("--draft_checkpoint_path", type=Path, help="--speculative draft: a smaller model with "
                         "the same tokenizer, or a quantized file of the target")
-    parser.add_argument("--speculate_k", type=int, default=5, help="guesses the target checks per forward pass")
+    parser.add_argument("--speculate_k", type=int, default=5, help="guesses the target checks per forward pass "
+                        "(lookahead: the n-gram length less one)")
+    parser.add_argument("--lookahead_window", type=int, default=5, help="--speculative lookahead: Jacobi columns "
+                        "and n-grams verified per pass")
     return parser.parse_args(argv)
 
 
@@ -246,6 +250,8 @@ def check_args(args):
         raise UsageError("--random_weights produces no text to chat with: drop --interactive")
     if args.speculative == "draft" and args.draft_checkpoint_path is None:
         raise UsageError("--speculative draft needs --draft_checkpoint_path")
+    if args.speculative == "lookahead" and (args.temperature != 0 or args.lookahead_window < 1):
+        raise UsageError("--speculative lookahead decodes greedily: add --temperature 0 (and --lookahead_window >= 1)")
     if args.speculative and (args.interactive or args.random_weights or args.speculate_k < 1):
         raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")
     if args.offload != "none" and (args.compile or args.compile_prefill or tp.world_size() > 1):
@@ -312,9 +318,10 @@ def compile_steps(args, device):
     compiled is the target's verify pass instead (k + 1 tokens at a time)."""
     decode_step, prefill_step = decode_one_token, prefill
     if args.compile and args.speculative:
-        from speculative import target_logits
+        from speculative import lookahead_logits, target_logits
 
-        return torch.compile(target_logits, fullgraph=True), prefill_step
+        forward = lookahead_logits if args.speculative == "lookahead" else target_logits
+        return torch.compile(forward, fullgraph=True), prefill_step
     if args.compile:
         mode = "reduce-overhead" if device == "cuda" else None
         decode_step = torch.compile(decode_one_token, mode=mode, fullgraph=True)
@@ -374,18 +381,27 @@ def load_draft(args, tokenizer, device, dtype):
 
 
 def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token, compiled_forward):
-    from speculative import speculative_generate
+    from speculative import lookahead_generate, lookahead_rows, speculative_generate
+
+    k = args.speculate_k
+    if args.speculative == "lookahead":  # room for the scratch slots of its last pass, before compiling
+        model.setup_caches(1, len(prompt) + args.max_new_tokens + lookahead_rows(k, args.lookahead_window))
+
+    def speculate(max_new_tokens, stop_ids=(), on_token=None):
+        if args.speculative == "lookahead":
+            return lookahead_generate(model, prompt, max_new_tokens, k, args.lookahead_window, stop_ids, on_token,
+                                      compiled_forward)
+        return speculative_generate(model, prompt, max_new_tokens, sampling, k, draft, stop_ids, on_token,
+                                    compiled_forward)
 
     if compiled_forward is not None:  # compile outside the timings, as warm_up does for plain decoding
         started = time.perf_counter()
-        speculative_generate(model, prompt, 2 * args.speculate_k + 2, sampling, args.speculate_k, draft,
-                             compiled_forward=compiled_forward)
+        speculate(2 * k + 2)
         print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     started = time.perf_counter()
-    output, stats = speculative_generate(model, prompt, args.max_new_tokens, sampling, args.speculate_k, draft,
-                                         tokenizer.stop_ids, on_token, compiled_forward)
+    output, stats = speculate(args.max_new_tokens, tokenizer.stop_ids, on_token)
     seconds = time.perf_counter() - started
-    print(f"speculative ({args.speculative}, k={args.speculate_k}): {len(output)} tokens in {seconds:.2f} s, "
+    print(f"speculative ({args.speculative}, k={k}): {len(output)} tokens in {seconds:.2f} s, "
           f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
           f"({stats.accepted}/{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass",
           file=sys.stderr)

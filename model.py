@@ -282,11 +282,18 @@ class Transformer(nn.Module):
         self.register_buffer("slots", torch.arange(max_seq_length, device=device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
+                positions: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
         """tokens: (batch, seq) ids written at cache slots input_pos (seq,).
         left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
-        different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits."""
-        rope, mask = self.rope_and_mask(input_pos, left_pad)
+        different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits.
+        positions (seq,) and mask (seq, max_seq_length), given together, replace the usual RoPE positions
+        and causal mask: lookahead decoding (speculative.py) runs several guessed branches in one pass,
+        each token seeing only the cache slots of its own branch."""
+        if mask is None:
+            rope, mask = self.rope_and_mask(input_pos, left_pad)
+        else:
+            rope, mask = self.rope[positions.unsqueeze(0)], mask[None, None]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)

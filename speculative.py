@@ -12,6 +12,7 @@ same), by the rejection rule of Leviathan et al. 2023 and Chen et al. 2023: a gu
 accepted with probability min(1, p(d) / q(d)); the first rejected one is replaced by a sample from
 norm(max(p - q, 0)); if every guess is accepted, the target's next distribution gives one more token.
 """
+import random
 from dataclasses import dataclass
 
 import torch
@@ -142,4 +143,150 @@ def speculative_generate(target: Transformer, prompt: list, max_new_tokens: int,
                 on_token(0, token)
             if token in stop_ids:
                 break
+    return new, stats
+
+
+def lookahead_rows(n: int, window: int) -> int:
+    """Tokens in every lookahead pass: n + 1 pending, n levels of `window` guesses, `window` n-grams."""
+    return (n + 1) + n * window + window * n
+
+
+def lookahead_logits(model: Transformer, inputs: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    return model(inputs, slots, positions=positions, mask=mask)
+
+
+class Lookahead:
+    """Lookahead decoding (Fu et al. 2024, "Break the Sequential Dependency of LLM Inference Using
+    Lookahead Decoding"), greedy. No draft model: one forward pass of the model itself does three jobs.
+
+    - Pending: the tokens accepted last step, written at their true cache slots (the causal part).
+    - Lookahead branch: a window of `window` columns, each a chain of `n` guessed tokens at consecutive
+      positions (Jacobi iteration: every pass re-predicts each guess from the guesses before it). The
+      model's prediction after each chain closes an (n + 1)-gram, which goes into a pool; the chains
+      then shift by one level, the predictions becoming their newest level.
+    - Verification branch: up to `window` pooled n-grams that begin with the last token. The longest
+      one the model's own greedy predictions confirm is accepted, plus the model's next token, so the
+      output is token for token plain greedy decoding.
+
+    Branch tokens are written to scratch cache slots past the sequence and see, through an explicit
+    mask, only the sequence and their own branch; the next pass overwrites those slots. Every pass has
+    one shape (pending tokens padded to n + 1), so it compiles once. The pool also starts with the
+    prompt's n-grams and learns the output's, which is prompt lookup for free."""
+
+    def __init__(self, model: Transformer, n: int, window: int):
+        self.model, self.n, self.window = model, n, window
+        self.candidates = window  # verified n-grams per pass
+        self.pending_rows = n + 1  # at most the n accepted guesses and the bonus token
+        self.lookahead_rows = n * window
+        self.rows = lookahead_rows(n, window)
+        self.pool = {}  # first token -> up to `candidates` n-token continuations, most recent first
+        self.template = self.branch_template()
+
+    def branch_template(self):
+        """Slot offsets (past the sequence) and relative positions of the branch rows, and which
+        branch rows each one sees: (offsets, positions, mask over the branch rows)."""
+        n, window = self.n, self.window
+        lookahead = [(level, column) for level in range(n) for column in range(window)]
+        candidates = [(g, i) for g in range(self.candidates) for i in range(n)]
+        size = len(lookahead) + len(candidates)
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        positions = torch.zeros(size, dtype=torch.long)
+        for row, (level, column) in enumerate(lookahead):
+            positions[row] = 1 + column + level
+            for earlier in range(column):  # the guessed text before this column
+                mask[row, earlier] = True
+            for below in range(level + 1):  # this column's chain, itself included
+                mask[row, below * window + column] = True
+        for row, (g, i) in enumerate(candidates, start=len(lookahead)):
+            positions[row] = 1 + i
+            mask[row, row - i:row + 1] = True  # the candidate's own tokens so far
+        return positions, mask
+
+    def remember(self, tokens: list, start: int):
+        """Pool the n-grams of tokens that end at index start or later."""
+        for end in range(max(start, self.n), len(tokens)):
+            self.add(tokens[end - self.n], tuple(tokens[end - self.n + 1:end + 1]))
+
+    def add(self, first: int, continuation: tuple):
+        known = self.pool.setdefault(first, [])
+        if continuation in known:
+            known.remove(continuation)
+        known.insert(0, continuation)
+        del known[self.candidates:]
+
+    def step(self, tokens: list, cached: int, levels: list, forward=lookahead_logits):
+        """One pass over the pending tokens tokens[cached:] and both branches. Returns the tokens kept,
+        how many guessed tokens were checked, and the lookahead window's next levels."""
+        device, n, window = self.model.rope.device, self.n, self.window
+        pending, base, last = tokens[cached:], len(tokens), tokens[-1]
+        candidates = self.pool.get(last, [])
+        padding = self.pending_rows - len(pending)
+        branch = [t for level in levels for t in level] + [t for c in candidates for t in c]
+        branch += [last] * (self.rows - self.pending_rows - len(branch))  # unused candidate rows
+        scratch = base + len(branch)  # where the padding rows write: past the branch rows
+        slots = [*range(cached, base), *range(scratch, scratch + padding), *range(base, scratch)]
+        branch_positions, branch_mask = self.template
+        positions = torch.tensor(slots[:self.pending_rows] + (branch_positions + base - 1).tolist())
+        mask = torch.zeros(self.rows, self.model.max_seq_length, dtype=torch.bool)
+        for i in range(len(pending)):
+            mask[i, :cached + i + 1] = True  # causal over the sequence
+        for i in range(len(pending), self.pending_rows):
+            mask[i, slots[i]] = True  # padding sees itself only
+        mask[self.pending_rows:, :base] = True  # every branch sees the whole sequence
+        mask[self.pending_rows:, base:scratch] = branch_mask
+        inputs = torch.tensor([pending + [last] * padding + branch], device=device)
+        logits = forward(self.model, inputs, torch.tensor(slots, device=device), positions.to(device),
+                         mask.to(device))
+        predictions = logits[0].argmax(-1).tolist()
+
+        kept = [predictions[len(pending) - 1]]  # the model's own next token, if no candidate holds
+        first_candidate_row = self.pending_rows + self.lookahead_rows
+        for g, candidate in enumerate(candidates):
+            accepted, expected = [], predictions[len(pending) - 1]
+            for i, token in enumerate(candidate):
+                if token != expected:
+                    break
+                accepted.append(token)
+                expected = predictions[first_candidate_row + g * n + i]
+            if len(accepted) + 1 > len(kept):
+                kept = accepted + [expected]
+
+        newest = predictions[self.pending_rows + (n - 1) * window:self.pending_rows + n * window]
+        for column in range(window):  # each column's chain and the prediction after it: an (n + 1)-gram
+            self.add(levels[0][column], tuple(level[column] for level in levels[1:]) + (newest[column],))
+        return kept, n if candidates else 0, levels[1:] + [newest]
+
+
+@torch.no_grad()
+def lookahead_generate(model: Transformer, prompt: list, max_new_tokens: int, n: int, window: int, stop_ids=(),
+                       on_token=None, compiled_forward=None):
+    """Greedy decoding of one prompt by lookahead: n-grams of n + 1 tokens, a window of `window` columns.
+    compiled_forward: a torch.compile'd lookahead_logits. Returns (new token ids, SpeculationStats)."""
+    lookahead = Lookahead(model, n, window)
+    needed = len(prompt) + max_new_tokens + lookahead.rows  # the scratch slots of the last pass included
+    if model.max_seq_length < needed:
+        model.setup_caches(1, needed)
+    device = model.rope.device
+    logits = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device))
+    new = [logits[0, -1].argmax().item()]
+    if on_token:
+        on_token(0, new[0])
+    lookahead.remember(prompt, 0)
+    guesses = random.Random(0)  # the first window: tokens of the prompt, which Jacobi steps then refine
+    levels = [[guesses.choice(prompt) for _ in range(window)] for _ in range(n)]
+    stats, cached = SpeculationStats(), len(prompt)
+    while len(new) < max_new_tokens and new[-1] not in stop_ids:
+        tokens = prompt + new
+        kept, checked, levels = lookahead.step(tokens, cached, levels, compiled_forward or lookahead_logits)
+        cached = len(tokens)
+        stats.verify_steps += 1
+        stats.proposed += checked
+        stats.accepted += len(kept) - 1
+        for token in kept[:max_new_tokens - len(new)]:
+            new.append(token)
+            if on_token:
+                on_token(0, token)
+            if token in stop_ids:
+                break
+        lookahead.remember(prompt + new, len(tokens))
     return new, stats

@@ -1,6 +1,6 @@
 """Speculative decoding against plain decoding, on a prompt where guessing should help (repeating given
 text) and one where it should not (open-ended writing). Greedy, batch 1; each mode runs --repeats
-times, interleaved (plain, lookup, draft, plain, ...), and the median is reported, so that a machine
+times, interleaved (plain, lookup, lookahead, draft, plain, ...), and the median is reported, so that a machine
 that drifts still gives fair ratios. Prints a Markdown table.
 
     python scripts/bench_speculative.py [--draft_checkpoint_path checkpoints/NAME/model_int8.safetensors]
@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import Sampling, generate  # noqa: E402
 from model import load_model  # noqa: E402
-from speculative import DraftModel, speculative_generate  # noqa: E402
+from speculative import DraftModel, lookahead_generate, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 PASSAGE = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin covers seven "
@@ -33,6 +33,8 @@ def main():
     parser.add_argument("--draft_checkpoint_path", type=Path,
                         default=Path("checkpoints/SmolLM2-135M-Instruct/model_int8.safetensors"))
     parser.add_argument("--speculate_k", type=int, default=5)
+    parser.add_argument("--lookahead_n", type=int, default=3, help="lookahead: n-grams of n + 1 tokens")
+    parser.add_argument("--lookahead_window", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -47,7 +49,7 @@ def main():
     print("| --- | --- | --- | --- | --- | --- |")
     for label, text in PROMPTS.items():
         prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]))
-        modes = {"plain": None, "prompt lookup": None}
+        modes = {"plain": None, "prompt lookup": None, "lookahead": None}
         if draft:
             modes[f"draft ({args.draft_checkpoint_path.name})"] = DraftModel(draft)
         seconds, stats, tokens = {mode: [] for mode in modes}, {}, {}
@@ -56,6 +58,9 @@ def main():
                 started = time.perf_counter()
                 if mode == "plain":
                     [output], _ = generate(target, [prompt], args.max_new_tokens, greedy, tokenizer.stop_ids)
+                elif mode == "lookahead":
+                    output, stats[mode] = lookahead_generate(target, prompt, args.max_new_tokens, args.lookahead_n,
+                                                             args.lookahead_window, tokenizer.stop_ids)
                 else:
                     output, stats[mode] = speculative_generate(target, prompt, args.max_new_tokens, greedy,
                                                                args.speculate_k, drafter, tokenizer.stop_ids)

@@ -4,7 +4,7 @@ import torch
 
 from generate import Sampling, generate, main, probabilities
 from model import ModelArgs, Transformer, load_model
-from speculative import DraftModel, prompt_lookup_guesses, speculative_generate, verify
+from speculative import DraftModel, Lookahead, lookahead_generate, prompt_lookup_guesses, speculative_generate, verify
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling(temperature=0)
@@ -47,6 +47,48 @@ def test_greedy_prompt_lookup_equals_plain_greedy_on_smollm2(smollm2):
     output, stats = speculative_generate(model, prompt, 40, GREEDY, 5, stop_ids=tokenizer.stop_ids)
     assert output == expected
     assert stats.accepted > 0 and stats.tokens_per_step > 1.5
+
+
+def test_greedy_lookahead_equals_plain_greedy_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    text = "Repeat exactly: the quick brown fox jumps over the lazy dog by the river."
+    prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text}]))
+    expected = plain_greedy(model, prompt, 40, tokenizer.stop_ids)
+    output, stats = lookahead_generate(model, prompt, 40, 3, 4, stop_ids=tokenizer.stop_ids)
+    assert output == expected
+    assert stats.accepted > 0
+
+
+@pytest.mark.parametrize("n, window", [(1, 1), (2, 3), (4, 5)])
+def test_greedy_lookahead_equals_plain_greedy_on_a_tiny_model(n, window):
+    model = random_model(0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    output, stats = lookahead_generate(model, prompt, 40, n, window)
+    assert output == plain_greedy(model, prompt, 40)
+    assert stats.verify_steps + stats.accepted == 39  # each pass: its accepted guesses and one own token
+
+
+def test_lookahead_pools_each_column_and_verifies_the_pooled_ngram():
+    model = random_model(0)
+    prompt = [7, 8, 9, 10, 11]
+    lookahead = Lookahead(model, n=2, window=3)
+    lookahead.remember(prompt, 0)
+    assert lookahead.pool == {7: [(8, 9)], 8: [(9, 10)], 9: [(10, 11)]}
+    [next_token] = plain_greedy(model, prompt, 1)
+    lookahead.pool[prompt[-1]] = [(next_token, 0)]  # its first token is the model's own choice
+    model.setup_caches(1, 64)
+    model(torch.tensor([prompt[:-1]]), torch.arange(4))
+    levels = [[1, 2, 3], [4, 5, 6]]
+    kept, checked, new_levels = lookahead.step(prompt, 4, levels)
+    assert kept[0] == next_token and checked == 2
+    assert new_levels[0] == [4, 5, 6] and len(new_levels[1]) == 3
+    assert (4,) == lookahead.pool[1][0][:1]  # column 0's chain 1 -> 4 -> prediction became an n-gram
+
+
+def test_lookahead_refuses_sampling(capsys, tiny_dir):
+    status = main(["--checkpoint_path", str(tiny_dir), "--speculative", "lookahead", "--temperature", "0.8"])
+    assert status == 2
+    assert "--speculative lookahead decodes greedily: add --temperature 0" in capsys.readouterr().err
 
 
 def test_greedy_with_a_quantized_draft_equals_plain_greedy_on_smollm2(smollm2, smollm2_dir, tmp_path):
@@ -159,3 +201,14 @@ def test_compiled_verify_equals_plain_greedy(with_draft):
     assert output == plain_greedy(target, prompt, 30)
     if with_draft:  # the draft is the target itself: every guess accepted, far fewer passes
         assert stats.accepted == stats.proposed and stats.verify_steps < 10
+
+
+@pytest.mark.slow
+def test_compiled_lookahead_equals_plain_greedy():
+    from speculative import lookahead_logits
+
+    model = random_model(0)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]
+    compiled = torch.compile(lookahead_logits, fullgraph=True)
+    output, _ = lookahead_generate(model, prompt, 30, 3, 4, compiled_forward=compiled)
+    assert output == plain_greedy(model, prompt, 30)
