@@ -36,3 +36,15 @@ def test_bench_tp_reports_each_world_size(tiny_dir, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |") or
             line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[1].count(" / ") == 1  # two ranks: two peak-memory figures
+
+
+def test_bench_peers_compares_brisk_with_transformers_on_the_same_weights(smollm2_dir, tmp_path, capsys):
+    from scripts.bench_peers import main as bench_peers
+
+    output = tmp_path / "peers.json"
+    assert bench_peers(["--checkpoint_path", str(smollm2_dir), "--precisions", "fp32", "--no_compile",
+                        "--max_new_tokens", "4", "--repeats", "1", "--gguf_dir", str(tmp_path), "--json",
+                        str(output)]) == 0
+    engines = {row["engine"] for row in json.loads(output.read_text())["results"]}
+    assert {"brisk eager", "transformers"} <= engines
+    assert "| fp32 | transformers |" in capsys.readouterr().out

@@ -1,0 +1,175 @@
+"""brisk side by side with Hugging Face transformers and llama.cpp on the same weights: decode tokens/s at
+each precision, batch 1, greedy, the same thread count. Engines take turns (A B C A B C ...) and medians
+are reported with the ratio brisk / llama.cpp, so a machine whose speed drifts still compares fairly.
+
+    pip install -r requirements-bench.txt     # llama-cpp-python compiles llama.cpp (minutes)
+    python scripts/bench_peers.py --precisions fp32 int4
+
+The weights are the embedded SmolLM2 GGUF (Q4_1). llama.cpp runs it as is for int4, and F32 / F16 /
+Q8_0 files made from it (dequantized to F32 with the gguf package, then llama.cpp's own quantizer);
+transformers reads the F32 file; brisk runs its converted checkpoint (int4: the kept Q4_1 blocks, the very
+same numbers llama.cpp reads). Decode speed excludes the prompt: rate = (N - 1) / (time for N tokens -
+time for 1 token), for engines that do not time their steps themselves.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from generate import Sampling, decode_one_token, generate  # noqa: E402
+from model import load_model  # noqa: E402
+from scripts.bench import build, synthetic_tokens  # noqa: E402
+from scripts.prepare_default import embedded_gguf  # noqa: E402
+
+LLAMA_CPP_TYPES = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4": "Q4_1"}
+LLAMA_FTYPES = {"F16": 1, "Q8_0": 7}  # llama.h's LLAMA_FTYPE_MOSTLY_*
+
+
+def write_f32_gguf(source: Path, target: Path):
+    """The source GGUF with every tensor dequantized to F32 and its metadata copied."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target) + ".tmp", reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = 0 if key == "general.file_type" else field.contents()  # 0: all F32
+        kind = gguf.GGUFValueType(field.types[0])
+        element = gguf.GGUFValueType(field.types[-1]) if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, kind, sub_type=element)
+    for tensor in reader.tensors:
+        values = gguf.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, values.reshape([int(n) for n in reversed(tensor.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    Path(str(target) + ".tmp").rename(target)
+
+
+def llama_cpp_file(kind: str, directory: Path) -> Path:
+    """The GGUF llama.cpp runs for a precision, made once into directory."""
+    source = embedded_gguf()
+    if kind == "Q4_1":
+        return source
+    f32 = directory / "SmolLM2-135M-Instruct.F32.gguf"
+    if not f32.is_file():
+        write_f32_gguf(source, f32)
+    if kind == "F32":
+        return f32
+    target = directory / f"SmolLM2-135M-Instruct.{kind}.gguf"
+    if not target.is_file():
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = LLAMA_FTYPES[kind]
+        llama_cpp.llama_model_quantize(str(f32).encode(), str(target).encode(), params)
+    return target
+
+
+def rate_from_lengths(run, new_tokens: int) -> float:
+    """Decode tokens/s without the prompt, from a run of new_tokens and a run of one token."""
+    started = time.perf_counter()
+    produced = run(new_tokens)
+    long_s = time.perf_counter() - started
+    started = time.perf_counter()
+    run(1)
+    return (produced - 1) / (long_s - (time.perf_counter() - started))
+
+
+def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list, new_tokens: int):
+    model = build(checkpoint, precision, 32) if precision != "int4" else load_model(
+        checkpoint / "model_q4_1.safetensors")
+    model.setup_caches(1, len(prompt) + new_tokens + 1)
+    step = torch.compile(decode_one_token, fullgraph=True) if compiled else decode_one_token
+    generate(model, [prompt], 3, Sampling(temperature=0), decode_step=step)  # warm-up (compiles)
+
+    def run() -> float:
+        _, timing = generate(model, [prompt], new_tokens, Sampling(temperature=0), decode_step=step)
+        return timing.decoded_tokens / timing.decode_s
+    return run
+
+
+def transformers_engine(f32_gguf: Path, precision: str, prompt: list, new_tokens: int):
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(f32_gguf.parent, gguf_file=f32_gguf.name, dtype=dtype).eval()
+    inputs = torch.tensor([prompt])
+
+    def generated(count: int) -> int:
+        with torch.no_grad():
+            output = model.generate(inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+        return output.shape[1] - len(prompt)
+    return lambda: rate_from_lengths(generated, new_tokens)
+
+
+def llama_cpp_engine(gguf_file: Path, threads: int, prompt: list, new_tokens: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+
+    def generated(count: int) -> int:
+        llm.reset()
+        output = llm.create_completion(prompt, max_tokens=count, temperature=0, logit_bias={llm.token_eos(): -100})
+        return output["usage"]["completion_tokens"]
+    return lambda: rate_from_lengths(generated, new_tokens)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "int4"],
+                        choices=list(LLAMA_CPP_TYPES))
+    parser.add_argument("--max_new_tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--gguf_dir", type=Path, default=Path("checkpoints/gguf"), help="where the made GGUFs go")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.gguf_dir.mkdir(parents=True, exist_ok=True)
+    prompt = synthetic_tokens(16, 49152)
+    results = []
+    print("| precision | engine | decode tok/s (median) | brisk / engine |")
+    print("| --- | --- | --- | --- |")
+    for precision in args.precisions:
+        engines = {"brisk eager": brisk_engine(args.checkpoint_path, precision, False, prompt, args.max_new_tokens)}
+        if not args.no_compile:
+            engines["brisk compiled"] = brisk_engine(args.checkpoint_path, precision, True, prompt, args.max_new_tokens)
+        if precision in ("fp32", "bf16"):
+            engines["transformers"] = transformers_engine(llama_cpp_file("F32", args.gguf_dir), precision, prompt,
+                                                          args.max_new_tokens)
+        try:
+            kind = LLAMA_CPP_TYPES[precision]
+            engines[f"llama.cpp {kind}"] = llama_cpp_engine(llama_cpp_file(kind, args.gguf_dir), args.threads,
+                                                            prompt, args.max_new_tokens)
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install -r requirements-bench.txt)", file=sys.stderr)
+        rates = {name: [] for name in engines}
+        for _ in range(args.repeats):  # interleaved: each engine once per round
+            for name, run in engines.items():
+                rates[name].append(run())
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        best_brisk = max(rate for name, rate in medians.items() if name.startswith("brisk"))
+        for name, rate in medians.items():
+            ratio = "" if name.startswith("brisk") else f"{best_brisk / rate:.2f}x"
+            print(f"| {precision} | {name} | {rate:.1f} | {ratio} |", flush=True)
+            results.append({"precision": precision, "engine": name, "decode_tokens_per_s": rate,
+                            "runs": rates[name]})
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": results},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
