@@ -8,8 +8,8 @@ are reported with the ratio brisk / llama.cpp, so a machine whose speed drifts s
 The weights are the embedded SmolLM2 GGUF (Q4_1). llama.cpp runs it as is for int4, and F32 / F16 /
 Q8_0 files made from it (dequantized to F32 with the gguf package, then llama.cpp's own quantizer);
 transformers reads the F32 file; brisk runs its converted checkpoint (int4: the kept Q4_1 blocks, the very
-same numbers llama.cpp reads). Decode speed excludes the prompt: rate = (N - 1) / (time for N tokens -
-time for 1 token), for engines that do not time their steps themselves.
+same numbers llama.cpp reads). Decode speed excludes the prompt: brisk times its steps, llama.cpp reports
+its own decode time, and for transformers rate = (N - 1) / (time for N tokens - time for 1 token).
 """
 import argparse
 import json
@@ -112,15 +112,20 @@ def transformers_engine(f32_gguf: Path, precision: str, prompt: list, new_tokens
 
 
 def llama_cpp_engine(gguf_file: Path, threads: int, prompt: list, new_tokens: int):
-    from llama_cpp import Llama
+    """llama.cpp's own clock for its decode steps (llama_perf_context), so that llama-cpp-python's Python
+    sampling loop around them is not charged to llama.cpp."""
+    import llama_cpp
 
-    llm = Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                          verbose=False)
 
-    def generated(count: int) -> int:
+    def run() -> float:
         llm.reset()
-        output = llm.create_completion(prompt, max_tokens=count, temperature=0, logit_bias={llm.token_eos(): -100})
-        return output["usage"]["completion_tokens"]
-    return lambda: rate_from_lengths(generated, new_tokens)
+        llama_cpp.llama_perf_context_reset(llm.ctx)
+        llm.create_completion(prompt, max_tokens=new_tokens, temperature=0, logit_bias={llm.token_eos(): -100})
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        return perf.n_eval / (perf.t_eval_ms / 1000)
+    return run
 
 
 def main(argv=None):
