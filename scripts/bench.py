@@ -7,7 +7,7 @@ same thread count). Batch 1, greedy. Prints a Markdown table and writes JSON.
     python scripts/bench.py --precisions fp32 int8 --no_compile --json results.json
 
 int8 and int4 (groupsize --groupsize, round to nearest) are quantized in memory from the checkpoint.
-Comparisons with other engines and scaling curves are not here yet.
+Other engines on the same weights: scripts/bench_peers.py. Scaling curves are not here yet.
 """
 import argparse
 import json
