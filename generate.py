@@ -174,15 +174,12 @@ def kv_cache_bytes(model: Transformer, batch: int) -> int:
     return per_row * batch * len(model.layers)
 
 
-def peak_memory_gb(device: str) -> float:
+def peak_memory_gb(device: str = "cpu") -> float:
+    """Peak GPU memory allocated, or this process's peak resident memory. On Linux the latter is VmHWM:
+    getrusage's ru_maxrss would also count the parent's memory, which a child started with fork carries
+    until its exec."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    return peak_rss_gb()
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory. On Linux, from VmHWM: getrusage's ru_maxrss would also count
-    the parent's memory, which a child started with fork carries until its exec."""
     try:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e6  # kB
@@ -350,62 +347,8 @@ def report(timing: Timing, model: Transformer, batch: int, device: str, label: s
     print(f"{label}time to first token {timing.prefill_s * 1000:.1f} ms; decode {timing.decoded_tokens} tokens "
           f"in {timing.decode_s:.2f} s: {tokens_per_s:.1f} tokens/s; memory bandwidth "
           f"{(weights + kv) * steps_per_s / 1e9:.1f} GB/s (weights {weights / 1e6:.0f} MB + KV cache "
-          f"{kv / 1e6:.0f} MB per step{per_rank}){streamed_bytes(model, timing)}; peak memory {memory} GB",
+          f"{kv / 1e6:.0f} MB per step{per_rank}){offload.streamed_bytes(model, timing)}; peak memory {memory} GB",
           file=sys.stderr)
-
-
-def streamed_bytes(model: Transformer, timing: Timing) -> str:
-    """With --offload: the bytes each step brings to the device, and their share per generated token."""
-    streamer = getattr(model, "streamer", None)
-    if streamer is None:
-        return ""
-    per_token = streamer.bytes_per_pass * timing.decode_steps / max(timing.decoded_tokens, 1)
-    return f"; streamed {streamer.bytes_per_pass / 1e6:.0f} MB per step, {per_token / 1e6:.1f} MB per token"
-
-
-def load_draft(args, tokenizer, device, dtype):
-    """The draft model for --speculative draft, refused unless its tokenizer is the target's."""
-    from speculative import DraftModel
-
-    try:
-        draft_tokenizer = load_tokenizer(args.draft_checkpoint_path)
-        draft = load_model(args.draft_checkpoint_path, device, dtype)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"--draft_checkpoint_path: {error}") from None
-    probe = "Speculative drafts must tokenize 1,234 words the same way: naïve café 東京!"
-    if (draft_tokenizer.vocab_size, draft_tokenizer.special_tokens, draft_tokenizer.encode(probe)) != (
-            tokenizer.vocab_size, tokenizer.special_tokens, tokenizer.encode(probe)):
-        raise UsageError(f"the draft at {args.draft_checkpoint_path} has a different vocabulary from the target: "
-                         "use a draft with the same tokenizer")
-    return DraftModel(draft)
-
-
-def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token, compiled_forward):
-    from speculative import lookahead_generate, lookahead_rows, speculative_generate
-
-    k = args.speculate_k
-    if args.speculative == "lookahead":  # room for the scratch slots of its last pass, before compiling
-        model.setup_caches(1, len(prompt) + args.max_new_tokens + lookahead_rows(k, args.lookahead_window))
-
-    def speculate(max_new_tokens, stop_ids=(), on_token=None):
-        if args.speculative == "lookahead":
-            return lookahead_generate(model, prompt, max_new_tokens, k, args.lookahead_window, stop_ids, on_token,
-                                      compiled_forward)
-        return speculative_generate(model, prompt, max_new_tokens, sampling, k, draft, stop_ids, on_token,
-                                    compiled_forward)
-
-    if compiled_forward is not None:  # compile outside the timings, as warm_up does for plain decoding
-        started = time.perf_counter()
-        speculate(2 * k + 2)
-        print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    started = time.perf_counter()
-    output, stats = speculate(args.max_new_tokens, tokenizer.stop_ids, on_token)
-    seconds = time.perf_counter() - started
-    print(f"speculative ({args.speculative}, k={k}): {len(output)} tokens in {seconds:.2f} s, "
-          f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
-          f"({stats.accepted}/{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass",
-          file=sys.stderr)
-    return output
 
 
 def run_prompts(args, model, tokenizer, sampling, device, steps):
@@ -416,6 +359,8 @@ def run_prompts(args, model, tokenizer, sampling, device, steps):
     check_length(model, max(map(len, prompts)), args.max_new_tokens)
     if args.speculative and len(prompts) > 1:
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
+    if args.speculative:
+        from speculative import load_draft, run_speculative
     draft = load_draft(args, tokenizer, device, model.norm.weight.dtype) if args.speculative == "draft" else None
     batch_size = min(args.batch_size or len(prompts), len(prompts))
     model.setup_caches(batch_size, max(map(len, prompts)) + args.max_new_tokens)

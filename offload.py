@@ -116,6 +116,7 @@ class BlockStreamer:
         self.released = [None] * buffers  # CUDA: an event once the compute stream is done with a buffer
         self.pending = {}  # position in self.streamed -> (buffer index, Future of its load)
         self.next_buffer = 0  # loads alternate between the buffers, so consecutive blocks never share one
+        self.in_use = 0  # the buffer of the block running now
         for position, index in enumerate(streamed):
             model.layers[index].register_forward_pre_hook(lambda block, args, p=position: self.before(p, block))
             model.layers[index].register_forward_hook(lambda block, args, out, p=position: self.after(p, block))
@@ -216,6 +217,16 @@ def load_offloaded(checkpoint_path, device: str, dtype: torch.dtype, offload: st
         read_block = disk_reader(file, device) if offload == "disk" else host_reader(file, streamed, device)
         model.streamer = BlockStreamer(model, streamed, read_block, buffers, device)
     return model.eval()
+
+
+def streamed_bytes(model: Transformer, timing) -> str:
+    """For generate.py's report: the bytes each step brought to the device, and their share per generated
+    token (a step streams the same bytes for the whole batch). Empty when nothing streams."""
+    streamer = getattr(model, "streamer", None)
+    if streamer is None:
+        return ""
+    per_token = streamer.bytes_per_pass * timing.decode_steps / max(timing.decoded_tokens, 1)
+    return f"; streamed {streamer.bytes_per_pass / 1e6:.0f} MB per step, {per_token / 1e6:.1f} MB per token"
 
 
 def disk_reader(file: SafetensorsFile, device: str):

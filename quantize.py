@@ -406,7 +406,7 @@ def save_quantized(model: nn.Module, path: Path, metadata: dict):
 
 
 def main(argv=None):
-    from generate import peak_rss_gb
+    from generate import peak_memory_gb
     from model import load_model
     from tokenizer import load_tokenizer
 
@@ -458,7 +458,7 @@ def main(argv=None):
                         calibration_tokens=calibration.numel())
     save_quantized(model, output, metadata)
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s; "
-          f"peak memory {peak_rss_gb():.2f} GB", file=sys.stderr)
+          f"peak memory {peak_memory_gb():.2f} GB", file=sys.stderr)
     return 0
 
 

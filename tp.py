@@ -59,7 +59,10 @@ def init(device: str):
 
 
 def finish():
+    """Leave the process group together: a rank that tore down while another was still sending made gloo
+    abort that one (seen under load)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -175,7 +178,7 @@ def gathered(value) -> list:
 
 def check(argv=None):
     """Run the sharded model and, on rank 0, the whole one; compare their logits and greedy tokens."""
-    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, peak_rss_gb, pick_device
+    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, peak_memory_gb, pick_device
     from model import load_model
     from tokenizer import load_tokenizer
 
@@ -201,7 +204,7 @@ def check(argv=None):
     with torch.no_grad():
         logits = model(tokens, torch.arange(len(prompt), device=device))
     [generated], _ = generate(model, [prompt], args.max_new_tokens, Sampling(temperature=0))
-    memory = gathered(round(peak_rss_gb(), 3))
+    memory = gathered(round(peak_memory_gb(), 3))
     if rank() == 0:
         whole = load_model(args.checkpoint_path, device, dtype)
         whole.setup_caches(1, len(prompt) + args.max_new_tokens)

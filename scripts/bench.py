@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import Sampling, decode_one_token, generate, peak_rss_gb, weights_bytes  # noqa: E402
+from generate import Sampling, decode_one_token, generate, peak_memory_gb, weights_bytes  # noqa: E402
 from model import load_model  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -119,7 +119,7 @@ def main(argv=None):
         print(f"| {row['precision']} | {row['mode']} | {row['decode_tokens_per_s']:.1f} | {row['bandwidth_gbs']:.1f} "
               f"| {row['bandwidth_share']:.0%} | {prefill} | {row['warm_up_s']:.1f} |")
     if args.json:
-        peak_gb = peak_rss_gb()
+        peak_gb = peak_memory_gb()
         args.json.write_text(json.dumps({"machine_bandwidth_gbs": machine, "threads": args.threads,
                                          "torch": torch.__version__, "peak_rss_gb": peak_gb, "results": rows},
                                         indent=2))
