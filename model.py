@@ -158,6 +158,40 @@ class KVCache(nn.Module):
         return self.k_cache[:batch], self.v_cache[:batch]
 
 
+# Decoding reads every weight once per token. On the CPU, PyTorch's matmuls for one row first convert a
+# bf16 weight to fp32 (without AVX512-BF16) and run int8 / int4 kernels tuned for other shapes. Written as
+# a multiply-and-sum instead, under torch.compile, each layer becomes one vectorized Inductor loop that
+# reads the weight once in its stored type and widens it in registers. Measured on 2 Xeon cores (torch
+# 2.13, SmolLM2-135M, compiled decode): bf16 21 -> 28 tokens/s, int8 9.5 -> 45, int4 3.6 -> 30. Each
+# row re-reads the weight, so from about 8 rows the matmul wins; eager PyTorch would materialise the
+# whole (rows, out, in) product; and fp32 is left to MKL, whose GEMV reads about twice as fast.
+FUSED_MATVEC_MAX_ROWS = 4
+
+
+def fuse_matvec(x: Tensor) -> bool:
+    """Whether a layer should compute x @ W.T as matvec(): while compiling a CPU step of a few rows."""
+    return (torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.numel() <= FUSED_MATVEC_MAX_ROWS * x.shape[-1])
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., in) times weight (out, in), transposed, as a sum of products in fp32: (..., out)."""
+    rows = x.reshape(-1, 1, x.shape[-1]).float()
+    return (rows * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias), with the fused decode matvec for half-precision weights (see above)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.dtype != torch.float32 and fuse_matvec(x):
+            return matvec(x, self.weight).to(x.dtype)
+        return F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -210,10 +244,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -236,9 +270,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w1 = Linear(args.dim, args.intermediate_size)  # gate
+        self.w3 = Linear(args.dim, args.intermediate_size)  # up
+        self.w2 = Linear(args.intermediate_size, args.dim)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -264,7 +298,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = self.max_seq_length = -1
@@ -337,15 +371,15 @@ def checkpoint_files(checkpoint_path):
     return weights_file, ModelArgs.from_hf_config(config_file)
 
 
-def empty_model(args: ModelArgs, tensors: dict, quantized: bool, weights_file) -> Transformer:
+def empty_model(args: ModelArgs, tensors: dict, metadata: dict, weights_file) -> Transformer:
     """The model on the meta device (no memory, no random init), with the layer types of the file's
     tensors (int8 / int4 layers where quantize.py wrote them), checked against the file's tensor names."""
     with torch.device("meta"):
         model = Transformer(args)
-        if quantized:
+        if "quantization" in metadata:
             from quantize import match_checkpoint
 
-            match_checkpoint(model, tensors)
+            match_checkpoint(model, tensors, metadata, weights_file)
     names = set(tensors) - ({"output.weight"} if args.tie_embeddings else set())
     expected = set(unique_state_dict(model))
     if names != expected:
@@ -370,7 +404,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
         state_dict = load_file(weights_file, device="cpu")
     except Exception as error:
         raise ValueError(f"cannot read {weights_file} as safetensors ({error}): re-convert the checkpoint") from None
-    model = empty_model(args, state_dict, "quantization" in metadata, weights_file)
+    model = empty_model(args, state_dict, metadata, weights_file)
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)
     if shard is not None:

@@ -191,7 +191,7 @@ def load_offloaded(checkpoint_path, device: str, dtype: torch.dtype, offload: st
         file = SafetensorsFile(weights_file)
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(f"cannot read {weights_file} as safetensors ({error}): re-convert the checkpoint") from None
-    model = empty_model(args, {name: file.meta(name) for name in file.entries}, "quantization" in file.metadata,
+    model = empty_model(args, {name: file.meta(name) for name in file.entries}, file.metadata,
                         weights_file)
     in_memory = lambda tensor: nbytes(tensor.to(compute_dtype(tensor.dtype, dtype)))
     sizes = {name: in_memory(tensor) for name, tensor in unique_state_dict(model).items()}

@@ -14,8 +14,9 @@ Activations stay in floating point; only the weights of the linear layers (and, 
   layer's output error on calibration text.
 
 The file (checkpoints/NAME/model_int8.safetensors, model_int4.g64.safetensors, ...) is portable:
-int4 values are packed two per byte, low nibble first, and the device kernel's own layout is built
-when the file is loaded, on whatever device that is.
+int4 values are packed two per byte, each group of columns holding its first half in the low nibbles and
+its second half in the high nibbles (GGUF's Q4 layout); the device kernel's own layout is built when the
+file is loaded, on whatever device that is.
 """
 import argparse
 import sys
@@ -26,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from model import Linear, fuse_matvec, matvec
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
@@ -60,12 +63,20 @@ def dequantize_int4(values: Tensor, scales: Tensor, zeros: Tensor, groupsize: in
     return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(values.shape)
 
 
-def pack_int4(values: Tensor) -> Tensor:
-    return values[:, 0::2] | (values[:, 1::2] << 4)
+# Byte j of a group holds columns j (low nibble) and j + groupsize / 2 (high nibble) of that group, so
+# each nibble plane of a group is a contiguous run of columns: a compiled decode step unpacks it with
+# vector shifts and masks, in place (Int4Linear.matvec). Files packed otherwise are refused on loading.
+INT4_PACKING = "group-halves"
 
 
-def unpack_int4(packed: Tensor) -> Tensor:
-    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+def pack_int4(values: Tensor, groupsize: int) -> Tensor:
+    halves = values.reshape(values.shape[0], -1, 2, groupsize // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(values.shape[0], -1)
+
+
+def unpack_int4(packed: Tensor, groupsize: int) -> Tensor:
+    planes = packed.reshape(packed.shape[0], -1, 1, groupsize // 2)
+    return torch.cat([planes & 0xF, planes >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
 class Int8Linear(nn.Module):
@@ -86,6 +97,9 @@ class Int8Linear(nn.Module):
         self.use_kernel = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if fuse_matvec(x):
+            out = matvec(x, self.dequantized()) if self.groupsize else matvec(x, self.weight) * self.scales
+            return out.to(x.dtype)
         if self.groupsize:
             return F.linear(x, self.dequantized().to(x.dtype))
         if self.use_kernel and x.device.type == "cpu":
@@ -130,7 +144,7 @@ class Int4Linear(nn.Module):
 
     def prepare(self):
         """Repack for PyTorch's int4 matmul (tinygemm on CUDA, its CPU twin elsewhere), when there is one."""
-        values = unpack_int4(self.weight).to(torch.int32)
+        values = unpack_int4(self.weight, self.groupsize).to(torch.int32)
         device = self.weight.device.type
         if device == "cuda" and self.padded_in % 128 == 0:
             # the CUDA kernel takes its weights two values per byte, high nibble first
@@ -144,6 +158,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = self.padded(x.reshape(-1, self.in_features))
+        if fuse_matvec(x):
+            return self.matvec(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.kernel_weight is None or (x.device.type == "cpu" and flat.shape[0] > self.kernel_max_rows):
             out = F.linear(flat, self.dequantized().to(x.dtype))
         elif x.device.type == "cuda":
@@ -153,13 +169,25 @@ class Int4Linear(nn.Module):
                                                               self.scales_and_zeros)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def matvec(self, flat: Tensor) -> Tensor:
+        """flat (rows, padded_in) times the weight, transposed, unpacked group by group inside the sum (see
+        model.fuse_matvec): w = (q - 8) * scale + zero = q * scale + offset, for the low and high nibbles."""
+        groups, half = self.padded_in // self.groupsize, self.groupsize // 2
+        x = flat.float().reshape(-1, 1, groups, 2, half)
+        scales = self.scales.float().unsqueeze(-1)
+        offsets = (self.zeros.float() - 8 * self.scales.float()).unsqueeze(-1)
+        planes = self.weight.reshape(self.out_features, groups, half)
+        low, high = (planes & 0xF) * scales + offsets, (planes >> 4) * scales + offsets
+        return (x[:, :, :, 0] * low + x[:, :, :, 1] * high).sum((-1, -2))
+
     def dequantized(self) -> Tensor:
         """The weight as floats, padding columns included: (out, padded_in)."""
-        return dequantize_int4(unpack_int4(self.weight), self.scales, self.zeros, self.groupsize).to(self.scales.dtype)
+        values = unpack_int4(self.weight, self.groupsize)
+        return dequantize_int4(values, self.scales, self.zeros, self.groupsize).to(self.scales.dtype)
 
     def rows(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        values = unpack_int4(self.weight[flat])
+        values = unpack_int4(self.weight[flat], self.groupsize)
         rows = dequantize_int4(values, self.scales[flat], self.zeros[flat], self.groupsize).to(self.scales.dtype)
         return rows[:, :self.in_features].reshape(*ids.shape, self.in_features)
 
@@ -191,11 +219,14 @@ def layer_for(tensors: dict, prefix: str, in_features: int, out_features: int) -
         return Int8Linear(in_features, out_features, in_features // scales.shape[1] if scales.dim() == 2 else 0)
     if weight.dtype == torch.uint8:
         return Int4Linear(in_features, out_features, 2 * weight.shape[1] // scales.shape[1])
-    return nn.Linear(in_features, out_features, bias=False)
+    return Linear(in_features, out_features)
 
 
-def match_checkpoint(model: nn.Module, tensors: dict):
+def match_checkpoint(model: nn.Module, tensors: dict, metadata: dict, weights_file):
     """Give the (meta-device) model the layer types of a quantized file, ready to be assigned its tensors."""
+    if metadata.get("int4_packing") != INT4_PACKING and any(t.dtype == torch.uint8 for t in tensors.values()):
+        raise ValueError(f"{weights_file} packs its int4 weights in an older layout: quantize (or convert) "
+                         "the checkpoint again")
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name + ".weight" in tensors:
             parent_name, _, attribute = name.rpartition(".")
@@ -221,7 +252,7 @@ def set_rtn(layer: nn.Module, weight: Tensor):
 
 
 def set_int4(layer: Int4Linear, values: Tensor, scales: Tensor, zeros: Tensor):
-    layer.weight, layer.scales, layer.zeros = pack_int4(values), scales, zeros
+    layer.weight, layer.scales, layer.zeros = pack_int4(values, layer.groupsize), scales, zeros
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
@@ -402,7 +433,7 @@ def save_quantized(model: nn.Module, path: Path, metadata: dict):
 
     tensors = {name: tensor.detach().cpu() for name, tensor in unique_state_dict(model).items()}
     shapes = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
-    save_safetensors(path, shapes, tensors.items(), {"format": "pt", **metadata})
+    save_safetensors(path, shapes, tensors.items(), {"format": "pt", "int4_packing": INT4_PACKING, **metadata})
 
 
 def main(argv=None):

@@ -34,7 +34,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import ModelArgs
+from model import Linear, ModelArgs
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROW_WISE = ("attention.wo", "feed_forward.w2")
@@ -83,7 +83,7 @@ def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
     int4 with the same groupsize, in a new shape."""
     with torch.device("meta"):
         if isinstance(layer, nn.Linear):
-            return nn.Linear(in_features, out_features, bias=False)
+            return Linear(in_features, out_features)
         return type(layer)(in_features, out_features, layer.groupsize)
 
 
@@ -91,7 +91,7 @@ def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
     """load_model's hook: shrink the (meta-device) model to this rank's share, and slice each tensor of
     the file to match. One rule covers float, int8 and int4 layers alike: a column-wise layer's tensors
     (weight, scales, zeros) are split along dim 0; a row-wise layer's 2-D tensors along dim 1 (weight
-    columns, packed int4 column pairs, per-group scales), and per-channel scales stay whole."""
+    columns, packed int4 half-groups, per-group scales), and per-channel scales stay whole."""
     check_world_size(model.args, ranks)
     for block in model.layers:
         attention, feed_forward = block.attention, block.feed_forward

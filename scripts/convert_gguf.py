@@ -143,15 +143,14 @@ def sentencepiece_model(reader) -> bytes:
 #   Q8_0: fp16 d, 32 int8 q           w = q * d             -> int8, groupsize 32
 #   Q4_0: fp16 d, 16 bytes of nibbles w = (q - 8) * d       -> int4 g32, zero 0
 #   Q4_1: fp16 d, fp16 m, 16 bytes    w = q * d + m         -> int4 g32, zero m + 8 d
-# Nibbles: byte j holds value j (low) and value j + 16 (high) of its block.
+# Nibbles: byte j holds value j (low) and value j + 16 (high) of its block, as in brisk's int4 files.
 KEEPABLE = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
 
 
 def kept_blocks(tensor, n_heads=None) -> dict:
     """A Q8_0 / Q4_0 / Q4_1 tensor as brisk's int8 / int4 tensors (weight, scales[, zeros]), unchanged
-    but for the Q/K row order (n_heads given), which applies alike to every per-row tensor."""
-    from quantize import pack_int4
-
+    but for the Q/K row order (n_heads given), which applies alike to every per-row tensor. The nibbles
+    keep their bytes: brisk packs int4 groups as GGUF does."""
     kind, rows = tensor.tensor_type.name, tensor.data.shape[0]
     blocks = torch.from_numpy(tensor.data.copy()).reshape(rows, -1, KEEPABLE[kind])
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1).float()
@@ -160,12 +159,10 @@ def kept_blocks(tensor, n_heads=None) -> dict:
     else:
         m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if kind == "Q4_1" else None
         nibbles = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
-        values = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1).reshape(rows, -1)
-        parts = {"weight": values, "scales": d, "zeros": (m + 8 * d) if kind == "Q4_1" else torch.zeros_like(d)}
+        zeros = (m + 8 * d) if kind == "Q4_1" else torch.zeros_like(d)
+        parts = {"weight": nibbles.reshape(rows, -1), "scales": d, "zeros": zeros}
     if n_heads:
         parts = {name: unpermute(part, n_heads) for name, part in parts.items()}
-    if kind != "Q8_0":
-        parts["weight"] = pack_int4(parts["weight"])
     return parts
 
 
@@ -269,7 +266,9 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
     if kept:
         main_type = max(set(types), key=types.count)
         weights_name = f"model_{main_type.lower()}.safetensors"
-        metadata.update(quantization=f"gguf-{main_type.lower()}", groupsize=32,
+        from quantize import INT4_PACKING
+
+        metadata.update(quantization=f"gguf-{main_type.lower()}", groupsize=32, int4_packing=INT4_PACKING,
                         quantize_embedding=any("token_embd" in name for name in kept))
     save_safetensors(out_dir / weights_name, shapes, converted(), metadata)
     save_config(args, out_dir)

@@ -28,13 +28,26 @@ def embedded_gguf() -> Path:
     return path
 
 
+def is_current(path: Path) -> bool:
+    """Whether path exists and, when it holds int4 layers, packs them as this brisk does."""
+    from safetensors import safe_open
+
+    from quantize import INT4_PACKING
+
+    if not path.is_file():
+        return False
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata() or {}
+    return "quantization" not in metadata or metadata.get("int4_packing") == INT4_PACKING
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
     options = parser.parse_args()
     for keep_quantized, name in ((False, "model.safetensors"), (True, "model_q4_1.safetensors")):
-        if (options.out / name).is_file() and not options.force:
+        if is_current(options.out / name) and not options.force:
             print(f"{options.out / name} is already converted", file=sys.stderr)
             continue
         print(f"wrote {convert(embedded_gguf(), options.out, keep_quantized=keep_quantized)}", file=sys.stderr)

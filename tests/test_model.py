@@ -92,6 +92,17 @@ def test_compiled_decode_equals_eager(tiny_dir):
     assert compiled == eager
 
 
+@pytest.mark.slow
+def test_compiled_one_row_bf16_matvec_equals_the_matmul():
+    from model import Linear
+
+    layer = Linear(576, 1536).to(torch.bfloat16)
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
+    expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
+    assert torch.allclose(compiled(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_model_names_are_looked_up_exactly_ignoring_case():
     assert ModelArgs.from_name("smollm2-135m").dim == 576
     assert ModelArgs.from_name("Llama-2-7B").n_layers == 32

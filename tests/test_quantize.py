@@ -61,6 +61,25 @@ def test_int4_kernel_equals_reference_path(smollm2_weight, groupsize):
     assert torch.allclose(layer(x), reference, rtol=1e-4, atol=2e-4)
 
 
+def test_int4_packing_holds_each_half_group_in_one_nibble_plane():
+    values = torch.arange(64).remainder(16).to(torch.uint8).reshape(1, 64)  # two groups of 32
+    packed = quantize.pack_int4(values, 32)
+    assert packed.shape == (1, 32)
+    assert packed[0, 0].item() == values[0, 0] | values[0, 16] << 4
+    assert packed[0, 16].item() == values[0, 32] | values[0, 48] << 4
+    assert torch.equal(quantize.unpack_int4(packed, 32), values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", [Int8Linear(576, 1536), Int8Linear(576, 1536, 32), Int4Linear(576, 1536, 32),
+                                   Int4Linear(576, 1536, 128)], ids=["int8", "int8-g32", "int4-g32", "int4-g128"])
+def test_compiled_one_row_matvec_equals_the_eager_layer(smollm2_weight, layer):
+    filled(layer, smollm2_weight)
+    x = torch.randn(1, 1, 576)
+    compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
+    assert torch.allclose(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
 def test_padded_groups_multiply_only_real_columns():
     weight = torch.randn(8, 576)
     layer = filled(Int4Linear(576, 8, 256), weight)  # 576 is 2.25 groups of 256: padded to 768
@@ -76,6 +95,18 @@ def test_embedding_rows_are_the_dequantized_weight_rows(table):
     weight = (table.weight.float() * table.scales[:, None] if isinstance(table, Int8Linear)
               else table.dequantized()[:, :576])
     assert torch.equal(table.rows(ids), weight[ids])
+
+
+def test_int4_file_of_an_older_packing_is_refused(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    quantize.main(["--checkpoint_path", str(directory), "--mode", "int4", "--groupsize", "32"])
+    path = quantize.output_path(directory, "int4", 32)
+    save_file(load_file(path), path, metadata={"format": "pt", "quantization": "int4", "groupsize": "32"})
+    with pytest.raises(ValueError, match="packs its int4 weights in an older layout: quantize"):
+        load_model(path)
 
 
 @pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32), ("int4", 128), ("int4-gptq", 32)])
