@@ -7,7 +7,8 @@ same thread count). Batch 1, greedy. Prints a Markdown table and writes JSON.
     python scripts/bench.py --precisions fp32 int8 --no_compile --json results.json
 
 int8 and int4 (groupsize --groupsize, round to nearest) are quantized in memory from the checkpoint.
-Other engines on the same weights: scripts/bench_peers.py. Scaling curves are not here yet.
+Other engines on the same weights: scripts/bench_peers.py; context, batch and model-size curves:
+scripts/bench_scaling.py.
 """
 import argparse
 import json
@@ -40,11 +41,20 @@ def machine_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
 
 
 def build(checkpoint: Path, precision: str, groupsize: int):
+    return at_precision(load_model(checkpoint, "cpu", precision_dtype(precision)), precision, groupsize)
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def at_precision(model, precision: str, groupsize: int):
+    """int8 / int4 (round to nearest) quantized in memory: the embedding / output head too, as llama.cpp's
+    Q8_0 / Q4 files hold it. fp32 and bf16 models are returned as they are."""
     import quantize
 
-    model = load_model(checkpoint, "cpu", torch.bfloat16 if precision == "bf16" else torch.float32)
     if precision in ("int8", "int4"):
-        quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=False)
+        quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=True)
         quantize.prepare_kernels(model)
     return model.eval()
 

@@ -1,4 +1,5 @@
 """scripts/bench.py runs end to end and reports every figure it promises (speed itself is never asserted)."""
+import importlib.util
 import json
 
 from scripts.bench import main
@@ -48,3 +49,19 @@ def test_bench_peers_compares_brisk_with_transformers_on_the_same_weights(smollm
     engines = {row["engine"] for row in json.loads(output.read_text())["results"]}
     assert {"brisk eager", "transformers"} <= engines
     assert "| fp32 | transformers |" in capsys.readouterr().out
+
+
+def test_bench_scaling_writes_the_three_curves(tiny_dir, tmp_path):
+    from scripts.bench_scaling import main
+
+    assert main(["--checkpoint_path", str(tiny_dir), "--contexts", "32", "64", "--batches", "1", "2", "--sizes",
+                 "--context", "32", "--max_new_tokens", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "scaling_fp32_eager.json").read_text())
+    assert [(p["curve"], p["batch"], p["context"]) for p in result["points"]] == [
+        ("context", 1, 32), ("context", 1, 64), ("batch", 1, 32), ("batch", 2, 32), ("size", 1, 32)]
+    assert all(p["decode_tokens_per_s"] > 0 for p in result["points"])
+    assert "| batch | tiny-llama | 2 | 32 |" in (tmp_path / "scaling_fp32_eager.md").read_text()
+    plot = tmp_path / "scaling_fp32_eager.png"
+    assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
+    if plot.exists():
+        assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,167 @@
+"""How brisk's decoding scales, at one precision: tokens/s as the context grows (KV cache length), total
+tokens/s as the batch grows, and tokens/s across model sizes (SmolLM2-135M's real weights; the 360M and
+1.7B shapes with random weights, since speed depends only on shapes). Greedy; batch 1 except on the batch
+curve; the context of the batch and size curves is --context. Writes a Markdown table, JSON and a PNG plot.
+
+    python scripts/bench_scaling.py                            # fp32, eager
+    python scripts/bench_scaling.py --precision int8 --compile --out bench_results
+
+A point at context L decodes the last new tokens into the cache's last slots: brisk's static cache is
+attended in full under a mask, so a step costs what a step at position L costs in a real conversation.
+With --compile every point is a new shape, compiled afresh (minutes each). The plot needs matplotlib
+(requirements-bench.txt); without it the table and JSON are still written.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from generate import Sampling, decode_one_token, generate, random_model, weights_bytes  # noqa: E402
+from model import ModelArgs, Transformer, unique_state_dict  # noqa: E402
+from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
+
+CONTEXTS = (128, 512, 2048, 8192)
+BATCHES = (1, 2, 4, 8, 16, 32)
+RANDOM_SIZES = ("SmolLM2-360M", "SmolLM2-1.7B")
+
+
+def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int, repeats: int) -> float:
+    """Median decode tokens/s (all rows counted) of `batch` rows whose last token lands at slot context - 1."""
+    model.setup_caches(batch, context)
+    prompt = synthetic_tokens(8, model.args.vocab_size)
+    start = context - len(prompt) - new_tokens
+    if start < 0:
+        raise SystemExit(f"error: context {context} is shorter than 8 prompt + {new_tokens} new tokens")
+    step = decode_one_token
+    if compiled:
+        torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit's eager fallback
+        step = torch.compile(decode_one_token, fullgraph=True)
+    greedy = Sampling(temperature=0)
+    generate(model, [prompt] * batch, 3, greedy, start_pos=start, decode_step=step)  # warm-up (and compile)
+    rates = []
+    for _ in range(repeats):
+        _, timing = generate(model, [prompt] * batch, new_tokens, greedy, start_pos=start, decode_step=step)
+        rates.append(timing.decoded_tokens / timing.decode_s)
+    return statistics.median(rates)
+
+
+def parameter_count(args: ModelArgs) -> int:
+    with torch.device("meta"):
+        return sum(tensor.numel() for tensor in unique_state_dict(Transformer(args)).values())
+
+
+def models(checkpoint: Path, precision: str, groupsize: int, sizes):
+    """(name, model) for the real checkpoint, then each random shape in `sizes`, one in memory at a time."""
+    yield checkpoint.name, build(checkpoint, precision, groupsize)
+    for name in sizes:
+        torch.manual_seed(0)
+        yield name, at_precision(random_model(ModelArgs.from_name(name), "cpu", precision_dtype(precision)),
+                                 precision, groupsize)
+
+
+def run(args) -> list:
+    points = []
+
+    def measured(curve, name, model, batch, context):
+        rate = decode_rate(model, args.compile, batch, context, args.max_new_tokens, args.repeats)
+        point = {"curve": curve, "model": name, "parameters": parameter_count(model.args),
+                 "weights_mb": weights_bytes(model) / 1e6, "batch": batch, "context": context,
+                 "decode_tokens_per_s": rate}
+        print(f"{curve}: {name} batch {batch} context {context}: {rate:.1f} tokens/s", file=sys.stderr, flush=True)
+        points.append(point)
+
+    for index, (name, model) in enumerate(models(args.checkpoint_path, args.precision, args.groupsize, args.sizes)):
+        if index == 0:
+            for context in args.contexts:
+                measured("context", name, model, 1, context)
+            for batch in args.batches:
+                measured("batch", name, model, batch, args.context)
+        measured("size", name, model, 1, args.context)
+        del model
+    return points
+
+
+def markdown(points: list, title: str) -> str:
+    lines = [f"{title}", "", "| curve | model | batch | context | decode tok/s |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {p['curve']} | {p['model']} | {p['batch']} | {p['context']} | {p['decode_tokens_per_s']:.1f} |"
+              for p in points]
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list, title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no plot", file=sys.stderr)
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for axis, curve, x, label in ((axes[0], "context", "context", "KV cache length (tokens)"),
+                                  (axes[1], "batch", "batch", "batch size (rows)"),
+                                  (axes[2], "size", "parameters", "parameters")):
+        chosen = [p for p in points if p["curve"] == curve]
+        axis.plot([p[x] for p in chosen], [p["decode_tokens_per_s"] for p in chosen], marker="o")
+        axis.set_xscale("log", base=2 if curve != "size" else 10)
+        if curve == "size":
+            axis.minorticks_off()
+            axis.set_xticks([p[x] for p in chosen], [f"{p[x] / 1e6:.0f}M" for p in chosen])
+        axis.set_xlabel(label)
+        axis.set_ylabel("decode tokens/s" + (" (all rows)" if curve == "batch" else ""))
+        axis.grid(True, alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    temporary = path.with_name(path.name + ".tmp")
+    figure.savefig(temporary, format="png", dpi=100)
+    os.replace(temporary, path)
+    return True
+
+
+def write_atomically(path: Path, text: str):
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--groupsize", type=int, default=32, help="int4 groupsize")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step (once per point)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--sizes", nargs="*", default=list(RANDOM_SIZES), help="random-weight shapes to add")
+    parser.add_argument("--context", type=int, default=256, help="KV cache length of the batch and size curves")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per point; the median is reported")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path("bench_results"), help="directory for .md, .json, .png")
+    args = parser.parse_args(argv)
+    if not (args.checkpoint_path / "config.json").is_file():
+        raise SystemExit(f"error: no checkpoint at {args.checkpoint_path}: run scripts/prepare_default.py first")
+    torch.set_num_threads(args.threads)
+    mode = "compiled" if args.compile else "eager"
+    title = f"brisk {args.precision} {mode}, {args.threads} threads, torch {torch.__version__}"
+    points = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"scaling_{args.precision}_{mode}"
+    table = markdown(points, title)
+    write_atomically(stem.with_suffix(".md"), table)
+    write_atomically(stem.with_suffix(".json"), json.dumps(
+        {"precision": args.precision, "mode": mode, "threads": args.threads, "torch": torch.__version__,
+         "points": points}, indent=2))
+    plotted = plot(points, title, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.md, {stem}.json" + (f", {stem}.png" if plotted else ""), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
