@@ -141,3 +141,11 @@ def test_profile_writes_a_chrome_trace(capsys, tiny_dir, tmp_path):
     assert status == 0 and "wrote a Chrome trace" in err
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     assert any(event.get("name") == "aten::scaled_dot_product_attention" for event in events)
+
+
+def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
+    from generate import pick_dtype
+
+    assert pick_dtype("auto", "cpu") == torch.float32
+    assert pick_dtype("auto", "cpu", compiled_decode=True) == torch.bfloat16
+    assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32

@@ -149,7 +149,7 @@ def test_speculative_decoding_under_torchrun(tiny_dir):
 @pytest.mark.slow
 def test_compiled_decode_under_torchrun(tiny_dir):
     argv = ["--checkpoint_path", tiny_dir, "--prompt", "the quick brown", "--temperature", "0",
-            "--max_new_tokens", 12]
+            "--max_new_tokens", 12, "--dtype", "fp32"]
     alone = subprocess.run([sys.executable, "generate.py", *map(str, argv)], cwd=ROOT, capture_output=True,
                            text=True)
     sharded = torchrun(2, "generate.py", *argv, "--compile")
