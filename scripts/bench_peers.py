@@ -1,5 +1,5 @@
-"""brisk side by side with Hugging Face transformers and llama.cpp on the same weights: decode tokens/s at
-each precision, batch 1, greedy, the same thread count. Engines take turns (A B C A B C ...) and medians
+"""brisk side by side with Hugging Face transformers and llama.cpp on the same weights: decode tokens/s and
+prefill tokens/s (--prefill_length, 512) at each precision, batch 1, greedy, the same thread count. Engines take turns (A B C A B C ...) and medians
 are reported with the ratio brisk / llama.cpp, so a machine whose speed drifts still compares fairly.
 
     pip install -r requirements-bench.txt     # llama-cpp-python compiles llama.cpp (minutes)
@@ -84,20 +84,34 @@ def rate_from_lengths(run, new_tokens: int) -> float:
     return (produced - 1) / (long_s - (time.perf_counter() - started))
 
 
-def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list, new_tokens: int):
+def timed_rate(forward, tokens: int) -> float:
+    """tokens / seconds of one call of forward()."""
+    started = time.perf_counter()
+    forward()
+    return tokens / (time.perf_counter() - started)
+
+
+def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list, new_tokens: int,
+                 long_prompt: list):
+    """(decode, prefill) rate functions. Prefill is the eager forward in both modes (--compile compiles decode)."""
     model = build(checkpoint, precision, 32) if precision != "int4" else load_model(
         checkpoint / "model_q4_1.safetensors")
-    model.setup_caches(1, len(prompt) + new_tokens + 1)
+    model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
     step = torch.compile(decode_one_token, fullgraph=True) if compiled else decode_one_token
     generate(model, [prompt], 3, Sampling(temperature=0), decode_step=step)  # warm-up (compiles)
 
-    def run() -> float:
+    def decode() -> float:
         _, timing = generate(model, [prompt], new_tokens, Sampling(temperature=0), decode_step=step)
         return timing.decoded_tokens / timing.decode_s
-    return run
+
+    def prefill() -> float:
+        with torch.no_grad():
+            return timed_rate(lambda: model(torch.tensor([long_prompt]), torch.arange(len(long_prompt))),
+                              len(long_prompt))
+    return decode, prefill
 
 
-def transformers_engine(f32_gguf: Path, precision: str, prompt: list, new_tokens: int):
+def transformers_engine(f32_gguf: Path, precision: str, prompt: list, new_tokens: int, long_prompt: list):
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -108,24 +122,51 @@ def transformers_engine(f32_gguf: Path, precision: str, prompt: list, new_tokens
         with torch.no_grad():
             output = model.generate(inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
         return output.shape[1] - len(prompt)
-    return lambda: rate_from_lengths(generated, new_tokens)
+
+    def prefill() -> float:
+        with torch.no_grad():
+            return timed_rate(lambda: model(torch.tensor([long_prompt])), len(long_prompt))
+    return (lambda: rate_from_lengths(generated, new_tokens)), prefill
 
 
-def llama_cpp_engine(gguf_file: Path, threads: int, prompt: list, new_tokens: int):
-    """llama.cpp's own clock for its decode steps (llama_perf_context), so that llama-cpp-python's Python
-    sampling loop around them is not charged to llama.cpp."""
+def llama_cpp_engine(gguf_file: Path, threads: int, prompt: list, new_tokens: int, long_prompt: list):
+    """Decode on llama.cpp's own clock (llama_perf_context), so that llama-cpp-python's Python sampling loop
+    around its steps is not charged to llama.cpp; prefill (one batch of the whole prompt) on the wall clock."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(1024, len(long_prompt) + 1), n_batch=max(512, len(long_prompt)), verbose=False)
 
-    def run() -> float:
+    def decode() -> float:
         llm.reset()
         llama_cpp.llama_perf_context_reset(llm.ctx)
         llm.create_completion(prompt, max_tokens=new_tokens, temperature=0, logit_bias={llm.token_eos(): -100})
         perf = llama_cpp.llama_perf_context(llm.ctx)
         return perf.n_eval / (perf.t_eval_ms / 1000)
-    return run
+
+    def prefill() -> float:  # one C call for the whole prompt: the wall clock is llama.cpp's own time
+        llm.reset()
+        return timed_rate(lambda: llm.eval(long_prompt), len(long_prompt))
+    return decode, prefill
+
+
+def compare(precision: str, engines: dict, repeats: int) -> list:
+    """Run each engine's (decode, prefill) in turns, repeats rounds; print and return the medians."""
+    runs = {name: ([], []) for name in engines}
+    for _ in range(repeats):  # interleaved: each engine once per round
+        for name, (decode, prefill) in engines.items():
+            runs[name][0].append(decode())
+            runs[name][1].append(prefill())
+    medians = {name: (statistics.median(decode), statistics.median(prefill))
+               for name, (decode, prefill) in runs.items()}
+    best = [max(rates[i] for name, rates in medians.items() if name.startswith("brisk")) for i in (0, 1)]
+    rows = []
+    for name, (decode, prefill) in medians.items():
+        ratios = ["", ""] if name.startswith("brisk") else [f"{best[0] / decode:.2f}x", f"{best[1] / prefill:.2f}x"]
+        print(f"| {precision} | {name} | {decode:.1f} | {ratios[0]} | {prefill:.0f} | {ratios[1]} |", flush=True)
+        rows.append({"precision": precision, "engine": name, "decode_tokens_per_s": decode,
+                     "prefill_tokens_per_s": prefill, "decode_runs": runs[name][0], "prefill_runs": runs[name][1]})
+    return rows
 
 
 def main(argv=None):
@@ -135,6 +176,7 @@ def main(argv=None):
                         choices=list(LLAMA_CPP_TYPES))
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill_length", type=int, default=512, help="prompt tokens of the prefill figure")
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--gguf_dir", type=Path, default=Path("checkpoints/gguf"), help="where the made GGUFs go")
@@ -142,34 +184,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.gguf_dir.mkdir(parents=True, exist_ok=True)
-    prompt = synthetic_tokens(16, 49152)
+    prompt, long_prompt = synthetic_tokens(16, 49152), synthetic_tokens(args.prefill_length, 49152)
     results = []
-    print("| precision | engine | decode tok/s (median) | brisk / engine |")
-    print("| --- | --- | --- | --- |")
+    print(f"| precision | engine | decode tok/s | brisk / engine | prefill {args.prefill_length} tok/s "
+          "| brisk / engine |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for precision in args.precisions:
-        engines = {"brisk eager": brisk_engine(args.checkpoint_path, precision, False, prompt, args.max_new_tokens)}
+        engines = {"brisk eager": brisk_engine(args.checkpoint_path, precision, False, prompt, args.max_new_tokens,
+                                               long_prompt)}
         if not args.no_compile:
-            engines["brisk compiled"] = brisk_engine(args.checkpoint_path, precision, True, prompt, args.max_new_tokens)
+            engines["brisk compiled"] = brisk_engine(args.checkpoint_path, precision, True, prompt,
+                                                     args.max_new_tokens, long_prompt)
         if precision in ("fp32", "bf16"):
             engines["transformers"] = transformers_engine(llama_cpp_file("F32", args.gguf_dir), precision, prompt,
-                                                          args.max_new_tokens)
+                                                          args.max_new_tokens, long_prompt)
         try:
             kind = LLAMA_CPP_TYPES[precision]
             engines[f"llama.cpp {kind}"] = llama_cpp_engine(llama_cpp_file(kind, args.gguf_dir), args.threads,
-                                                            prompt, args.max_new_tokens)
+                                                            prompt, args.max_new_tokens, long_prompt)
         except ImportError:
             print("llama-cpp-python is not installed (pip install -r requirements-bench.txt)", file=sys.stderr)
-        rates = {name: [] for name in engines}
-        for _ in range(args.repeats):  # interleaved: each engine once per round
-            for name, run in engines.items():
-                rates[name].append(run())
-        medians = {name: statistics.median(values) for name, values in rates.items()}
-        best_brisk = max(rate for name, rate in medians.items() if name.startswith("brisk"))
-        for name, rate in medians.items():
-            ratio = "" if name.startswith("brisk") else f"{best_brisk / rate:.2f}x"
-            print(f"| {precision} | {name} | {rate:.1f} | {ratio} |", flush=True)
-            results.append({"precision": precision, "engine": name, "decode_tokens_per_s": rate,
-                            "runs": rates[name]})
+        results += compare(precision, engines, args.repeats)
     if args.json:
         args.json.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": results},
                                         indent=2))

@@ -44,10 +44,11 @@ def test_bench_peers_compares_brisk_with_transformers_on_the_same_weights(smollm
 
     output = tmp_path / "peers.json"
     assert bench_peers(["--checkpoint_path", str(smollm2_dir), "--precisions", "fp32", "--no_compile",
-                        "--max_new_tokens", "4", "--repeats", "1", "--gguf_dir", str(tmp_path), "--json",
-                        str(output)]) == 0
-    engines = {row["engine"] for row in json.loads(output.read_text())["results"]}
-    assert {"brisk eager", "transformers"} <= engines
+                        "--max_new_tokens", "4", "--prefill_length", "32", "--repeats", "1", "--gguf_dir",
+                        str(tmp_path), "--json", str(output)]) == 0
+    rows = json.loads(output.read_text())["results"]
+    assert {"brisk eager", "transformers"} <= {row["engine"] for row in rows}
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in rows)
     assert "| fp32 | transformers |" in capsys.readouterr().out
 
 
