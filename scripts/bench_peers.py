@@ -1,6 +1,7 @@
 """brisk side by side with Hugging Face transformers and llama.cpp on the same weights: decode tokens/s and
-prefill tokens/s (--prefill_length, 512) at each precision, batch 1, greedy, the same thread count. Engines take turns (A B C A B C ...) and medians
-are reported with the ratio brisk / llama.cpp, so a machine whose speed drifts still compares fairly.
+prefill tokens/s (--prefill_length, 512) at each precision, batch 1, greedy, the same thread count. Engines
+take turns (A B C A B C ...) and medians are reported with the ratio brisk / llama.cpp, so a machine whose
+speed drifts still compares fairly.
 
     pip install -r requirements-bench.txt     # llama-cpp-python compiles llama.cpp (minutes)
     python scripts/bench_peers.py --precisions fp32 int4
@@ -10,6 +11,7 @@ Q8_0 files made from it (dequantized to F32 with the gguf package, then llama.cp
 transformers reads the F32 file; brisk runs its converted checkpoint (int4: the kept Q4_1 blocks, the very
 same numbers llama.cpp reads). Decode speed excludes the prompt: brisk times its steps, llama.cpp reports
 its own decode time, and for transformers rate = (N - 1) / (time for N tokens - time for 1 token).
+Prefill is one forward pass over the whole prompt (brisk: eager, also beside a compiled decode step).
 """
 import argparse
 import json
