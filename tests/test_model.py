@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from generate import Sampling, decode_one_token, generate
-from model import KNOWN_MODELS, ModelArgs, Transformer, load_model
+from model import CPU_HAS_BF16_ARITHMETIC, KNOWN_MODELS, Linear, ModelArgs, Transformer, load_model
 
 GREEDY = Sampling(temperature=0)
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 28, 284, 260, 3575, 282, 6480, 314]  # "The capital of France is Paris, ..."
@@ -94,13 +94,18 @@ def test_compiled_decode_equals_eager(tiny_dir):
 
 @pytest.mark.slow
 def test_compiled_one_row_bf16_matvec_equals_the_matmul():
-    from model import Linear
-
     layer = Linear(576, 1536).to(torch.bfloat16)
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
     expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
     assert torch.allclose(compiled(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(CPU_HAS_BF16_ARITHMETIC, reason="this CPU computes bf16 natively")
+def test_bf16_layer_over_many_rows_computes_in_fp32_on_a_cpu_without_bf16_arithmetic():
+    layer = Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), (x.float() @ layer.weight.float().T).to(torch.bfloat16))
 
 
 def test_model_names_are_looked_up_exactly_ignoring_case():
