@@ -6,11 +6,10 @@
 
 Generated text goes to stdout as it is produced; timings and speed go to stderr.
 
-How it is fast: the prompt is run through the model in one forward pass (prefill), which fills the
-static KV cache; then each new token is one forward pass over a single position (decode), which
-reads every weight once. Decoding is therefore bound by memory bandwidth: the report says how many
-bytes each step reads and what bandwidth that achieved. --compile turns the decode step into one
-fused graph (and, on CUDA, a CUDA graph replayed without Python overhead).
+How it is fast: one forward pass over the prompt (prefill) fills the static KV cache; then each new token
+is one forward pass over a single position (decode), which reads every weight once, so decoding is bound by
+memory bandwidth: the report says how many bytes each step reads and what bandwidth that achieved.
+--compile turns the decode step into one fused graph (and, on CUDA, a CUDA graph replayed without Python).
 """
 import argparse
 import contextlib
@@ -148,11 +147,10 @@ def pick_device(name: str) -> str:
 
 def pick_dtype(name: str, device: str, compiled_decode: bool = False) -> torch.dtype:
     if name == "auto":
-        # bf16 halves the bytes per step. On a CPU without bf16 arithmetic, eager matmuls compute it slower
-        # than fp32 (15 against 17 tokens/s, SmolLM2); a compiled one-token step reads it in fused loops
-        # (model.fuse_matvec) and is faster (38 against 25).
-        cpu = torch.bfloat16 if compiled_decode else torch.float32
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, cpu)
+        # bf16 halves the bytes per step: on a CPU it decodes slower than fp32 eagerly (15 against 17 tokens/s,
+        # SmolLM2) but faster in a compiled step's fused loops (38 against 25, model.fuse_matvec)
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if compiled_decode
+                                                                   else torch.float32)
     dtype = DTYPES[name]
     try:
         probe = torch.ones(2, 2, dtype=dtype, device=device)

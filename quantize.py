@@ -63,9 +63,8 @@ def dequantize_int4(values: Tensor, scales: Tensor, zeros: Tensor, groupsize: in
     return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(values.shape)
 
 
-# Byte j of a group holds columns j (low nibble) and j + groupsize / 2 (high nibble) of that group, so
-# each nibble plane of a group is a contiguous run of columns: a compiled decode step unpacks it with
-# vector shifts and masks, in place (Int4Linear.matvec). Files packed otherwise are refused on loading.
+# Byte j of a group holds its columns j (low nibble) and j + groupsize / 2 (high nibble): each nibble plane
+# is a run of columns, unpacked in place by vector shifts and masks (Int4Linear.matvec). Others are refused.
 INT4_PACKING = "group-halves"
 
 
@@ -90,10 +89,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, in_features // groupsize) if groupsize
                              else torch.empty(out_features))
-        # PyTorch's CPU int8 kernel (_weight_int8pack_mm), measured in torch 2.13 on 2 Xeon cores for a
-        # 1536 x 576 weight: 0.62 ms for one row against 0.20 ms for converting the weight and calling the
-        # float matmul, and 488 ms against 8 ms for 512 rows. So the plain form is the default; it is also
-        # the form torch.compile fuses (on CUDA too).
+        # PyTorch's CPU int8 kernel (_weight_int8pack_mm), torch 2.13, 2 Xeon cores, 1536 x 576 weight: 0.62 ms
+        # for one row against 0.20 ms converting the weight for the float matmul, 488 ms against 8 ms for 512
+        # rows. So the plain form is the default (compiled, on CUDA, it is the form Inductor fuses).
         self.use_kernel = False
 
     def forward(self, x: Tensor) -> Tensor:
