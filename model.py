@@ -168,10 +168,13 @@ class KVCache(nn.Module):
 FUSED_MATVEC_MAX_ROWS = 4
 
 
+def few_rows(x: Tensor) -> bool:
+    return x.numel() <= FUSED_MATVEC_MAX_ROWS * x.shape[-1]
+
+
 def fuse_matvec(x: Tensor) -> bool:
     """Whether a layer should compute x @ W.T as matvec(): while compiling a CPU step of a few rows."""
-    return (torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.numel() <= FUSED_MATVEC_MAX_ROWS * x.shape[-1])
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and few_rows(x)
 
 
 def matvec(x: Tensor, weight: Tensor) -> Tensor:
@@ -198,7 +201,7 @@ class Linear(nn.Linear):
             return F.linear(x, self.weight)
         if fuse_matvec(x):
             return matvec(x, self.weight).to(x.dtype)
-        if not CPU_HAS_BF16_ARITHMETIC and x.numel() > FUSED_MATVEC_MAX_ROWS * x.shape[-1]:
+        if not CPU_HAS_BF16_ARITHMETIC and not few_rows(x):
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return F.linear(x, self.weight)
 

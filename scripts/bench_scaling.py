@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from generate import Sampling, decode_one_token, generate, random_model, weights_bytes  # noqa: E402
 from model import ModelArgs, Transformer, unique_state_dict  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
+from tokenizer import write_atomic  # noqa: E402
 
 CONTEXTS = (128, 512, 2048, 8192)
 BATCHES = (1, 2, 4, 8, 16, 32)
@@ -123,12 +124,6 @@ def plot(points: list, title: str, path: Path) -> bool:
     return True
 
 
-def write_atomically(path: Path, text: str):
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
@@ -153,8 +148,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"scaling_{args.precision}_{mode}"
     table = markdown(points, title)
-    write_atomically(stem.with_suffix(".md"), table)
-    write_atomically(stem.with_suffix(".json"), json.dumps(
+    write_atomic(stem.with_suffix(".md"), table)
+    write_atomic(stem.with_suffix(".json"), json.dumps(
         {"precision": args.precision, "mode": mode, "threads": args.threads, "torch": torch.__version__,
          "points": points}, indent=2))
     plotted = plot(points, title, stem.with_suffix(".png"))
