@@ -148,7 +148,7 @@ def pick_device(name: str) -> str:
 def pick_dtype(name: str, device: str, compiled_decode: bool = False) -> torch.dtype:
     if name == "auto":
         # bf16 halves the bytes per step: on a CPU it decodes slower than fp32 eagerly (15 against 17 tokens/s,
-        # SmolLM2) but faster in a compiled step's fused loops (38 against 25, model.fuse_matvec)
+        # SmolLM2) but faster in a compiled step's fused loops (38 against 25, model.fused_cpu_decode)
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if compiled_decode
                                                                    else torch.float32)
     dtype = DTYPES[name]

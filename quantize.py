@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import Linear, fuse_matvec, matvec
+from model import Linear, fused_cpu_decode, matvec
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)
@@ -95,7 +95,7 @@ class Int8Linear(nn.Module):
         self.use_kernel = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if fuse_matvec(x):
+        if fused_cpu_decode(x):
             out = matvec(x, self.dequantized()) if self.groupsize else matvec(x, self.weight) * self.scales
             return out.to(x.dtype)
         if self.groupsize:
@@ -156,7 +156,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = self.padded(x.reshape(-1, self.in_features))
-        if fuse_matvec(x):
+        if fused_cpu_decode(x):
             return self.matvec(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.kernel_weight is None or (x.device.type == "cpu" and flat.shape[0] > self.kernel_max_rows):
             out = F.linear(flat, self.dequantized().to(x.dtype))
@@ -169,7 +169,7 @@ class Int4Linear(nn.Module):
 
     def matvec(self, flat: Tensor) -> Tensor:
         """flat (rows, padded_in) times the weight, transposed, unpacked group by group inside the sum (see
-        model.fuse_matvec): w = (q - 8) * scale + zero = q * scale + offset, for the low and high nibbles."""
+        model.fused_cpu_decode): w = (q - 8) * scale + zero = q * scale + offset, for the low and high nibbles."""
         groups, half = self.padded_in // self.groupsize, self.groupsize // 2
         x = flat.float().reshape(-1, 1, groups, 2, half)
         scales = self.scales.float().unsqueeze(-1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from generate import Sampling, decode_one_token, generate
-from model import CPU_HAS_BF16_ARITHMETIC, KNOWN_MODELS, Linear, ModelArgs, Transformer, load_model
+from model import (CPU_HAS_BF16_ARITHMETIC, KNOWN_MODELS, Linear, ModelArgs, Transformer, decode_attention,
+                   load_model)
 
 GREEDY = Sampling(temperature=0)
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 28, 284, 260, 3575, 282, 6480, 314]  # "The capital of France is Paris, ..."
@@ -99,6 +100,18 @@ def test_compiled_one_row_bf16_matvec_equals_the_matmul():
     compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
     expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
     assert torch.allclose(compiled(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_grouped_heads_and_padding(dtype):
+    q = torch.randn(2, 9, 1, 64, dtype=dtype)  # two rows, one query each, 9 heads over 3 K/V heads
+    k, v = torch.randn(2, 3, 40, 64, dtype=dtype), torch.randn(2, 3, 40, 64, dtype=dtype)
+    slots = torch.arange(40)
+    mask = ((slots <= 30) & (slots >= torch.tensor([[0], [7]])))[:, None, None, :]  # row 1: 7 padding slots
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(decode_attention(q, k, v, mask).float(), expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.skipif(CPU_HAS_BF16_ARITHMETIC, reason="this CPU computes bf16 natively")
