@@ -95,7 +95,8 @@ def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None, in
     import lm_eval
     from lm_eval.api.model import LM
 
-    from generate import Sampling, generate
+    from generate import generate
+    from sampling import Sampling
 
     class BriskLM(LM):
         def loglikelihood(self, requests):

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from generate import Sampling, UsageError, probabilities
+from generate import UsageError
 from model import Transformer, load_model
+from sampling import Sampling, probabilities
 from tokenizer import load_tokenizer
 
 

@@ -178,8 +178,9 @@ def gathered(value) -> list:
 
 def check(argv=None):
     """Run the sharded model and, on rank 0, the whole one; compare their logits and greedy tokens."""
-    from generate import DEFAULT_CHECKPOINT, DTYPES, Sampling, generate, peak_memory_gb, pick_device
+    from generate import DEFAULT_CHECKPOINT, DTYPES, generate, peak_memory_gb, pick_device
     from model import load_model
+    from sampling import Sampling
     from tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description="check that the sharded model computes what the whole one does")

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import Sampling, decode_one_token, generate, peak_memory_gb, weights_bytes  # noqa: E402
+from generate import compile_step, decode_one_token, generate, peak_memory_gb, weights_bytes  # noqa: E402
 from model import load_model  # noqa: E402
+from sampling import Sampling  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
@@ -110,7 +111,7 @@ def main(argv=None):
     for precision in args.precisions:
         model = build(args.checkpoint_path, precision, args.groupsize)
         modes = [("eager", decode_one_token)] + ([] if args.no_compile else [
-            ("compiled", torch.compile(decode_one_token, fullgraph=True))])
+            ("compiled", compile_step(decode_one_token, "cpu"))])
         for mode, step in modes:
             result = {"precision": precision, "mode": mode, **measure(
                 model, step, args.max_new_tokens, args.prefill_lengths, args.repeats)}

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import Sampling, decode_one_token, generate, random_model, weights_bytes  # noqa: E402
+from generate import compile_step, decode_one_token, generate, random_model, weights_bytes  # noqa: E402
 from model import ModelArgs, Transformer, unique_state_dict  # noqa: E402
+from sampling import Sampling  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
 from tokenizer import write_atomic  # noqa: E402
 
@@ -41,7 +42,7 @@ def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int
     step = decode_one_token
     if compiled:
         torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit's eager fallback
-        step = torch.compile(decode_one_token, fullgraph=True)
+        step = compile_step(decode_one_token, "cpu")
     greedy = Sampling(temperature=0)
     generate(model, [prompt] * batch, 3, greedy, start_pos=start, decode_step=step)  # warm-up (and compile)
     rates = []

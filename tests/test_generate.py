@@ -7,8 +7,9 @@ import torch
 
 import generate
 from conftest import ROOT
-from generate import Sampling, main, sample
+from generate import main
 from model import load_model
+from sampling import Sampling, sample
 
 
 def run_main(capsys, *argv):

@@ -3,9 +3,10 @@ compilation change nothing."""
 import pytest
 import torch
 
-from generate import Sampling, decode_one_token, generate
+from generate import compile_step, decode_one_token, generate
 from model import (CPU_HAS_BF16_ARITHMETIC, KNOWN_MODELS, Linear, ModelArgs, Transformer, decode_attention,
                    load_model)
+from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 28, 284, 260, 3575, 282, 6480, 314]  # "The capital of France is Paris, ..."
@@ -88,7 +89,7 @@ def test_compiled_decode_equals_eager(tiny_dir):
     model.setup_caches(1, 64)
     prompt = [5, 17, 29, 41, 53, 65]
     eager, _ = generate(model, [prompt], 16, GREEDY)
-    compiled_step = torch.compile(decode_one_token, fullgraph=True)
+    compiled_step = compile_step(decode_one_token, "cpu")
     compiled, _ = generate(model, [prompt], 16, GREEDY, decode_step=compiled_step)
     assert compiled == eager
 

@@ -11,9 +11,10 @@ import torch
 import offload
 import quantize
 from conftest import ROOT
-from generate import Sampling, generate
+from generate import generate
 from model import load_model
 from offload import load_offloaded, parse_size, plan_blocks
+from sampling import Sampling
 from tokenizer import load_tokenizer
 
 

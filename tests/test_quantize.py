@@ -190,7 +190,8 @@ def test_generate_reports_the_quantized_bytes(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32)])
 def test_compiled_quantized_decode_equals_eager(tiny_dir, tmp_path, mode, groupsize):
-    from generate import Sampling, decode_one_token, generate
+    from generate import compile_step, decode_one_token, generate
+    from sampling import Sampling
 
     directory = tmp_path / "tiny"
     shutil.copytree(tiny_dir, directory)
@@ -199,6 +200,6 @@ def test_compiled_quantized_decode_equals_eager(tiny_dir, tmp_path, mode, groups
     model = load_model(quantize.output_path(directory, mode, groupsize))
     model.setup_caches(1, 64)
     eager, _ = generate(model, [[5, 17, 29]], 12, Sampling(0))
-    compiled_step = torch.compile(decode_one_token, fullgraph=True)
+    compiled_step = compile_step(decode_one_token, "cpu")
     compiled, _ = generate(model, [[5, 17, 29]], 12, Sampling(0), decode_step=compiled_step)
     assert compiled == eager

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from generate import Sampling, generate, main, probabilities
+from generate import generate, main
 from model import ModelArgs, Transformer, load_model
+from sampling import Sampling, probabilities
 from speculative import DraftModel, Lookahead, lookahead_generate, prompt_lookup_guesses, speculative_generate, verify
 from tokenizer import load_tokenizer
 
