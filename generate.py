@@ -283,10 +283,11 @@ CPU_COMPILE_OPTIONS = {"size_asserts": False}
 
 def compile_step(step, device: str, cuda_graphs: bool = True):
     """torch.compile a step as one graph, no graph breaks (fullgraph); on CUDA captured as a CUDA graph
-    (reduce-overhead) so that a step costs a single launch."""
+    (reduce-overhead) so that a step costs a single launch. Shapes stay static: a new batch size compiles
+    afresh (torch 2.13 fails inside Dynamo when it would reuse the compiled block with a symbolic batch)."""
     if device == "cuda":
-        return torch.compile(step, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True)
-    return torch.compile(step, fullgraph=True, options=CPU_COMPILE_OPTIONS)
+        return torch.compile(step, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
+    return torch.compile(step, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
 
 
 def compile_steps(args, device):

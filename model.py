@@ -162,10 +162,10 @@ class KVCache(nn.Module):
 # bf16 weight to fp32 (without AVX512-BF16) and run int8 / int4 kernels tuned for other shapes. Written as
 # a multiply-and-sum instead, under torch.compile, each layer becomes one vectorized Inductor loop that
 # reads the weight once in its stored type and widens it in registers. Measured on 2 Xeon cores (torch
-# 2.13, SmolLM2-135M, compiled decode): bf16 21 -> 28 tokens/s, int8 9.5 -> 45, int4 3.6 -> 30. Each
-# row re-reads the weight, so from about 8 rows the matmul wins; eager PyTorch would materialise the
-# whole (rows, out, in) product; and fp32 is left to MKL, whose GEMV reads about twice as fast.
-FUSED_DECODE_MAX_ROWS = 4
+# 2.13, SmolLM2-135M, compiled decode): bf16 21 -> 28 tokens/s, int8 9.5 -> 45, int4 3.6 -> 30; batch 8:
+# bf16 40 -> 64, int8 53 -> 94; batch 16: bf16 49 -> 81, int8 63 -> 95; from 32 rows the matmul wins. Eager
+# PyTorch would materialise the whole (rows, out, in) product; fp32 is left to MKL's GEMV (twice as fast).
+FUSED_DECODE_MAX_ROWS = 16
 
 
 def few_rows(x: Tensor) -> bool:

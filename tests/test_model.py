@@ -95,6 +95,17 @@ def test_compiled_decode_equals_eager(tiny_dir):
 
 
 @pytest.mark.slow
+def test_one_compiled_step_serves_a_single_prompt_then_a_padded_batch(tiny_dir):
+    model = load_model(tiny_dir)
+    compiled_step = compile_step(decode_one_token, "cpu")
+    for prompts in ([[5, 17]], [[5], [6, 17], [7, 17, 29]]):
+        model.setup_caches(len(prompts), 64)
+        eager, _ = generate(model, prompts, 8, GREEDY)
+        compiled, _ = generate(model, prompts, 8, GREEDY, decode_step=compiled_step)
+        assert compiled == eager
+
+
+@pytest.mark.slow
 def test_compiled_one_row_bf16_matvec_equals_the_matmul():
     layer = Linear(576, 1536).to(torch.bfloat16)
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16)

@@ -187,19 +187,37 @@ def test_generate_reports_the_quantized_bytes(tiny_dir, tmp_path, capsys):
     assert int8_bytes > 0 and "memory bandwidth" in capsys.readouterr().err
 
 
+def quantized_tiny(tiny_dir, tmp_path, mode: str, groupsize: int):
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_dir, directory)
+    quantize.main(["--checkpoint_path", str(directory), "--mode", mode, "--groupsize", str(groupsize or 32),
+                   "--quantize_embedding"])
+    return load_model(quantize.output_path(directory, mode, groupsize))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32)])
 def test_compiled_quantized_decode_equals_eager(tiny_dir, tmp_path, mode, groupsize):
     from generate import compile_step, decode_one_token, generate
     from sampling import Sampling
 
-    directory = tmp_path / "tiny"
-    shutil.copytree(tiny_dir, directory)
-    quantize.main(["--checkpoint_path", str(directory), "--mode", mode, "--groupsize", str(groupsize or 32),
-                   "--quantize_embedding"])
-    model = load_model(quantize.output_path(directory, mode, groupsize))
+    model = quantized_tiny(tiny_dir, tmp_path, mode, groupsize)
     model.setup_caches(1, 64)
     eager, _ = generate(model, [[5, 17, 29]], 12, Sampling(0))
     compiled_step = compile_step(decode_one_token, "cpu")
     compiled, _ = generate(model, [[5, 17, 29]], 12, Sampling(0), decode_step=compiled_step)
+    assert compiled == eager
+
+
+@pytest.mark.slow
+def test_compiled_int4_decode_of_a_padded_batch_equals_eager(tiny_dir, tmp_path):
+    """8 prompts of 1 to 3 tokens, left-padded into one batch: more rows than one, fewer than the matmul's."""
+    from generate import compile_step, decode_one_token, generate
+    from sampling import Sampling
+
+    model = quantized_tiny(tiny_dir, tmp_path, "int4", 32)
+    prompts = [[5 + row, 17, 29][:1 + row % 3] for row in range(8)]
+    model.setup_caches(len(prompts), 64)
+    eager, _ = generate(model, prompts, 12, Sampling(0))
+    compiled, _ = generate(model, prompts, 12, Sampling(0), decode_step=compile_step(decode_one_token, "cpu"))
     assert compiled == eager
