@@ -19,8 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from model import load_model
+from checkpoint import load_model
+from cli import DTYPES, UsageError, fail, pick_device, read_text
+from generation import generate
+from sampling import Sampling
 from tokenizer import load_tokenizer
 
 
@@ -49,7 +53,9 @@ def token_log_probs(model, inputs: torch.Tensor) -> torch.Tensor:
     return torch.gather(F.log_softmax(logits, dim=-1), -1, inputs[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
-def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size: int = 1) -> dict:
+def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size: int = 1,
+               progress: bool = False) -> dict:
+    """Mean negative log-likelihood and perplexity of tokens, scored in windows; progress: a bar on stderr."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     spans = windows(len(tokens), max_seq_length, stride)
@@ -57,6 +63,7 @@ def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size
     by_length = {}  # windows of one length run together; only the last window may be shorter
     for span in spans:
         by_length.setdefault(span[1] - span[0], []).append(span)
+    bar = tqdm(total=len(spans), desc="scoring", unit="window", disable=not progress, leave=False)
     for length, group in by_length.items():
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
@@ -66,6 +73,8 @@ def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size
                 # log_probs[:, t] scores token begin + t + 1
                 total_nll -= log_probs[row, first_scored - begin - 1:].double().sum().item()
                 scored += end - first_scored
+            bar.update(len(batch))
+    bar.close()
     seconds = time.perf_counter() - started
     return {"tokens_scored": scored, "windows": len(spans), "mean_nll": total_nll / scored,
             "perplexity": math.exp(total_nll / scored), "seconds": seconds}
@@ -94,9 +103,7 @@ def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None, in
     """Run lm-evaluation-harness tasks through a small adapter around brisk's model."""
     import lm_eval
     from lm_eval.api.model import LM
-
-    from generate import generate
-    from sampling import Sampling
+    from lm_eval.tasks import TaskManager
 
     class BriskLM(LM):
         def loglikelihood(self, requests):
@@ -126,8 +133,6 @@ def run_tasks(model, tokenizer, tasks: list, max_seq_length: int, limit=None, in
                 outputs.append(text)
             return outputs
 
-    from lm_eval.tasks import TaskManager
-
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     return lm_eval.simple_evaluate(model=BriskLM(), tasks=tasks, limit=limit, task_manager=task_manager)["results"]
 
@@ -144,33 +149,50 @@ def main(argv=None):
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--limit", type=int, help="--tasks: examples per task")
     parser.add_argument("--include_path", type=Path, help="--tasks: a folder of your own task YAML files")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    stride = args.stride or args.max_seq_length // 2
-
-    if not args.text_file and not args.tasks:
-        return fail("nothing to evaluate: pass --text_file PATH (perplexity) and/or --tasks NAMES")
-    if args.tasks and importlib.util.find_spec("lm_eval") is None:
-        return fail("--tasks needs lm-evaluation-harness: pip install lm_eval")
-    if args.text_file and not args.text_file.is_file():
-        return fail(f"--text_file {args.text_file}: no such file")
-    if not 0 < stride <= args.max_seq_length:
-        return fail(f"--stride must be in [1, --max_seq_length], got {stride}")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        model, tokenizer = load_model(args.checkpoint_path, args.device, dtype), load_tokenizer(args.checkpoint_path)
-    except (FileNotFoundError, ValueError) as error:
+        return run(args)
+    except UsageError as error:
         return fail(str(error))
+
+
+def check_args(args, stride: int):
+    if not args.text_file and not args.tasks:
+        raise UsageError("nothing to evaluate: pass --text_file PATH (perplexity) and/or --tasks NAMES")
+    if args.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("--tasks needs lm-evaluation-harness: pip install lm_eval")
+    if args.max_seq_length < 2:
+        raise UsageError(f"--max_seq_length must be >= 2 (a token and one to predict), got {args.max_seq_length}")
+    if not 0 < stride <= args.max_seq_length:
+        raise UsageError(f"--stride must be in [1, --max_seq_length], got {stride}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.limit_tokens is not None and args.limit_tokens < 2:
+        raise UsageError(f"--limit_tokens must be >= 2, got {args.limit_tokens}")
+
+
+def run(args) -> int:
+    stride = args.stride or args.max_seq_length // 2
+    check_args(args, stride)
+    text = read_text(args.text_file, "--text_file") if args.text_file else None
+    device = pick_device(args.device)
+    try:
+        model, tokenizer = load_model(args.checkpoint_path, device, DTYPES[args.dtype]), load_tokenizer(args.checkpoint_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(str(error)) from None
     if args.max_seq_length > model.args.max_seq_length:
-        return fail(f"--max_seq_length {args.max_seq_length} is past the model's context of "
-                    f"{model.args.max_seq_length}")
+        raise UsageError(f"--max_seq_length {args.max_seq_length} is past the model's context of "
+                         f"{model.args.max_seq_length}")
 
     results = {"checkpoint": str(args.checkpoint_path)}
-    if args.text_file:
-        tokens = tokenizer.encode(args.text_file.read_text(encoding="utf-8"))[:args.limit_tokens]
-        results.update(perplexity(model, tokens, args.max_seq_length, stride, args.batch_size))
+    if text is not None:
+        tokens = tokenizer.encode(text)[:args.limit_tokens]
+        if len(tokens) < 2:
+            raise UsageError(f"--text_file {args.text_file} holds {len(tokens)} token(s): perplexity needs at least 2")
+        results.update(perplexity(model, tokens, args.max_seq_length, stride, args.batch_size, progress=True))
         print(f"{args.text_file}: {results['tokens_scored']} tokens scored in {results['windows']} windows of "
               f"{args.max_seq_length} (stride {stride}); mean NLL {results['mean_nll']:.4f}; "
               f"perplexity {results['perplexity']:.4f}; {results['seconds']:.1f} s", file=sys.stderr)
@@ -180,11 +202,6 @@ def main(argv=None):
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     return 0
-
-
-def fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

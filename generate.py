@@ -1,156 +1,34 @@
-"""Generate text with a brisk checkpoint.
+"""Generate text with a brisk checkpoint: the command line.
 
     python generate.py --prompt "Once upon a time"            # complete a text
     python generate.py --chat --prompt "What is gravity?"     # one turn through the chat template
     python generate.py --interactive                          # multi-turn chat
 
-Generated text goes to stdout as it is produced; timings and speed go to stderr.
-
-How it is fast: one forward pass over the prompt (prefill) fills the static KV cache; then each new token
-is one forward pass over a single position (decode), which reads every weight once, so decoding is bound by
-memory bandwidth: the report says how many bytes each step reads and what bandwidth that achieved.
---compile turns the decode step into one fused graph (and, on CUDA, a CUDA graph replayed without Python).
+Generated text goes to stdout as it is produced; timings and speed go to stderr. The loop itself is
+generation.py; this file reads the flags, loads the model (whole, sharded over torchrun's processes by
+tp.py, or streamed by offload.py), and runs prompts, a chat, or speculative decoding (speculative.py).
 """
 import argparse
 import contextlib
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable
 
 import torch
-from torch import Tensor
 
 import offload
 import tp
-from model import ModelArgs, Transformer, load_model, unique_state_dict
-from sampling import Sampling, sample
-from tokenizer import StreamDecoder, load_tokenizer
-
-DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.safetensors")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr, exit status 2."""
-
-
-def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling):
-    logits = model(tokens, input_pos, left_pad)
-    return sample(logits[:, -1], sampling)
-
-
-def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],
-                     sampling: Sampling):
-    logits = model(token, input_pos, left_pad)
-    return sample(logits[:, -1], sampling)
-
-
-@dataclass
-class Timing:
-    prefill_s: float = 0.0  # time to first token
-    decode_s: float = 0.0  # every token after the first
-    decode_steps: int = 0  # forward passes after prefill, each reading every weight once
-    decoded_tokens: int = 0  # tokens those steps produced, all unfinished rows counted
-
-
-@torch.no_grad()
-def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
-             start_pos: int = 0, on_token=None, prefill_step=prefill, decode_step=decode_one_token):
-    """Continue each prompt (a list of token ids) by up to max_new_tokens tokens, stopping a row at
-    its first stop id (which is kept). Prompts of different lengths are left-padded into one batch;
-    the model masks the padding, so each row gets what it would get alone. start_pos > 0 continues
-    a single sequence whose first start_pos tokens are already in the KV cache.
-    on_token(row, token_id) is called as each token is produced. Returns (new ids per row, Timing)."""
-    device = model.rope.device
-    longest = max(len(prompt) for prompt in prompts)
-    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        tokens[row, longest - len(prompt):] = torch.tensor(prompt)
-    padding = [longest - len(prompt) for prompt in prompts]
-    left_pad = torch.tensor(padding, device=device) if any(padding) else None
-    timing = Timing()
-
-    started = time.perf_counter()
-    input_pos = torch.arange(start_pos, start_pos + longest, device=device)
-    next_token = prefill_step(model, tokens.to(device), input_pos, left_pad, sampling).clone()
-    outputs, finished = [[] for _ in prompts], [False] * len(prompts)
-    for step in range(max_new_tokens):
-        for row, token_id in enumerate(next_token.view(-1).tolist()):  # the one host sync per step
-            if not finished[row]:
-                outputs[row].append(token_id)
-                finished[row] = token_id in stop_ids
-                if on_token:
-                    on_token(row, token_id)
-        now = time.perf_counter()
-        if step == 0:
-            timing.prefill_s, decode_started = now - started, now
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        input_pos = torch.tensor([start_pos + longest + step], device=device)
-        next_token = decode_step(model, next_token, input_pos, left_pad, sampling).clone()
-        timing.decode_steps += 1
-        timing.decoded_tokens += sum(not done for done in finished)
-    timing.decode_s = time.perf_counter() - decode_started
-    return outputs, timing
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available (use --device cpu)")
-    return name
-
-
-def pick_dtype(name: str, device: str, compiled_decode: bool = False) -> torch.dtype:
-    if name == "auto":
-        # bf16 halves the bytes per step: on a CPU it decodes slower than fp32 eagerly (15 against 17 tokens/s,
-        # SmolLM2) but faster in a compiled step's fused loops (38 against 25, model.fused_cpu_decode)
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if compiled_decode
-                                                                   else torch.float32)
-    dtype = DTYPES[name]
-    try:
-        probe = torch.ones(2, 2, dtype=dtype, device=device)
-        (probe @ probe).sum().item()
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--dtype {name} is not supported on {device}: try --dtype fp32") from None
-    return dtype
-
-
-def weights_bytes(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every weight once, as stored (int8 and int4 weights
-    with their scales), except that an untied input embedding is only looked up (one row per token)."""
-    return sum(tensor.numel() * tensor.element_size() for name, tensor in unique_state_dict(model).items()
-               if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
-
-
-def kv_cache_bytes(model: Transformer, batch: int) -> int:
-    """Bytes of KV cache one decode step reads: attention runs over every slot of the static cache
-    (masked), so this is the whole cache of the rows in use, however short the sequence so far."""
-    cache = model.layers[0].attention.kv_cache
-    per_row = cache.k_cache[0].numel() * cache.k_cache.element_size() * 2
-    return per_row * batch * len(model.layers)
-
-
-def peak_memory_gb(device: str = "cpu") -> float:
-    """Peak GPU memory allocated, or this process's peak resident memory. On Linux the latter is VmHWM:
-    getrusage's ru_maxrss would also count the parent's memory, which a child started with fork carries
-    until its exec."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e6  # kB
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux, bytes on macOS
+from checkpoint import load_model, random_model
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, fail, peak_memory_gb, pick_device, pick_dtype, read_text
+from generation import Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, weights_bytes
+from model import ModelArgs, Transformer
+from sampling import Sampling
+from speculative import (DraftModel, lookahead_generate, lookahead_logits, lookahead_rows, load_draft,
+                         speculative_generate, target_logits)
+from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 
 def parse_args(argv=None):
@@ -207,7 +85,9 @@ def check_args(args):
         raise UsageError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.interactive and (args.prompt or args.prompt_file):
+    if args.max_seq_length is not None and args.max_seq_length < 2:
+        raise UsageError(f"--max_seq_length must be >= 2, got {args.max_seq_length}")
+    if args.interactive and (args.prompt is not None or args.prompt_file):
         raise UsageError("--interactive reads prompts from the terminal: drop --prompt / --prompt_file")
     if args.interactive and args.random_weights:
         raise UsageError("--random_weights produces no text to chat with: drop --interactive")
@@ -223,15 +103,30 @@ def check_args(args):
         raise UsageError("--memory_budget applies to --offload cpu or disk: add --offload disk")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.prompt_file and not args.prompt_file.is_file():
-        raise UsageError(f"--prompt_file {args.prompt_file}: no such file")
+    if args.profile and not args.profile.parent.is_dir():
+        raise UsageError(f"--profile {args.profile}: there is no directory {args.profile.parent}")
 
 
 def read_prompts(args) -> list:
+    """The prompt texts: each --prompt, then each non-blank line of --prompt_file."""
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        prompts += [line for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_text(args.prompt_file, "--prompt_file").splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"--prompt_file {args.prompt_file} holds no prompt: write one prompt per line")
+        prompts += lines
     return prompts or ["Once upon a time"]
+
+
+def encode_prompts(args, tokenizer: Tokenizer, texts: list) -> list:
+    """Token ids of each prompt (through the chat template with --chat). An empty prompt is refused, unless
+    the tokenizer starts every text with a BOS token, from which the model can begin."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = [tokenizer.encode(tokenizer.render_chat(system + [{"role": "user", "content": text}]) if args.chat
+                                else text) for text in texts]
+    if not all(prompts):
+        raise UsageError("--prompt is empty and this tokenizer adds no BOS token to start from: give some text")
+    return prompts
 
 
 def load(args, device: str, dtype: torch.dtype):
@@ -241,16 +136,14 @@ def load(args, device: str, dtype: torch.dtype):
     except (FileNotFoundError, ValueError) as error:
         hint = " (run: bash scripts/setup.sh)" if args.checkpoint_path == DEFAULT_CHECKPOINT else ""
         raise UsageError(f"{error}{hint}") from None
-    if args.random_weights:
-        try:
-            model_args = ModelArgs.from_name(args.random_weights)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        if tokenizer.vocab_size > model_args.vocab_size:
-            raise UsageError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more than "
-                             f"{args.random_weights}'s {model_args.vocab_size}: pass a matching --checkpoint_path")
-        return random_model(model_args, device, dtype), tokenizer
     try:
+        if args.random_weights:
+            model_args = ModelArgs.from_name(args.random_weights)
+            if tokenizer.vocab_size > model_args.vocab_size:
+                raise ValueError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more "
+                                 f"than {args.random_weights}'s {model_args.vocab_size}: pass a matching "
+                                 "--checkpoint_path")
+            return random_model(model_args, device, dtype, shard=tp.sharded_loader()), tokenizer
         if args.offload != "none":
             budget = offload.parse_size(args.memory_budget) if args.memory_budget else None
             return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget), tokenizer
@@ -259,61 +152,29 @@ def load(args, device: str, dtype: torch.dtype):
         raise UsageError(str(error)) from None
 
 
-def random_model(model_args: ModelArgs, device: str, dtype: torch.dtype) -> Transformer:
-    """Random weights (normal, std 0.02) of a known shape; under torchrun, this rank's share of them."""
-    with torch.device("meta"):
-        model = Transformer(model_args)
-    if tp.world_size() > 1:
-        tp.shard(model, {}, tp.rank(), tp.world_size())
-    model = model.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for name, parameter in unique_state_dict(model).items():
-            if name.endswith("norm.weight"):
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0, 0.02)
-    return model.eval()
+@dataclass
+class Setup:
+    """What every run of this command uses: the model and its tokenizer, how to sample, the two steps."""
+    model: Transformer
+    tokenizer: Tokenizer
+    sampling: Sampling
+    steps: Steps
+    device: str
 
 
-# Inductor's wrapper checks each input's size and stride again before a CPU step's kernels run, after Dynamo's
-# guards have (40 checks a block, 30 blocks for SmolLM2). Without the repeat, compiled SmolLM2 decodes int8 48 ->
-# 52 tokens/s and bf16 40 -> 43 (2 Xeon cores, one process, interleaved).
-CPU_COMPILE_OPTIONS = {"size_asserts": False}
-
-
-def compile_step(step, device: str, cuda_graphs: bool = True):
-    """torch.compile a step as one graph, no graph breaks (fullgraph); on CUDA captured as a CUDA graph
-    (reduce-overhead) so that a step costs a single launch. Shapes stay static: a new batch size compiles
-    afresh (torch 2.13 fails inside Dynamo when it would reuse the compiled block with a symbolic batch)."""
-    if device == "cuda":
-        return torch.compile(step, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
-    return torch.compile(step, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
-
-
-def compile_steps(args, device):
-    """The decode step (--compile) and prefill (--compile_prefill) compiled. With --speculative, the step
-    compiled is the target's verify pass instead (k + 1 tokens at a time)."""
-    decode_step, prefill_step = decode_one_token, prefill
-    if args.compile and args.speculative:
-        from speculative import lookahead_logits, target_logits
-
-        forward = lookahead_logits if args.speculative == "lookahead" else target_logits
-        return compile_step(forward, device, cuda_graphs=False), prefill_step
-    if args.compile:
-        decode_step = compile_step(decode_one_token, device)
-    if args.compile_prefill:
-        prefill_step = torch.compile(prefill, fullgraph=True, dynamic=True)
-    return decode_step, prefill_step
-
-
-def warm_up(model, prompts, sampling, steps):
-    """With --compile, run a few tokens first so that compilation is not counted as decoding time."""
-    decode_step, prefill_step = steps
-    if decode_step is decode_one_token and prefill_step is prefill:
-        return
+def compile_announced(compile_run: Callable):
+    """Run compile_run() (a short generation that compiles), saying so before and how long it took after."""
+    print("compiling with torch.compile (about half a minute the first time; later runs reuse Inductor's "
+          "cache) ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    generate(model, prompts, 3, sampling, prefill_step=prefill_step, decode_step=decode_step)
+    compile_run()
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+
+
+def warm_up(setup: Setup, prompts: list):
+    """With compiled steps, run a few tokens first, so that compiling is not counted as decoding time."""
+    if setup.steps != Steps():
+        compile_announced(lambda: generate(setup.model, prompts, 3, setup.sampling, steps=setup.steps))
 
 
 def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
@@ -330,70 +191,19 @@ def report(timing: Timing, model: Transformer, batch: int, device: str, label: s
           file=sys.stderr)
 
 
-def run_prompts(args, model, tokenizer, sampling, device, steps):
-    texts = read_prompts(args)
-    messages = lambda text: ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": text}]
-    prompts = [tokenizer.encode(tokenizer.render_chat(messages(t)) if args.chat else t) for t in texts]
-    check_length(model, max(map(len, prompts)), args.max_new_tokens)
-    if args.speculative and len(prompts) > 1:
-        raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
-    if args.speculative:
-        from speculative import load_draft, run_speculative
-    draft = load_draft(args, tokenizer, device, model.norm.weight.dtype) if args.speculative == "draft" else None
-    batch_size = min(args.batch_size or len(prompts), len(prompts))
-    model.setup_caches(batch_size, max(map(len, prompts)) + args.max_new_tokens)
-    if draft:
-        draft.model.setup_caches(1, model.max_seq_length)
-    if not args.speculative:
-        warm_up(model, prompts[:batch_size], sampling, steps)
-    decode_step, prefill_step = steps
-    for sample_index in range(args.num_samples):
-        profiling = args.profile and sample_index == args.num_samples - 1
-        stream = StreamDecoder(tokenizer) if len(prompts) == 1 and not args.random_weights else None
-        if stream and not args.chat:
-            print(texts[0], end="", flush=True)
-        on_token = (lambda row, token_id: print(stream.push(token_id), end="", flush=True)) if stream else None
-        on_token = shown_text(tokenizer, on_token)
-        profiler = torch.profiler.profile() if profiling else contextlib.nullcontext()
-        if args.speculative:
-            run_speculative(args, model, tokenizer, prompts[0], sampling, draft, on_token,
-                            decode_step if args.compile else None)
-            print(stream.flush(), flush=True)
-            continue
-        label = f"sample {sample_index + 1}: " if args.num_samples > 1 else ""
-        with profiler:
-            for start in range(0, len(prompts), batch_size):
-                last = min(start + batch_size, len(prompts))
-                which = "" if batch_size == len(prompts) else f"prompts {start + 1}-{last}: "
-                run_batch(args, model, tokenizer, texts[start:start + batch_size], prompts[start:start + batch_size],
-                          sampling, device, steps, stream, on_token, label + which)
-        if profiling:
-            profiler.export_chrome_trace(str(args.profile))
-            print(f"wrote a Chrome trace to {args.profile}", file=sys.stderr)
-
-
-def run_batch(args, model, tokenizer, texts, prompts, sampling, device, steps, stream, on_token, label):
-    decode_step, prefill_step = steps
-    outputs, timing = generate(model, prompts, args.max_new_tokens, sampling, tokenizer.stop_ids,
-                               on_token=on_token, prefill_step=prefill_step, decode_step=decode_step)
-    if stream:
-        print(stream.flush(), flush=True)
-    elif not args.random_weights:
-        for text, output in zip(texts, outputs):
-            shown = [token_id for token_id in output if token_id not in tokenizer.stop_ids]
-            print(("" if args.chat else text) + tokenizer.decode(shown), end="\n\n", flush=True)
-    report(timing, model, len(prompts), device, label)
-
-
-def shown_text(tokenizer, on_token):
+def shown_text(tokenizer: Tokenizer, on_token):
     """on_token, skipping the stop tokens that end a reply (they are markers, not text)."""
-    if on_token is None:
-        return None
     return lambda row, token_id: None if token_id in tokenizer.stop_ids else on_token(row, token_id)
 
 
-def check_length(model, prompt_length, max_new_tokens):
+def streaming(tokenizer: Tokenizer):
+    """(on_token that prints a reply as it comes, never half a character; finish() that prints the rest)."""
+    stream = StreamDecoder(tokenizer)
+    on_token = shown_text(tokenizer, lambda row, token_id: print(stream.push(token_id), end="", flush=True))
+    return on_token, lambda: print(stream.flush(), flush=True)
+
+
+def check_length(model: Transformer, prompt_length: int, max_new_tokens: int):
     context = model.args.max_seq_length
     if prompt_length >= context:
         raise UsageError(f"the prompt has {prompt_length} tokens, longer than the model's context of {context}: "
@@ -403,13 +213,104 @@ def check_length(model, prompt_length, max_new_tokens):
                          f"model's context of {context}: lower --max_new_tokens to {context - prompt_length}")
 
 
-def interactive(args, model, tokenizer, sampling, device, steps):
+def run_prompts(args, setup: Setup):
+    """Each prompt continued (or answered, with --chat), --num_samples times, in batches of --batch_size."""
+    texts = read_prompts(args)
+    prompts = encode_prompts(args, setup.tokenizer, texts)
+    check_length(setup.model, max(map(len, prompts)), args.max_new_tokens)
+    if args.speculative and len(prompts) > 1:
+        raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
+    batch_size = min(args.batch_size or len(prompts), len(prompts))
+    setup.model.setup_caches(batch_size, max(map(len, prompts)) + args.max_new_tokens)
+    draft = None
+    if args.speculative == "draft":
+        try:
+            draft = load_draft(args.draft_checkpoint_path, setup.tokenizer, setup.device, setup.model.norm.weight.dtype)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"--draft_checkpoint_path: {error}") from None
+    verify_forward = compiled_verify_forward(args, setup.device) if args.speculative else None
+    if not args.speculative:
+        warm_up(setup, prompts[:batch_size])
+    for sample_index in range(args.num_samples):
+        profiling = args.profile and sample_index == args.num_samples - 1
+        with torch.profiler.profile() if profiling else contextlib.nullcontext() as profiler:
+            if args.speculative:
+                run_speculative(args, setup, texts[0], prompts[0], draft, verify_forward)
+            else:
+                label = f"sample {sample_index + 1}: " if args.num_samples > 1 else ""
+                for start in range(0, len(prompts), batch_size):
+                    rows = slice(start, min(start + batch_size, len(prompts)))
+                    which = "" if batch_size == len(prompts) else f"prompts {rows.start + 1}-{rows.stop}: "
+                    run_batch(args, setup, texts[rows], prompts[rows], label + which, stream=len(prompts) == 1)
+        if profiling:
+            profiler.export_chrome_trace(str(args.profile))
+            print(f"wrote a Chrome trace to {args.profile}", file=sys.stderr)
+
+
+def run_batch(args, setup: Setup, texts: list, prompts: list, label: str, stream: bool):
+    """One batch of prompts; stream: print the text of a run's single prompt as it comes (a batch's is
+    printed at the end)."""
+    stream = stream and not args.random_weights
+    on_token, finish = streaming(setup.tokenizer) if stream else (None, None)
+    if stream and not args.chat:
+        print(texts[0], end="", flush=True)
+    outputs, timing = generate(setup.model, prompts, args.max_new_tokens, setup.sampling, setup.tokenizer.stop_ids,
+                               on_token=on_token, steps=setup.steps)
+    if stream:
+        finish()
+    elif not args.random_weights:
+        for text, output in zip(texts, outputs):
+            shown = [token_id for token_id in output if token_id not in setup.tokenizer.stop_ids]
+            print(("" if args.chat else text) + setup.tokenizer.decode(shown), end="\n\n", flush=True)
+    report(timing, setup.model, len(prompts), setup.device, label)
+
+
+def compiled_verify_forward(args, device: str):
+    """With --compile, speculative decoding compiles the target's verify pass (one static shape) instead of
+    the decode step."""
+    if not args.compile:
+        return None
+    return compile_step(lookahead_logits if args.speculative == "lookahead" else target_logits, device,
+                        cuda_graphs=False)
+
+
+def run_speculative(args, setup: Setup, text: str, prompt: list, draft: DraftModel, verify_forward):
+    """One prompt by speculative decoding, its text streamed, its statistics on stderr."""
+    model, k = setup.model, args.speculate_k
+    if args.speculative == "lookahead":  # room for the scratch slots of its last pass, before compiling
+        model.setup_caches(1, len(prompt) + args.max_new_tokens + lookahead_rows(k, args.lookahead_window))
+    if draft is not None:
+        draft.model.setup_caches(1, model.max_seq_length)
+
+    def speculate(max_new_tokens, stop_ids=(), on_token=None):
+        if args.speculative == "lookahead":
+            return lookahead_generate(model, prompt, max_new_tokens, k, args.lookahead_window, stop_ids, on_token,
+                                      verify_forward)
+        return speculative_generate(model, prompt, max_new_tokens, setup.sampling, k, draft, stop_ids, on_token,
+                                    verify_forward)
+
+    if verify_forward is not None:  # compile outside the timings, as warm_up does for plain decoding
+        compile_announced(lambda: speculate(2 * k + 2))
+    on_token, finish = streaming(setup.tokenizer)
+    if not args.chat:
+        print(text, end="", flush=True)
+    started = time.perf_counter()
+    output, stats = speculate(args.max_new_tokens, setup.tokenizer.stop_ids, on_token)
+    seconds = time.perf_counter() - started
+    finish()
+    print(f"speculative ({args.speculative}, k={k}): {len(output)} tokens in {seconds:.2f} s, "
+          f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
+          f"({stats.accepted}/{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass",
+          file=sys.stderr)
+
+
+def interactive(args, setup: Setup):
     """Multi-turn chat. The whole conversation is re-rendered through the chat template each turn,
     and only the tokens that differ from what the KV cache already holds are run through the model."""
+    model, tokenizer = setup.model, setup.tokenizer
     max_seq_length = min(args.max_seq_length or 2048, model.args.max_seq_length)
     model.setup_caches(1, max_seq_length)
-    warm_up(model, [tokenizer.encode("Hello")], sampling, steps)
-    decode_step, prefill_step = steps
+    warm_up(setup, [tokenizer.encode("Hello")])
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cached = []  # token ids whose keys and values are in the KV cache, in order
     print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
@@ -425,16 +326,14 @@ def interactive(args, model, tokenizer, sampling, device, steps):
             print(f"the conversation ({len(conversation)} tokens) + --max_new_tokens would pass the "
                   f"{max_seq_length}-token context: start a new chat or raise --max_seq_length", file=sys.stderr)
             break
-        stream = StreamDecoder(tokenizer)
-        on_token = shown_text(tokenizer, lambda row, token_id: print(stream.push(token_id), end="", flush=True))
-        [reply], timing = generate(model, [conversation[reused:]], args.max_new_tokens, sampling, tokenizer.stop_ids,
-                                   start_pos=reused, on_token=on_token, prefill_step=prefill_step,
-                                   decode_step=decode_step)
-        print(stream.flush(), flush=True)
+        on_token, finish = streaming(tokenizer)
+        [reply], timing = generate(model, [conversation[reused:]], args.max_new_tokens, setup.sampling,
+                                   tokenizer.stop_ids, start_pos=reused, on_token=on_token, steps=setup.steps)
+        finish()
         cached = conversation + reply[:-1]  # the last sampled token has not been run through the model yet
         text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
         messages.append({"role": "assistant", "content": text})
-        report(timing, model, 1, device, "")
+        report(timing, model, 1, setup.device, "")
 
 
 def read_line() -> str:
@@ -460,15 +359,14 @@ def main(argv=None):
         model, tokenizer = load(args, device, dtype)
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
-        sampling = Sampling(args.temperature, args.top_k, args.top_p)
-        steps = compile_steps(args, device)
+        steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)
+        setup = Setup(model, tokenizer, Sampling(args.temperature, args.top_k, args.top_p), steps, device)
         if args.interactive:
-            interactive(args, model, tokenizer, sampling, device, steps)
+            interactive(args, setup)
         else:
-            run_prompts(args, model, tokenizer, sampling, device, steps)
+            run_prompts(args, setup)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
     finally:
         tp.finish()
     return 0

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from model import SAFETENSORS_DTYPES, Transformer, checkpoint_files, empty_model, unique_state_dict
+from checkpoint import SAFETENSORS_DTYPES, checkpoint_files, empty_model, unique_state_dict
+from model import Transformer
 
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

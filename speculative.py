@@ -2,10 +2,11 @@
 forward pass. Decoding reads every weight once per forward pass, so each accepted guess is a token
 that cost no extra pass over the target's weights.
 
-Two ways to guess:
+Three ways to guess:
 - draft: a smaller model with the same tokenizer (or the target's own int8 / int4 file) proposes k tokens;
 - prompt_lookup: the k tokens that followed the last earlier occurrence of the sequence's final n-gram
-  (no second model at all; it shines when the output repeats the input, as in summaries and edits).
+  (no second model at all; it shines when the output repeats the input, as in summaries and edits);
+- lookahead: the model's own Jacobi iterations and the n-grams they produce (Lookahead, below; greedy).
 
 Either way the output is distributed exactly as the target's own samples (greedy: token for token the
 same), by the rejection rule of Leviathan et al. 2023 and Chen et al. 2023: a guess d drawn from q is
@@ -13,17 +14,15 @@ accepted with probability min(1, p(d) / q(d)); the first rejected one is replace
 norm(max(p - q, 0)); if every guess is accepted, the target's next distribution gives one more token.
 """
 import random
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from generate import UsageError
-from model import Transformer, load_model
+from checkpoint import load_model
+from model import Transformer
 from sampling import Sampling, probabilities
-from tokenizer import load_tokenizer
+from tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
@@ -296,43 +295,12 @@ def lookahead_generate(model: Transformer, prompt: list, max_new_tokens: int, n:
     return new, stats
 
 
-def load_draft(args, tokenizer, device, dtype):
-    """generate.py's --speculative draft: the draft model, refused unless its tokenizer is the target's."""
-    try:
-        draft_tokenizer = load_tokenizer(args.draft_checkpoint_path)
-        draft = load_model(args.draft_checkpoint_path, device, dtype)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"--draft_checkpoint_path: {error}") from None
+def load_draft(checkpoint_path, tokenizer: Tokenizer, device: str, dtype: torch.dtype) -> DraftModel:
+    """A draft model for a target that uses tokenizer, refused (ValueError) unless its tokenizer is the same."""
+    draft_tokenizer = load_tokenizer(checkpoint_path)
     probe = "Speculative drafts must tokenize 1,234 words the same way: naïve café 東京!"
     if (draft_tokenizer.vocab_size, draft_tokenizer.special_tokens, draft_tokenizer.encode(probe)) != (
             tokenizer.vocab_size, tokenizer.special_tokens, tokenizer.encode(probe)):
-        raise UsageError(f"the draft at {args.draft_checkpoint_path} has a different vocabulary from the target: "
+        raise ValueError(f"the draft at {checkpoint_path} has a different vocabulary from the target: "
                          "use a draft with the same tokenizer")
-    return DraftModel(draft)
-
-
-def run_speculative(args, model, tokenizer, prompt, sampling, draft, on_token, compiled_forward):
-    """generate.py's --speculative run of one prompt, with its statistics on stderr."""
-    k = args.speculate_k
-    if args.speculative == "lookahead":  # room for the scratch slots of its last pass, before compiling
-        model.setup_caches(1, len(prompt) + args.max_new_tokens + lookahead_rows(k, args.lookahead_window))
-
-    def speculate(max_new_tokens, stop_ids=(), on_token=None):
-        if args.speculative == "lookahead":
-            return lookahead_generate(model, prompt, max_new_tokens, k, args.lookahead_window, stop_ids, on_token,
-                                      compiled_forward)
-        return speculative_generate(model, prompt, max_new_tokens, sampling, k, draft, stop_ids, on_token,
-                                    compiled_forward)
-
-    if compiled_forward is not None:  # compile outside the timings, as warm_up does for plain decoding
-        started = time.perf_counter()
-        speculate(2 * k + 2)
-        print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    started = time.perf_counter()
-    output, stats = speculate(args.max_new_tokens, tokenizer.stop_ids, on_token)
-    seconds = time.perf_counter() - started
-    print(f"speculative ({args.speculative}, k={k}): {len(output)} tokens in {seconds:.2f} s, "
-          f"{len(output) / seconds:.1f} tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} "
-          f"({stats.accepted}/{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass",
-          file=sys.stderr)
-    return output
+    return DraftModel(load_model(checkpoint_path, device, dtype))

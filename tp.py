@@ -1,7 +1,7 @@
 """Tensor parallelism: every transformer block split across processes (Megatron-LM, Shoeybi et al. 2019).
 
     torchrun --nproc_per_node=3 generate.py --prompt "Once upon a time"     # 3 processes, one machine
-    torchrun --nproc_per_node=3 tp.py                                       # check: sharded == whole model
+    torchrun --nproc_per_node=3 scripts/check_tp.py                         # check: sharded == whole model
 
 Each of the N ranks holds 1/N of every block's weights and computes 1/N of its heads and of its
 feed-forward width:
@@ -20,13 +20,10 @@ seed, samples the same tokens: generation runs unchanged on every rank, and rank
 The transport is torch.distributed as set up by torchrun: gloo on CPU, NCCL on CUDA. The all-reduces
 are functional collectives, which torch.compile traces into the compiled decode step.
 """
-import argparse
 import ctypes
 import functools
-import json
 import mmap
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -34,7 +31,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import Linear, ModelArgs
+from model import ModelArgs
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROW_WISE = ("attention.wo", "feed_forward.w2")
@@ -83,7 +80,7 @@ def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
     int4 with the same groupsize, in a new shape."""
     with torch.device("meta"):
         if isinstance(layer, nn.Linear):
-            return Linear(in_features, out_features)
+            return nn.Linear(in_features, out_features, bias=False)
         return type(layer)(in_features, out_features, layer.groupsize)
 
 
@@ -174,54 +171,3 @@ def gathered(value) -> list:
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def check(argv=None):
-    """Run the sharded model and, on rank 0, the whole one; compare their logits and greedy tokens."""
-    from generate import DEFAULT_CHECKPOINT, DTYPES, generate, peak_memory_gb, pick_device
-    from model import load_model
-    from sampling import Sampling
-    from tokenizer import load_tokenizer
-
-    parser = argparse.ArgumentParser(description="check that the sharded model computes what the whole one does")
-    parser.add_argument("--checkpoint_path", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--prompt", default="The capital of France is")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    args = parser.parse_args(argv)
-    device, dtype = pick_device(args.device), DTYPES[args.dtype]
-    init(device)
-    try:
-        model = load_model(args.checkpoint_path, device, dtype, shard=sharded_loader())
-    except (FileNotFoundError, ValueError) as error:
-        if rank() == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    prompt = load_tokenizer(args.checkpoint_path).encode(args.prompt)
-    tokens = torch.tensor([prompt], device=device)
-    model.setup_caches(1, len(prompt) + args.max_new_tokens)
-    with torch.no_grad():
-        logits = model(tokens, torch.arange(len(prompt), device=device))
-    [generated], _ = generate(model, [prompt], args.max_new_tokens, Sampling(temperature=0))
-    memory = gathered(round(peak_memory_gb(), 3))
-    if rank() == 0:
-        whole = load_model(args.checkpoint_path, device, dtype)
-        whole.setup_caches(1, len(prompt) + args.max_new_tokens)
-        with torch.no_grad():
-            expected_logits = whole(tokens, torch.arange(len(prompt), device=device))
-        [expected], _ = generate(whole, [prompt], args.max_new_tokens, Sampling(temperature=0))
-        result = dict(world_size=world_size(), dtype=args.dtype, device=device,
-                      max_abs_logit_diff=(logits.float() - expected_logits.float()).abs().max().item(),
-                      tokens=generated, expected_tokens=expected, peak_rss_gb_per_rank=memory)
-        print(json.dumps(result) if args.json else
-              f"{world_size()} ranks ({device}, {args.dtype}): logits differ from the whole model's by at most "
-              f"{result['max_abs_logit_diff']:.2e}; greedy tokens {'identical' if generated == expected else 'DIFFER'}"
-              f" ({len(generated)}); peak memory per rank (GB) {memory}")
-    finish()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(check())

@@ -20,8 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import compile_step, decode_one_token, generate, peak_memory_gb, weights_bytes  # noqa: E402
-from model import load_model  # noqa: E402
+import cpu_kernels  # noqa: E402
+import quantize  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from cli import peak_memory_gb  # noqa: E402
+from generation import Steps, compile_steps, generate, weights_bytes  # noqa: E402
 from sampling import Sampling  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -52,11 +55,9 @@ def precision_dtype(precision: str) -> torch.dtype:
 def at_precision(model, precision: str, groupsize: int):
     """int8 / int4 (round to nearest) quantized in memory: the embedding / output head too, as llama.cpp's
     Q8_0 / Q4 files hold it. fp32 and bf16 models are returned as they are."""
-    import quantize
-
     if precision in ("int8", "int4"):
         quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=True)
-        quantize.prepare_kernels(model)
+        cpu_kernels.swap_in(model)
     return model.eval()
 
 
@@ -66,16 +67,16 @@ def synthetic_tokens(length: int, vocab_size: int) -> list:
 
 
 @torch.no_grad()
-def measure(model, decode_step, max_new_tokens: int, prefill_lengths: list, repeats: int) -> dict:
+def measure(model, steps: Steps, max_new_tokens: int, prefill_lengths: list, repeats: int) -> dict:
     greedy = Sampling(temperature=0)
     model.setup_caches(1, max(prefill_lengths + [16]) + max_new_tokens + 1)
     prompt = synthetic_tokens(16, model.args.vocab_size)
     started = time.perf_counter()
-    generate(model, [prompt], 3, greedy, decode_step=decode_step)  # warm-up; with --compile, compiles
+    generate(model, [prompt], 3, greedy, steps=steps)  # warm-up; with --compile, compiles
     result = {"warm_up_s": time.perf_counter() - started}
     decode = []
     for _ in range(repeats):
-        _, timing = generate(model, [prompt], max_new_tokens, greedy, decode_step=decode_step)
+        _, timing = generate(model, [prompt], max_new_tokens, greedy, steps=steps)
         decode.append(timing.decoded_tokens / timing.decode_s)
     result["decode_tokens_per_s"] = statistics.median(decode)
     for length in prefill_lengths:
@@ -110,8 +111,7 @@ def main(argv=None):
     rows = []
     for precision in args.precisions:
         model = build(args.checkpoint_path, precision, args.groupsize)
-        modes = [("eager", decode_one_token)] + ([] if args.no_compile else [
-            ("compiled", compile_step(decode_one_token, "cpu"))])
+        modes = [("eager", Steps())] + ([] if args.no_compile else [("compiled", compile_steps("cpu"))])
         for mode, step in modes:
             result = {"precision": precision, "mode": mode, **measure(
                 model, step, args.max_new_tokens, args.prefill_lengths, args.repeats)}

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import compile_step, decode_one_token, generate  # noqa: E402
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generation import Steps, compile_steps, generate  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import build, synthetic_tokens  # noqa: E402
 from scripts.prepare_default import embedded_gguf  # noqa: E402
@@ -100,11 +100,11 @@ def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list,
     model = build(checkpoint, precision, 32) if precision != "int4" else load_model(
         checkpoint / "model_q4_1.safetensors")
     model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
-    step = compile_step(decode_one_token, "cpu") if compiled else decode_one_token
-    generate(model, [prompt], 3, Sampling(temperature=0), decode_step=step)  # warm-up (compiles)
+    steps = compile_steps("cpu") if compiled else Steps()
+    generate(model, [prompt], 3, Sampling(temperature=0), steps=steps)  # warm-up (compiles)
 
     def decode() -> float:
-        _, timing = generate(model, [prompt], new_tokens, Sampling(temperature=0), decode_step=step)
+        _, timing = generate(model, [prompt], new_tokens, Sampling(temperature=0), steps=steps)
         return timing.decoded_tokens / timing.decode_s
 
     def prefill() -> float:

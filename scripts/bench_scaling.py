@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import compile_step, decode_one_token, generate, random_model, weights_bytes  # noqa: E402
-from model import ModelArgs, Transformer, unique_state_dict  # noqa: E402
+from checkpoint import random_model, unique_state_dict  # noqa: E402
+from generation import Steps, compile_steps, generate, weights_bytes  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
 from tokenizer import write_atomic  # noqa: E402
@@ -39,15 +40,15 @@ def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int
     start = context - len(prompt) - new_tokens
     if start < 0:
         raise SystemExit(f"error: context {context} is shorter than 8 prompt + {new_tokens} new tokens")
-    step = decode_one_token
+    steps = Steps()
     if compiled:
         torch._dynamo.reset()  # a fresh compile per shape, not the recompile limit's eager fallback
-        step = compile_step(decode_one_token, "cpu")
+        steps = compile_steps("cpu")
     greedy = Sampling(temperature=0)
-    generate(model, [prompt] * batch, 3, greedy, start_pos=start, decode_step=step)  # warm-up (and compile)
+    generate(model, [prompt] * batch, 3, greedy, start_pos=start, steps=steps)  # warm-up (and compile)
     rates = []
     for _ in range(repeats):
-        _, timing = generate(model, [prompt] * batch, new_tokens, greedy, start_pos=start, decode_step=step)
+        _, timing = generate(model, [prompt] * batch, new_tokens, greedy, start_pos=start, steps=steps)
         rates.append(timing.decoded_tokens / timing.decode_s)
     return statistics.median(rates)
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import generate  # noqa: E402
-from model import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generation import generate  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from speculative import DraftModel, lookahead_generate, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs, save_config, save_safetensors  # noqa: E402
+from checkpoint import save_config, save_safetensors  # noqa: E402
+from model import ModelArgs  # noqa: E402
+from quantized_layers import INT4_PACKING  # noqa: E402
 from tokenizer import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, byte_level_ranks, save_tiktoken,  # noqa: E402
                        write_atomic)
 
@@ -266,8 +268,6 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
     if kept:
         main_type = max(set(types), key=types.count)
         weights_name = f"model_{main_type.lower()}.safetensors"
-        from quantize import INT4_PACKING
-
         metadata.update(quantization=f"gguf-{main_type.lower()}", groupsize=32, int4_packing=INT4_PACKING,
                         quantize_embedding=any("token_embd" in name for name in kept))
     save_safetensors(out_dir / weights_name, shapes, converted(), metadata)

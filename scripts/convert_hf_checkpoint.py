@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs, save_config, save_safetensors  # noqa: E402
+from checkpoint import save_config, save_safetensors  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from tokenizer import DIGITS_PATTERN, GPT2_PATTERN, byte_level_ranks, save_tiktoken, write_atomic  # noqa: E402
 
 LAYER_NAMES = {

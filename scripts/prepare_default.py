@@ -11,7 +11,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from safetensors import safe_open
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from quantized_layers import INT4_PACKING  # noqa: E402
 from scripts.convert_gguf import convert  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,10 +33,6 @@ def embedded_gguf() -> Path:
 
 def is_current(path: Path) -> bool:
     """Whether path exists and, when it holds int4 layers, packs them as this brisk does."""
-    from safetensors import safe_open
-
-    from quantize import INT4_PACKING
-
     if not path.is_file():
         return False
     with safe_open(path, framework="pt") as file:

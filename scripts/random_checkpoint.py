@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import ModelArgs, Transformer, save_config, save_safetensors, unique_state_dict  # noqa: E402
+from checkpoint import save_config, save_safetensors, unique_state_dict  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.tiktoken", "tokenizer.json", "tokenizer_config.json",

@@ -121,5 +121,24 @@ def tiny_reference(tiny_hf_dir):
     return LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
 
 
+def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:
+    """checkpoint_dir copied to directory and quantized there by quantize.py's command line (argv: its
+    flags, --mode included): the written file's path."""
+    import shutil
+
+    import quantize
+
+    shutil.copytree(checkpoint_dir, directory)
+    output = directory / "quantized.safetensors"
+    assert quantize.main(["--checkpoint_path", str(directory), "--output", str(output), *map(str, argv)]) == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 quantized to int8 (one scale per output channel; the tied embedding stays fp32)."""
+    return quantized_copy(smollm2_dir, tmp_path_factory.mktemp("int8") / "smollm2", "--mode", "int8")
+
+
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None

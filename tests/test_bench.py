@@ -20,7 +20,8 @@ def test_bench_reports_each_precision_and_prefill_length(tiny_dir, tmp_path, cap
 
 
 def test_random_checkpoint_has_the_named_shape_and_loads(tiny_dir, tmp_path):
-    from model import ModelArgs, load_model
+    from checkpoint import load_model
+    from model import ModelArgs
     from tokenizer import load_tokenizer
     from scripts.random_checkpoint import main as write_random
 

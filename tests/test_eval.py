@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
-from model import load_model
+from checkpoint import load_model
 from tokenizer import load_tokenizer
 
 

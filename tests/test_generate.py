@@ -5,11 +5,13 @@ import sys
 import pytest
 import torch
 
-import generate
+from checkpoint import load_model
+from cli import pick_dtype
 from conftest import ROOT
 from generate import main
-from model import load_model
+from generation import generate
 from sampling import Sampling, sample
+from tokenizer import load_tokenizer
 
 
 def run_main(capsys, *argv):
@@ -51,13 +53,13 @@ def test_interactive_chat_reusing_the_cache_equals_fresh_runs(capsys, monkeypatc
                                 "--max_new_tokens", 30)
     assert status == 0
 
-    tokenizer, model = generate.load_tokenizer(smollm2_dir), load_model(smollm2_dir)
+    tokenizer, model = load_tokenizer(smollm2_dir), load_model(smollm2_dir)
     model.setup_caches(1, 256)
     messages, expected = [], ""
     for question in questions:  # each turn from scratch: the whole conversation prefilled again
         messages.append({"role": "user", "content": question})
         conversation = tokenizer.encode(tokenizer.render_chat(messages))
-        [reply], _ = generate.generate(model, [conversation], 30, Sampling(0), tokenizer.stop_ids)
+        [reply], _ = generate(model, [conversation], 30, Sampling(0), tokenizer.stop_ids)
         text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
         messages.append({"role": "assistant", "content": text})
         expected += text + "\n"
@@ -145,8 +147,6 @@ def test_profile_writes_a_chrome_trace(capsys, tiny_dir, tmp_path):
 
 
 def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
-    from generate import pick_dtype
-
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("auto", "cpu", compiled_decode=True) == torch.bfloat16
     assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32

@@ -3,9 +3,9 @@ compilation change nothing."""
 import pytest
 import torch
 
-from generate import compile_step, decode_one_token, generate
-from model import (CPU_HAS_BF16_ARITHMETIC, KNOWN_MODELS, Linear, ModelArgs, Transformer, decode_attention,
-                   load_model)
+from checkpoint import load_model, unique_state_dict
+from generation import compile_steps, generate
+from model import ModelArgs, Transformer
 from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)
@@ -89,48 +89,19 @@ def test_compiled_decode_equals_eager(tiny_dir):
     model.setup_caches(1, 64)
     prompt = [5, 17, 29, 41, 53, 65]
     eager, _ = generate(model, [prompt], 16, GREEDY)
-    compiled_step = compile_step(decode_one_token, "cpu")
-    compiled, _ = generate(model, [prompt], 16, GREEDY, decode_step=compiled_step)
+    compiled, _ = generate(model, [prompt], 16, GREEDY, steps=compile_steps("cpu"))
     assert compiled == eager
 
 
 @pytest.mark.slow
 def test_one_compiled_step_serves_a_single_prompt_then_a_padded_batch(tiny_dir):
     model = load_model(tiny_dir)
-    compiled_step = compile_step(decode_one_token, "cpu")
+    compiled_steps = compile_steps("cpu")
     for prompts in ([[5, 17]], [[5], [6, 17], [7, 17, 29]]):
         model.setup_caches(len(prompts), 64)
         eager, _ = generate(model, prompts, 8, GREEDY)
-        compiled, _ = generate(model, prompts, 8, GREEDY, decode_step=compiled_step)
+        compiled, _ = generate(model, prompts, 8, GREEDY, steps=compiled_steps)
         assert compiled == eager
-
-
-@pytest.mark.slow
-def test_compiled_one_row_bf16_matvec_equals_the_matmul():
-    layer = Linear(576, 1536).to(torch.bfloat16)
-    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
-    compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
-    expected = (x.float() @ layer.weight.float().T).to(torch.bfloat16)
-    assert torch.allclose(compiled(x).float(), expected.float(), rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_sdpa_with_grouped_heads_and_padding(dtype):
-    q = torch.randn(2, 9, 1, 64, dtype=dtype)  # two rows, one query each, 9 heads over 3 K/V heads
-    k, v = torch.randn(2, 3, 40, 64, dtype=dtype), torch.randn(2, 3, 40, 64, dtype=dtype)
-    slots = torch.arange(40)
-    mask = ((slots <= 30) & (slots >= torch.tensor([[0], [7]])))[:, None, None, :]  # row 1: 7 padding slots
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    assert torch.allclose(decode_attention(q, k, v, mask).float(), expected, rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.skipif(CPU_HAS_BF16_ARITHMETIC, reason="this CPU computes bf16 natively")
-def test_bf16_layer_over_many_rows_computes_in_fp32_on_a_cpu_without_bf16_arithmetic():
-    layer = Linear(64, 32).to(torch.bfloat16)
-    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
-    assert torch.equal(layer(x), (x.float() @ layer.weight.float().T).to(torch.bfloat16))
 
 
 def test_model_names_are_looked_up_exactly_ignoring_case():
@@ -140,10 +111,26 @@ def test_model_names_are_looked_up_exactly_ignoring_case():
         ModelArgs.from_name("Llama-2")
 
 
-def test_every_named_model_has_consistent_heads():
-    for name in KNOWN_MODELS:
-        args = ModelArgs.from_name(name)
-        assert args.n_heads % args.n_kv_heads == 0 and args.head_dim * args.n_heads >= args.dim // 2, name
+def parameter_count(name: str) -> int:
+    with torch.device("meta"):
+        return sum(tensor.numel() for tensor in unique_state_dict(Transformer(ModelArgs.from_name(name))).values())
+
+
+# Counts as the model cards and Hugging Face's checkpoints give them (tied embeddings counted once).
+PUBLISHED_PARAMETERS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "CodeLlama-7B": 6_738_546_688,
+                        "Mistral-7B": 7_241_732_096, "TinyLlama-1.1B": 1_100_048_384, "Llama-3.1-8B": 8_030_261_248,
+                        "Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824,
+                        "SmolLM2-135M": 134_515_008, "SmolLM2-360M": 361_821_120, "SmolLM2-1.7B": 1_711_376_384}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_a_named_shape_has_its_published_parameter_count(name):
+    assert parameter_count(name) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name, millions", [("stories15M", 15), ("stories42M", 42), ("stories110M", 110)])
+def test_llama2c_stories_shapes_share_the_classifier_as_their_names_count(name, millions):
+    assert abs(parameter_count(name) / 1e6 - millions) < 0.03 * millions
 
 
 def test_hf_config_round_trips():

@@ -11,8 +11,8 @@ import torch
 import offload
 import quantize
 from conftest import ROOT
-from generate import generate
-from model import load_model
+from checkpoint import load_model
+from generation import generate
 from offload import load_offloaded, parse_size, plan_blocks
 from sampling import Sampling
 from tokenizer import load_tokenizer

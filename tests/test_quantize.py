@@ -1,13 +1,19 @@
 """Quantized layers compute what their dequantized weights compute; files round-trip; GPTQ beats rounding."""
+import re
 import shutil
 
 import pytest
 import torch
 
+import cpu_kernels
 import quantize
-from model import load_model
-from quantize import (Int4Linear, Int8Linear, HessianAccumulator, dequantize_int4, gptq_layer, int4_group_params,
-                      int4_values, quantize_int8, set_rtn)
+import quantized_layers
+from checkpoint import load_model
+from conftest import quantized_copy
+from generation import compile_steps, generate
+from quantize import HessianAccumulator, gptq_layer, set_rtn
+from quantized_layers import Int4Linear, Int8Linear, dequantize_int4, int4_group_params, int4_values, quantize_int8
+from sampling import Sampling
 from tokenizer import load_tokenizer
 
 
@@ -42,42 +48,13 @@ def test_int4_reconstruction_of_a_real_layer(smollm2_weight, groupsize, bound):
     assert sqnr_db(smollm2_weight, layer.dequantized()[:, :576]) > bound
 
 
-def test_int8_kernel_equals_reference_path(smollm2_weight):
-    layer = filled(Int8Linear(576, 1536), smollm2_weight)
-    x = torch.randn(3, 5, 576)
-    reference = layer(x)
-    layer.use_kernel = True
-    assert torch.allclose(layer(x), reference, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
-def test_int4_kernel_equals_reference_path(smollm2_weight, groupsize):
-    layer = filled(Int4Linear(576, 1536, groupsize), smollm2_weight)
-    x = torch.randn(3, 5, 576)
-    reference = layer(x)
-    layer.prepare()
-    layer.kernel_max_rows = 15  # every row through the kernel
-    assert layer.kernel_weight is not None
-    assert torch.allclose(layer(x), reference, rtol=1e-4, atol=2e-4)
-
-
 def test_int4_packing_holds_each_half_group_in_one_nibble_plane():
     values = torch.arange(64).remainder(16).to(torch.uint8).reshape(1, 64)  # two groups of 32
-    packed = quantize.pack_int4(values, 32)
+    packed = quantized_layers.pack_int4(values, 32)
     assert packed.shape == (1, 32)
     assert packed[0, 0].item() == values[0, 0] | values[0, 16] << 4
     assert packed[0, 16].item() == values[0, 32] | values[0, 48] << 4
-    assert torch.equal(quantize.unpack_int4(packed, 32), values)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("layer", [Int8Linear(576, 1536), Int8Linear(576, 1536, 32), Int4Linear(576, 1536, 32),
-                                   Int4Linear(576, 1536, 128)], ids=["int8", "int8-g32", "int4-g32", "int4-g128"])
-def test_compiled_one_row_matvec_equals_the_eager_layer(smollm2_weight, layer):
-    filled(layer, smollm2_weight)
-    x = torch.randn(1, 1, 576)
-    compiled = torch.compile(layer, fullgraph=True)  # one row on the CPU: the fused multiply-and-sum
-    assert torch.allclose(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(quantized_layers.unpack_int4(packed, 32), values)
 
 
 def test_padded_groups_multiply_only_real_columns():
@@ -129,11 +106,11 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
     loaded = load_model(renamed)
     tokens, positions = torch.tensor([[5, 60, 200, 7, 31]]), torch.arange(5)
     model.setup_caches(1, 16), loaded.setup_caches(1, 16)
-    quantize.prepare_kernels(model)
+    cpu_kernels.swap_in(model)  # as loading does: the same int4 kernel on both sides
     with torch.no_grad():
         assert torch.allclose(loaded(tokens, positions), model(tokens, positions), atol=1e-5)
-    assert isinstance(loaded.layers[1].attention.wk, Int8Linear if mode == "int8" else Int4Linear)
-    assert loaded.tok_embeddings.table is loaded.output  # tied, and quantized once
+    assert isinstance(loaded.layers[1].attention.wk.layer, Int8Linear if mode == "int8" else Int4Linear)
+    assert loaded.tok_embeddings.table is loaded.output.layer  # tied, and quantized once
 
 
 def test_gptq_output_error_is_below_rounding_on_real_activations(smollm2_dir):
@@ -173,51 +150,43 @@ def test_missing_calibration_file_is_one_clear_line(tiny_dir, capsys, tmp_path):
     assert status == 2 and capsys.readouterr().err.startswith("error: --calibration_file")
 
 
-def test_generate_reports_the_quantized_bytes(tiny_dir, tmp_path, capsys):
+def reported_weights_mb(capsys, checkpoint) -> int:
     from generate import main
 
-    directory = tmp_path / "tiny"
-    shutil.copytree(tiny_dir, directory)
-    quantize.main(["--checkpoint_path", str(directory), "--mode", "int8"])
     capsys.readouterr()
-    main(["--checkpoint_path", str(directory / "model_int8.safetensors"), "--max_new_tokens", "3"])
-    full = load_model(directory)
-    int8_bytes = sum(p.numel() for name, p in full.state_dict().items()
-                     if "layers." in name and name.endswith("w1.weight"))  # sanity: int8 is 1 byte a weight
-    assert int8_bytes > 0 and "memory bandwidth" in capsys.readouterr().err
+    assert main(["--checkpoint_path", str(checkpoint), "--max_new_tokens", "2", "--temperature", "0"]) == 0
+    return int(re.search(r"\(weights (\d+) MB", capsys.readouterr().err).group(1))
+
+
+def test_generate_reports_the_bytes_the_quantized_file_holds(smollm2_dir, smollm2_int8, capsys):
+    from safetensors.torch import load_file
+
+    file_bytes = sum(t.numel() * t.element_size() for t in load_file(smollm2_int8).values())  # tied: head once
+    assert reported_weights_mb(capsys, smollm2_int8) == round(file_bytes / 1e6)
+    assert reported_weights_mb(capsys, smollm2_dir) == round(134_515_008 * 4 / 1e6)  # fp32: 4 bytes a weight
 
 
 def quantized_tiny(tiny_dir, tmp_path, mode: str, groupsize: int):
-    directory = tmp_path / "tiny"
-    shutil.copytree(tiny_dir, directory)
-    quantize.main(["--checkpoint_path", str(directory), "--mode", mode, "--groupsize", str(groupsize or 32),
-                   "--quantize_embedding"])
-    return load_model(quantize.output_path(directory, mode, groupsize))
+    return load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", mode, "--groupsize", groupsize or 32,
+                                     "--quantize_embedding"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, groupsize", [("int8", 0), ("int4", 32)])
 def test_compiled_quantized_decode_equals_eager(tiny_dir, tmp_path, mode, groupsize):
-    from generate import compile_step, decode_one_token, generate
-    from sampling import Sampling
-
     model = quantized_tiny(tiny_dir, tmp_path, mode, groupsize)
     model.setup_caches(1, 64)
     eager, _ = generate(model, [[5, 17, 29]], 12, Sampling(0))
-    compiled_step = compile_step(decode_one_token, "cpu")
-    compiled, _ = generate(model, [[5, 17, 29]], 12, Sampling(0), decode_step=compiled_step)
+    compiled, _ = generate(model, [[5, 17, 29]], 12, Sampling(0), steps=compile_steps("cpu"))
     assert compiled == eager
 
 
 @pytest.mark.slow
 def test_compiled_int4_decode_of_a_padded_batch_equals_eager(tiny_dir, tmp_path):
     """8 prompts of 1 to 3 tokens, left-padded into one batch: more rows than one, fewer than the matmul's."""
-    from generate import compile_step, decode_one_token, generate
-    from sampling import Sampling
-
     model = quantized_tiny(tiny_dir, tmp_path, "int4", 32)
     prompts = [[5 + row, 17, 29][:1 + row % 3] for row in range(8)]
     model.setup_caches(len(prompts), 64)
     eager, _ = generate(model, prompts, 12, Sampling(0))
-    compiled, _ = generate(model, prompts, 12, Sampling(0), decode_step=compile_step(decode_one_token, "cpu"))
+    compiled, _ = generate(model, prompts, 12, Sampling(0), steps=compile_steps("cpu"))
     assert compiled == eager

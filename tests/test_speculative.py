@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from generate import generate, main
-from model import ModelArgs, Transformer, load_model
+from checkpoint import load_model
+from generate import main
+from generation import generate
+from model import ModelArgs, Transformer
 from sampling import Sampling, probabilities
 from speculative import DraftModel, Lookahead, lookahead_generate, prompt_lookup_guesses, speculative_generate, verify
 from tokenizer import load_tokenizer
@@ -92,15 +94,9 @@ def test_lookahead_refuses_sampling(capsys, tiny_dir):
     assert "--speculative lookahead decodes greedily: add --temperature 0" in capsys.readouterr().err
 
 
-def test_greedy_with_a_quantized_draft_equals_plain_greedy_on_smollm2(smollm2, smollm2_dir, tmp_path):
-    import shutil
-
-    import quantize
-
+def test_greedy_with_a_quantized_draft_equals_plain_greedy_on_smollm2(smollm2, smollm2_int8):
     model, tokenizer = smollm2
-    shutil.copytree(smollm2_dir, tmp_path / "smollm2")
-    quantize.main(["--checkpoint_path", str(tmp_path / "smollm2"), "--mode", "int8"])
-    draft = load_model(tmp_path / "smollm2" / "model_int8.safetensors")
+    draft = load_model(smollm2_int8)
     draft.setup_caches(1, 256)
     prompt = tokenizer.encode("The three primary colours are")
     output, stats = speculative_generate(model, prompt, 30, GREEDY, 4, DraftModel(draft))

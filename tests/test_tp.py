@@ -1,14 +1,12 @@
 """Tensor parallelism: processes launched by torchrun (gloo on CPU) compute what one process computes."""
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import quantize
-from conftest import ROOT
+from conftest import ROOT, quantized_copy
 from model import ModelArgs
 from tp import check_world_size
 
@@ -24,28 +22,16 @@ def torchrun(ranks: int, *argv, timeout: int = 600) -> subprocess.CompletedProce
 
 def sharded_check(ranks: int, checkpoint, dtype: str = "fp32", max_new_tokens: int = 16,
                   prompt: str = "The capital of France is") -> dict:
-    """tp.py's own check: the sharded model's logits and greedy tokens against the whole model's."""
-    run = torchrun(ranks, "tp.py", "--checkpoint_path", checkpoint, "--dtype", dtype, "--json",
+    """scripts/check_tp.py: the sharded model's logits and greedy tokens against the whole model's."""
+    run = torchrun(ranks, "scripts/check_tp.py", "--checkpoint_path", checkpoint, "--dtype", dtype, "--json",
                    "--max_new_tokens", max_new_tokens, "--prompt", prompt)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def quantized(checkpoint, directory, *argv):
-    """checkpoint quantized by quantize.py into a copy of its directory: the written file's path."""
-    shutil.copytree(checkpoint, directory)
-    quantize.main(["--checkpoint_path", str(directory), "--output", str(directory / "quantized.safetensors"), *argv])
-    return directory / "quantized.safetensors"
-
-
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_dir, tmp_path_factory):
-    return quantized(tiny_dir, tmp_path_factory.mktemp("tp") / "tiny", "--mode", "int8")
-
-
-@pytest.fixture(scope="module")
-def smollm2_int8(smollm2_dir, tmp_path_factory):
-    return quantized(smollm2_dir, tmp_path_factory.mktemp("tp") / "smollm2", "--mode", "int8")
+    return quantized_copy(tiny_dir, tmp_path_factory.mktemp("tp") / "tiny", "--mode", "int8")
 
 
 def test_two_ranks_equal_one_on_the_tiny_model(tiny_dir):
@@ -111,8 +97,8 @@ def test_generate_refuses_two_ranks_for_smollm2_in_one_line(smollm2_dir):
 
 
 def test_int4_groups_that_a_share_would_cut_are_refused(tiny_dir, tmp_path):
-    int4 = quantized(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", "32")
-    run = torchrun(2, "tp.py", "--checkpoint_path", int4)
+    int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", "32")
+    run = torchrun(2, "scripts/check_tp.py", "--checkpoint_path", int4)
     assert run.returncode != 0
     assert ("error: layers.0.feed_forward.w2 cannot be split into 2 shares of whole quantization groups "
             "(groupsize 32, 80 input features per rank)") in run.stderr
@@ -159,7 +145,7 @@ def test_compiled_decode_under_torchrun(tiny_dir):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA devices")
 def test_two_ranks_over_nccl_equal_one(tiny_dir):
-    run = torchrun(2, "tp.py", "--checkpoint_path", tiny_dir, "--device", "cuda", "--json")
+    run = torchrun(2, "scripts/check_tp.py", "--checkpoint_path", tiny_dir, "--device", "cuda", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["max_abs_logit_diff"] <= 1e-3 and result["tokens"] == result["expected_tokens"]

@@ -1,0 +1,192 @@
+"""Checkpoints: a directory holding model.safetensors (or a quantized file such as model_int8.safetensors)
+and the config.json that gives the model's shape.
+
+Loading builds the model on the meta device (no memory, no random init), gives it the layer types the
+file's tensors call for (int8 / int4 layers where quantize.py wrote them), assigns the tensors of the
+memory-mapped file, so the weights sit in RAM once, and finally swaps in the device's faster layer forms
+(cpu_kernels.py, cuda_kernels.py). Writing streams one tensor at a time under a temporary name, so a
+checkpoint larger than RAM can be written and no half-written file is ever left under the final name.
+"""
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import cpu_kernels
+import cuda_kernels
+from model import ModelArgs, Transformer
+from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, QuantizedEmbedding
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+
+
+def checkpoint_files(checkpoint_path):
+    """The weights file and the model shape of a converted checkpoint: checkpoint_path is a checkpoint
+    directory or a .safetensors file inside one, with the config.json beside it."""
+    path = Path(checkpoint_path)
+    weights_file = path / "model.safetensors" if path.is_dir() else path
+    config_file = weights_file.parent / "config.json"
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no checkpoint at {weights_file}: convert one first (see README, scripts/)")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json beside {weights_file}: convert the checkpoint with scripts/")
+    try:
+        return weights_file, ModelArgs.from_hf_config(config_file)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_file} is not a Llama-like config ({error}): re-convert the checkpoint") from None
+
+
+def unique_state_dict(model: nn.Module) -> dict:
+    """The model's weights, each shared tensor (tied embedding and output head) once, under its first name."""
+    seen, unique = set(), {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            unique[name] = tensor
+    return unique
+
+
+def layer_for(tensors: dict, prefix: str, in_features: int, out_features: int) -> nn.Module:
+    """The empty layer that holds a file's tensors prefix.weight (and .scales, .zeros): float weights
+    make an nn.Linear, int8 an Int8Linear, packed uint8 an Int4Linear; groupsizes follow from the
+    scales' shape. A file may mix them (a converted GGUF: int4 blocks, an int8 output head)."""
+    weight, scales = tensors[prefix + "weight"], tensors.get(prefix + "scales")
+    if weight.dtype == torch.int8:
+        return Int8Linear(in_features, out_features, in_features // scales.shape[1] if scales.dim() == 2 else 0)
+    if weight.dtype == torch.uint8:
+        return Int4Linear(in_features, out_features, 2 * weight.shape[1] // scales.shape[1])
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def match_quantized(model: Transformer, tensors: dict, metadata: dict, weights_file):
+    """Give the (meta-device) model the layer types of a quantized file, ready to be assigned its tensors."""
+    if metadata.get("int4_packing") != INT4_PACKING and any(t.dtype == torch.uint8 for t in tensors.values()):
+        raise ValueError(f"{weights_file} packs its int4 weights in an older layout: quantize (or convert) "
+                         "the checkpoint again")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name + ".weight" in tensors:
+            parent_name, _, attribute = name.rpartition(".")
+            layer = layer_for(tensors, name + ".", module.in_features, module.out_features)
+            setattr(model.get_submodule(parent_name), attribute, layer)
+    if "tok_embeddings.table.weight" in tensors:
+        vocab_size, dim = model.tok_embeddings.weight.shape
+        table = layer_for(tensors, "tok_embeddings.table.", dim, vocab_size)
+        model.tok_embeddings = QuantizedEmbedding(table)
+        if model.args.tie_embeddings:
+            model.output = table
+
+
+def empty_model(args: ModelArgs, tensors: dict, metadata: dict, weights_file) -> Transformer:
+    """The model on the meta device, with the layer types of the file's tensors, checked against the
+    file's tensor names."""
+    with torch.device("meta"):
+        model = Transformer(args)
+        if "quantization" in metadata:
+            match_quantized(model, tensors, metadata, weights_file)
+    names = set(tensors) - ({"output.weight"} if args.tie_embeddings else set())
+    expected = set(unique_state_dict(model))
+    if names != expected:
+        missing, unexpected = sorted(expected - names), sorted(names - expected)
+        raise ValueError(f"{weights_file} does not match its config.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}): re-convert the checkpoint")
+    return model
+
+
+def with_device_kernels(model: Transformer, device: str) -> Transformer:
+    """The model with its device's faster layer forms swapped in (none on other devices)."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return cpu_kernels.swap_in(model)
+    if kind == "cuda":
+        return cuda_kernels.swap_in(model)
+    return model
+
+
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+    """The model of a checkpoint, on device, floating-point tensors in dtype (integer weights keep their
+    type). shard(model, tensors) -> tensors, given by tp.py, resizes the empty model to one rank's share
+    and slices the tensors to match, before any byte of the file is read (the mapped pages of the other
+    ranks' shares are never touched)."""
+    weights_file, args = checkpoint_files(checkpoint_path)
+    try:
+        with safe_open(weights_file, framework="pt") as file:
+            metadata = file.metadata() or {}
+        state_dict = load_file(weights_file, device="cpu")
+    except Exception as error:
+        raise ValueError(f"cannot read {weights_file} as safetensors ({error}): re-convert the checkpoint") from None
+    model = empty_model(args, state_dict, metadata, weights_file)
+    if args.tie_embeddings:
+        state_dict.pop("output.weight", None)
+    if shard is not None:
+        state_dict = shard(model, state_dict)
+    state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+                  for name, tensor in state_dict.items()}
+    model.load_state_dict(state_dict, assign=True, strict=False)
+    if args.tie_embeddings and isinstance(model.output, nn.Linear):
+        model.output.weight = model.tok_embeddings.weight
+    return with_device_kernels(model.eval(), device)
+
+
+def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+    """Random weights (normal, std 0.02; norms 1) of a given shape, for speed checks; shard as in
+    load_model (with no tensors to slice)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if shard is not None:
+        shard(model, {})
+    model = model.to_empty(device=device).to(dtype)
+    with torch.no_grad():
+        for name, parameter in unique_state_dict(model).items():
+            if name.endswith("norm.weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0, 0.02)
+    return with_device_kernels(model.eval(), device)
+
+
+def save_safetensors(path, shapes: dict, tensors, metadata: Optional[dict] = None):
+    """Write a safetensors file one tensor at a time, so a checkpoint larger than RAM can be written.
+    shapes: name -> (shape, dtype), in file order; tensors: yields (name, tensor) in that same order.
+    The file appears under its final name only once complete."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in shapes.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {key: str(value) for key, value in metadata.items()}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # keep tensor data 8-byte aligned
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(len(header_bytes).to_bytes(8, "little"))
+        file.write(header_bytes)
+        for name, tensor in tensors:
+            shape, dtype = shapes[name]
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(shape)} {dtype}")
+            file.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    os.replace(temporary, path)
+
+
+def save_model(model: Transformer, path, metadata: dict):
+    """Write a model built in memory (a quantized one, say) as one safetensors file, every shared tensor
+    once; int4 files say how they pack their nibbles."""
+    tensors = {name: tensor.detach().cpu() for name, tensor in unique_state_dict(model).items()}
+    shapes = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in tensors.items()}
+    save_safetensors(path, shapes, tensors.items(), {"format": "pt", "int4_packing": INT4_PACKING, **metadata})
+
+
+def save_config(args: ModelArgs, directory):
+    temporary = Path(directory) / "config.json.tmp"
+    temporary.write_text(json.dumps(args.to_hf_config(), indent=2))
+    os.replace(temporary, Path(directory) / "config.json")

@@ -1,0 +1,71 @@
+"""What every command line shares (generate.py, quantize.py, eval.py, scripts/): the default checkpoint,
+dtype names, device and dtype choice, reading text files, the peak-memory figure, and the one way bad input
+is reported: a single line on stderr and exit status 2."""
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.safetensors")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def fail(message: str) -> int:
+    """Report bad input; the exit status to return."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps: MPS is not available (use --device cpu)")
+    return name
+
+
+def pick_dtype(name: str, device: str, compiled_decode: bool = False) -> torch.dtype:
+    """--dtype: auto is bf16 on CUDA, fp16 on MPS; on a CPU fp32, except for a compiled decode step, whose
+    fused loops read bf16 weights faster than MKL reads fp32 ones (README, Benchmark)."""
+    if name == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if compiled_decode
+                                                                   else torch.float32)
+    dtype = DTYPES[name]
+    try:
+        probe = torch.ones(2, 2, dtype=dtype, device=device)
+        (probe @ probe).sum().item()
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--dtype {name} is not supported on {device}: try --dtype fp32") from None
+    return dtype
+
+
+def read_text(path: Path, flag: str) -> str:
+    """A text file given on the command line, as UTF-8; a missing or undecodable file is a UsageError."""
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
+
+
+def peak_memory_gb(device: str = "cpu") -> float:
+    """Peak GPU memory allocated, or this process's peak resident memory. On Linux the latter is VmHWM:
+    getrusage's ru_maxrss would also count the parent's memory, which a child started with fork carries
+    until its exec."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e6  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux, bytes on macOS

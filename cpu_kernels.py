@@ -1,0 +1,164 @@
+"""Faster forms of brisk's layers on a CPU, swapped in after loading (`swap_in`) in place of the plain
+layers of model.py and quantized_layers.py. Each form holds the plain module it replaces as `.layer`
+and reproduces its outputs (tests/test_cpu_kernels.py). The measurements behind each choice are in the
+README (Benchmark).
+
+- Decoding under torch.compile: a layer applied to a few rows is written as a multiply-and-sum, which
+  Inductor turns into one vectorized loop per layer that reads each weight once in its stored type (bf16,
+  int8, packed int4) and widens it in registers; attention over the KV cache likewise becomes sums of
+  products that Inductor fuses with the rest of the block. Eagerly, PyTorch would materialise the whole
+  (rows, out, in) product, so these forms are used only while compiling.
+- Eagerly, an int4 layer applied to a few rows calls PyTorch's CPU int4 kernel.
+- bf16 weights applied to many rows (prefill), on a CPU without bf16 arithmetic, are widened to fp32 once
+  per pass: there oneDNN emulates bf16 and its GEMM runs well below fp32 speed.
+- fp32 layers are left to MKL, whose one-row GEMV beats the fused loop.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import ScaledDotProductAttention, Transformer, swap_layers
+from quantized_layers import Int4Linear, Int8Linear, unpack_int4
+
+# Up to this many rows (batch x new tokens) a compiled step keeps the fused loops; from 32 rows the
+# matmul is faster again.
+FUSED_MAX_ROWS = 16
+
+CPU_HAS_BF16_ARITHMETIC = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def few_rows(x: Tensor) -> bool:
+    return x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
+
+
+def fused(x: Tensor) -> bool:
+    """Whether x (..., features) is a few rows of a step being compiled: then layers are written as
+    the sums Inductor fuses into loops, instead of library calls."""
+    return torch.compiler.is_compiling() and few_rows(x)
+
+
+def matvec(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., in) times weight (out, in), transposed, as a sum of products in fp32: (..., out)."""
+    rows = x.reshape(-1, 1, x.shape[-1]).float()
+    return (rows * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class HalfLinear(nn.Module):
+    """A bf16 / fp16 nn.Linear on the CPU."""
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.layer.weight
+        if fused(x):
+            return matvec(x, weight).to(x.dtype)
+        if not CPU_HAS_BF16_ARITHMETIC and not few_rows(x):
+            return F.linear(x.float(), weight.float()).to(x.dtype)
+        return F.linear(x, weight)
+
+
+class Int8CPULinear(nn.Module):
+    """An Int8Linear on the CPU: the fused loop over the int8 bytes when compiling, else the plain layer."""
+
+    def __init__(self, layer: Int8Linear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if not fused(x):
+            return layer(x)
+        out = matvec(x, layer.dequantized()) if layer.groupsize else matvec(x, layer.weight) * layer.scales
+        return out.to(x.dtype)
+
+
+class Int4CPULinear(nn.Module):
+    """An Int4Linear on the CPU: the fused loop over the packed bytes when compiling, PyTorch's int4
+    kernel for a few rows eagerly, and the plain layer (dequantize, then matmul) for many rows, where
+    the kernel is far slower."""
+
+    def __init__(self, layer: Int4Linear):
+        super().__init__()
+        self.layer = layer
+        self.kernel_weight = self.scales_and_zeros = None  # plain attributes: not weights of the file
+        if layer.padded_in % 64 == 0:  # the kernel's own layout, built once
+            values = unpack_int4(layer.weight, layer.groupsize).to(torch.int32)
+            self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+            self.scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1).transpose(0, 1).contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = self.layer
+        if not fused(x) and (self.kernel_weight is None or not few_rows(x)):
+            return layer(x)
+        flat = layer.padded(x.reshape(-1, layer.in_features))
+        if fused(x):
+            out = self.matvec(flat).to(x.dtype)
+        else:  # a few rows, eagerly
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.kernel_weight, layer.groupsize,
+                                                              self.scales_and_zeros)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+    def matvec(self, flat: Tensor) -> Tensor:
+        """flat (rows, padded_in) times the weight, transposed, unpacked group by group inside the sum:
+        w = (q - 8) * scale + zero = q * scale + offset, for the low and the high nibbles of each byte."""
+        layer = self.layer
+        groups, half = layer.padded_in // layer.groupsize, layer.groupsize // 2
+        x = flat.float().reshape(-1, 1, groups, 2, half)
+        scales = layer.scales.float().unsqueeze(-1)
+        offsets = (layer.zeros.float() - 8 * layer.scales.float()).unsqueeze(-1)
+        planes = layer.weight.reshape(layer.out_features, groups, half)
+        low, high = (planes & 0xF) * scales + offsets, (planes >> 4) * scales + offsets
+        return (x[:, :, :, 0] * low + x[:, :, :, 1] * high).sum((-1, -2))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(head_dim), masked) v in fp32, for a few query rows. q: (batch, heads, seq,
+    head_dim); k, v: (batch, kv heads, cache slots, head_dim); mask: (batch or 1, 1, seq, cache slots)."""
+    batch, n_heads, seq, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    # each K/V head serves a group of query heads: q (batch, kv heads, group, seq, 1, head_dim)
+    q = q.view(batch, n_kv_heads, n_heads // n_kv_heads, seq, 1, head_dim).float()
+    k = k.view(batch, n_kv_heads, 1, 1, -1, head_dim)
+    v = v.view(batch, n_kv_heads, 1, 1, -1, head_dim)
+    scores = (q * k).sum(-1) / math.sqrt(head_dim)  # (batch, kv heads, group, seq, cache slots)
+    weights = torch.softmax(scores.masked_fill(~mask.unsqueeze(2), -float("inf")), dim=-1)
+    y = (weights.unsqueeze(-1) * v).sum(-2)  # (batch, kv heads, group, seq, head_dim)
+    return y.view(batch, n_heads, seq, head_dim).to(v.dtype)
+
+
+class DecodeAttention(nn.Module):
+    """Attention on the CPU: decode_attention for the few query rows of a step being compiled (PyTorch's
+    CPU kernel is built for long blocks of queries), the fused kernel otherwise."""
+
+    def __init__(self, layer: ScaledDotProductAttention):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() and q.shape[0] * q.shape[2] <= FUSED_MAX_ROWS:
+            return decode_attention(q, k, v, mask)
+        return self.layer(q, k, v, mask)
+
+
+def cpu_form(module: nn.Module) -> nn.Module:
+    """The CPU's form of one of the model's modules, or the module itself where it has none."""
+    if isinstance(module, nn.Linear) and module.weight.dtype in (torch.bfloat16, torch.float16):
+        return HalfLinear(module)
+    if isinstance(module, Int8Linear):
+        return Int8CPULinear(module)
+    if isinstance(module, Int4Linear):
+        return Int4CPULinear(module)
+    if isinstance(module, ScaledDotProductAttention):
+        return DecodeAttention(module)
+    return module
+
+
+def swap_in(model: Transformer) -> Transformer:
+    """Give every block's layers and attention, and the output head, their CPU forms (after loading or
+    quantizing; a layer already swapped is kept)."""
+    return swap_layers(model, cpu_form)

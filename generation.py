@@ -1,0 +1,118 @@
+"""The generation loop: one forward pass over the prompts (prefill) fills the static KV cache, then each new
+token is one forward pass over a single position per row (a decode step), which reads every weight once, so
+decoding is bound by memory bandwidth. `compile_steps` turns the decode step into one compiled graph (on
+CUDA, a CUDA graph replayed without Python)."""
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from checkpoint import unique_state_dict
+from model import Transformer
+from sampling import Sampling, sample
+
+
+def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling):
+    """Run the prompts (batch, seq) through the model, filling the cache; sample each row's next token."""
+    return sample(model(tokens, input_pos, left_pad)[:, -1], sampling)
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],
+                     sampling: Sampling):
+    """One decode step: the same pass as prefill over one token per row. A function of its own so that
+    torch.compile keeps its compiled code (static shapes) apart from prefill's (every prompt length)."""
+    return sample(model(token, input_pos, left_pad)[:, -1], sampling)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The two kinds of forward pass generate() runs, each eager or compiled."""
+    prefill: Callable = prefill
+    decode: Callable = decode_one_token
+
+
+@dataclass
+class Timing:
+    prefill_s: float = 0.0  # time to first token
+    decode_s: float = 0.0  # every token after the first
+    decode_steps: int = 0  # forward passes after prefill, each reading every weight once
+    decoded_tokens: int = 0  # tokens those steps produced, all unfinished rows counted
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: Sampling, stop_ids=(),
+             start_pos: int = 0, on_token=None, steps: Steps = Steps()):
+    """Continue each prompt (a non-empty list of token ids) by up to max_new_tokens tokens, stopping a row
+    at its first stop id (which is kept). Prompts of different lengths are left-padded into one batch; the
+    model masks the padding, so each row gets what it would get alone. start_pos > 0 continues a single
+    sequence whose first start_pos tokens are already in the KV cache.
+    on_token(row, token_id) is called as each token is produced. Returns (new ids per row, Timing)."""
+    device = model.rope.device
+    longest = max(len(prompt) for prompt in prompts)
+    tokens = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(prompt)
+    padding = [longest - len(prompt) for prompt in prompts]
+    left_pad = torch.tensor(padding, device=device) if any(padding) else None
+    timing = Timing()
+
+    started = time.perf_counter()
+    input_pos = torch.arange(start_pos, start_pos + longest, device=device)
+    next_token = steps.prefill(model, tokens.to(device), input_pos, left_pad, sampling).clone()
+    outputs, finished = [[] for _ in prompts], [False] * len(prompts)
+    for step in range(max_new_tokens):
+        for row, token_id in enumerate(next_token.view(-1).tolist()):  # the one host sync per step
+            if not finished[row]:
+                outputs[row].append(token_id)
+                finished[row] = token_id in stop_ids
+                if on_token:
+                    on_token(row, token_id)
+        now = time.perf_counter()
+        if step == 0:
+            timing.prefill_s, decode_started = now - started, now
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        input_pos = torch.tensor([start_pos + longest + step], device=device)
+        next_token = steps.decode(model, next_token, input_pos, left_pad, sampling).clone()
+        timing.decode_steps += 1
+        timing.decoded_tokens += sum(not done for done in finished)
+    timing.decode_s = time.perf_counter() - decode_started
+    return outputs, timing
+
+
+# Inductor's wrapper checks each input's size and stride again before a CPU step's kernels run, after
+# Dynamo's guards have (40 checks a block); skipping the repeat is measurably faster (README, Benchmark).
+CPU_COMPILE_OPTIONS = {"size_asserts": False}
+
+
+def compile_step(step, device: str, cuda_graphs: bool = True):
+    """torch.compile a step as one graph, no graph breaks (fullgraph); on CUDA captured as a CUDA graph
+    (reduce-overhead) so that a step costs a single launch. Shapes stay static: a new batch size compiles
+    afresh (torch 2.13 fails inside Dynamo when it would reuse the compiled block with a symbolic batch)."""
+    if device == "cuda":
+        return torch.compile(step, mode="reduce-overhead" if cuda_graphs else None, fullgraph=True, dynamic=False)
+    return torch.compile(step, fullgraph=True, dynamic=False, options=CPU_COMPILE_OPTIONS)
+
+
+def compile_steps(device: str, decode: bool = True, prefill_too: bool = False) -> Steps:
+    """Steps with the decode step compiled (static shapes) and, with prefill_too, prefill (dynamic shapes:
+    one graph for every prompt length)."""
+    return Steps(prefill=torch.compile(prefill, fullgraph=True, dynamic=True) if prefill_too else prefill,
+                 decode=compile_step(decode_one_token, device) if decode else decode_one_token)
+
+
+def weights_bytes(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every weight once, as stored (int8 and int4 weights
+    with their scales), except that an untied input embedding is only looked up (one row per token)."""
+    return sum(tensor.numel() * tensor.element_size() for name, tensor in unique_state_dict(model).items()
+               if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
+
+
+def kv_cache_bytes(model: Transformer, batch: int) -> int:
+    """Bytes of KV cache one decode step reads: attention runs over every slot of the static cache
+    (masked), so this is the whole cache of the rows in use, however short the sequence so far."""
+    cache = model.layers[0].attention.kv_cache
+    per_row = cache.k_cache[0].numel() * cache.k_cache.element_size() * 2
+    return per_row * batch * len(model.layers)

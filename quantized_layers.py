@@ -1,0 +1,137 @@
+"""Quantized layers: how int8 and int4 weights are stored, and the plain way they compute.
+
+Activations stay in floating point; only the weights of linear layers (and, optionally, the embedding
+/ output head) are stored as integers:
+- int8: symmetric, one scale per output channel (or per group of columns, GGUF's Q8_0 blocks):
+  w = q * scale, q in [-128, 127].
+- int4: asymmetric, one scale and zero per group of `groupsize` input columns:
+  w = (q - 8) * scale + zero, q in [0, 15] (the convention of PyTorch's int4 kernels).
+
+The layers here compute by dequantizing and calling the float matmul, on any device. A device's faster
+forms (PyTorch's int4 kernels, fused decode loops) are swapped in after loading (cpu_kernels.py,
+cuda_kernels.py) and checked against these. quantize.py fills these layers; checkpoint.py reads and
+writes them.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def quantize_int8(weight: Tensor, groupsize: int = 0):
+    """(out, in) float -> int8 values and float32 scales: one per output channel (groupsize 0), or
+    one per group of `groupsize` columns (the layout of GGUF's Q8_0 blocks, with groupsize 32)."""
+    groups = weight.float().reshape(weight.shape[0], -1, groupsize or weight.shape[1])
+    scales = groups.abs().amax(dim=-1).clamp(min=1e-10) / 127
+    values = torch.round(groups / scales[..., None]).clamp(-128, 127).to(torch.int8).reshape(weight.shape)
+    return values, (scales if groupsize else scales[:, 0])
+
+
+def int4_group_params(weight: Tensor, groupsize: int):
+    """Scale and zero of each group of `groupsize` columns, mapping [min, max] onto q in [0, 15]."""
+    groups = weight.float().reshape(weight.shape[0], -1, groupsize)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low).clamp(min=1e-6) / 15
+    return scales, low + 8 * scales  # zero: the value that q = 8 stands for
+
+
+def int4_values(weight: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    """Round weight to the int4 grid of the given group parameters: q in [0, 15], as uint8."""
+    groups = weight.float().reshape(weight.shape[0], -1, groupsize)
+    q = torch.round((groups - zeros[..., None]) / scales[..., None]) + 8
+    return q.clamp(0, 15).to(torch.uint8).reshape(weight.shape)
+
+
+def dequantize_int4(values: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    groups = values.float().reshape(values.shape[0], -1, groupsize)
+    return ((groups - 8) * scales[..., None] + zeros[..., None]).reshape(values.shape)
+
+
+# Byte j of a group holds its columns j (low nibble) and j + groupsize / 2 (high nibble), as GGUF's Q4
+# blocks do: each nibble plane is a run of columns, unpacked in place by vector shifts and masks
+# (cpu_kernels.py). Files say so in their metadata; files packed otherwise are refused.
+INT4_PACKING = "group-halves"
+
+
+def pack_int4(values: Tensor, groupsize: int) -> Tensor:
+    halves = values.reshape(values.shape[0], -1, 2, groupsize // 2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(values.shape[0], -1)
+
+
+def unpack_int4(packed: Tensor, groupsize: int) -> Tensor:
+    planes = packed.reshape(packed.shape[0], -1, 1, groupsize // 2)
+    return torch.cat([planes & 0xF, planes >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights, scaled per output channel (groupsize 0) or per group of
+    columns. Its rows can also be looked up, so one table serves as a quantized embedding (and, tied,
+    as both embedding and output head)."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int = 0):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, in_features // groupsize) if groupsize
+                             else torch.empty(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.groupsize:
+            return F.linear(x, self.dequantized().to(x.dtype))
+        # one scale per output channel: scale the product, not the weight (a multiply per output)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+    def dequantized(self, ids=slice(None)) -> Tensor:
+        """The weight (or the rows ids of it) as floats."""
+        values, scales = self.weight[ids], self.scales[ids]
+        if not self.groupsize:
+            return values.to(scales.dtype) * scales.unsqueeze(-1)
+        groups = values.reshape(*values.shape[:-1], -1, self.groupsize).to(scales.dtype) * scales.unsqueeze(-1)
+        return groups.reshape(values.shape)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        return self.dequantized(ids)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with group-wise int4 weights: packed uint8 (out, padded_in / 2) plus scales and
+    zeros (out, padded_in / groupsize). When groupsize does not divide in_features (SmolLM2's 576 and
+    groups of 128), the weight gets zero columns up to a whole number of groups and the input zero
+    padding to match: the padding multiplies zeros, and every group, kernels included, stays full."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.padded_in = -(-in_features // groupsize) * groupsize
+        self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, self.padded_in // groupsize))
+        self.register_buffer("zeros", torch.empty(out_features, self.padded_in // groupsize))
+
+    def padded(self, weight: Tensor) -> Tensor:
+        return F.pad(weight, (0, self.padded_in - self.in_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = self.padded(x.reshape(-1, self.in_features))
+        return F.linear(flat, self.dequantized().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> Tensor:
+        """The weight as floats, padding columns included: (out, padded_in)."""
+        values = unpack_int4(self.weight, self.groupsize)
+        return dequantize_int4(values, self.scales, self.zeros, self.groupsize).to(self.scales.dtype)
+
+    def rows(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        values = unpack_int4(self.weight[flat], self.groupsize)
+        rows = dequantize_int4(values, self.scales[flat], self.zeros[flat], self.groupsize).to(self.scales.dtype)
+        return rows[:, :self.in_features].reshape(*ids.shape, self.in_features)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding read from a quantized table (the output head's, when the two are tied)."""
+
+    def __init__(self, table: nn.Module):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table.rows(ids)

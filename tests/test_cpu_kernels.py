@@ -1,0 +1,156 @@
+"""The CPU's faster layer forms (cpu_kernels.py) compute what the plain layers compute, and are the ones
+that actually run: the fused loops in a compiled decode step, PyTorch's int4 kernel for a few rows eagerly."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import cpu_kernels
+from checkpoint import load_model
+from conftest import quantized_copy
+from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, HalfLinear, Int4CPULinear, Int8CPULinear,
+                         decode_attention)
+from generation import decode_one_token
+from model import ScaledDotProductAttention
+from quantize import set_rtn
+from quantized_layers import Int4Linear, Int8Linear
+from sampling import Sampling
+
+
+@pytest.fixture(scope="module")
+def smollm2_weight(smollm2_dir):
+    """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
+    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
+
+
+def filled(layer, weight):
+    set_rtn(layer, weight)
+    return layer
+
+
+def bf16_linear(weight) -> torch.nn.Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.to(torch.bfloat16)
+    return linear
+
+
+def traced_functions(fn, *args) -> set:
+    """The names of the functions a compiled fn calls, as Dynamo traces them (nested regions included)."""
+    names = set()
+
+    def recording_backend(graph_module, example_inputs):
+        for module in graph_module.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                names.update(getattr(node.target, "__name__", str(node.target)) for node in module.graph.nodes
+                             if node.op in ("call_function", "call_method"))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=recording_backend, fullgraph=True)(*args)
+    return names
+
+
+class AtenCalls(TorchDispatchMode):
+    """The aten operators run eagerly inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def cpu_layers(smollm2_weight):
+    return {"bf16": HalfLinear(bf16_linear(smollm2_weight)),
+            "int8": Int8CPULinear(filled(Int8Linear(576, 1536), smollm2_weight)),
+            "int8-g32": Int8CPULinear(filled(Int8Linear(576, 1536, 32), smollm2_weight)),
+            "int4-g32": Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight)),
+            "int4-g128": Int4CPULinear(filled(Int4Linear(576, 1536, 128), smollm2_weight))}
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32", "int4-g128"])
+def test_a_compiled_layer_over_a_few_rows_is_a_multiply_and_sum_not_a_matmul(smollm2_weight, kind):
+    layer = cpu_layers(smollm2_weight)[kind]
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+    few = traced_functions(layer, x)
+    assert "sum" in few and not few & {"linear", "_weight_int4pack_mm_for_cpu"}
+    many = traced_functions(layer, x.expand(1, 32, 576).contiguous())  # past FUSED_MAX_ROWS: the matmul
+    assert "linear" in many and "sum" not in many
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32", "int4-g128"])
+def test_compiled_one_row_matvec_equals_the_plain_layer(smollm2_weight, kind):
+    layer = cpu_layers(smollm2_weight)[kind]
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+    plain = layer.layer
+    expected = (x.float() @ plain.weight.float().T) if kind == "bf16" else plain(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    tolerance = 1e-2 if kind == "bf16" else 1e-4
+    assert torch.allclose(compiled(x).float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+def test_int4_kernel_for_a_few_rows_equals_the_plain_layer(smollm2_weight, groupsize):
+    layer = Int4CPULinear(filled(Int4Linear(576, 1536, groupsize), smollm2_weight))
+    x = torch.randn(3, 5, 576)  # 15 rows
+    with AtenCalls() as calls:
+        out = layer(x)
+    assert "_weight_int4pack_mm_for_cpu" in calls.names
+    assert torch.allclose(out, layer.layer(x), rtol=1e-4, atol=2e-4)
+
+
+def test_int4_layer_over_many_rows_dequantizes_instead_of_calling_the_kernel(smollm2_weight):
+    layer = Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
+    with AtenCalls() as calls:
+        layer(torch.randn(1, 64, 576))
+    assert "_weight_int4pack_mm_for_cpu" not in calls.names and "mm" in calls.names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_grouped_heads_and_padding(dtype):
+    q = torch.randn(2, 9, 1, 64, dtype=dtype)  # two rows, one query each, 9 heads over 3 K/V heads
+    k, v = torch.randn(2, 3, 40, 64, dtype=dtype), torch.randn(2, 3, 40, 64, dtype=dtype)
+    slots = torch.arange(40)
+    mask = ((slots <= 30) & (slots >= torch.tensor([[0], [7]])))[:, None, None, :]  # row 1: 7 padding slots
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(decode_attention(q, k, v, mask).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_compiled_attention_over_one_query_is_decode_attention_not_sdpa():
+    attention = DecodeAttention(ScaledDotProductAttention())
+    q, k, v = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    calls = traced_functions(attention, q, k, v, mask)
+    assert "softmax" in calls and "scaled_dot_product_attention" not in calls
+
+
+@pytest.mark.skipif(CPU_HAS_BF16_ARITHMETIC, reason="this CPU computes bf16 natively")
+def test_bf16_layer_over_many_rows_computes_in_fp32_on_a_cpu_without_bf16_arithmetic():
+    linear = bf16_linear(torch.randn(32, 64))
+    x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
+    assert torch.equal(HalfLinear(linear)(x), (x.float() @ linear.weight.float().T).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_dir, tmp_path, kind):
+    if kind == "bf16":
+        model = load_model(tiny_dir, "cpu", torch.bfloat16)
+    else:
+        model = load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", kind, "--groupsize", 32,
+                                          "--quantize_embedding"))
+    model.setup_caches(1, 32)
+    calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
+    assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention", "_weight_int4pack_mm_for_cpu"}
+
+
+def test_swapping_twice_changes_nothing(tiny_dir):
+    model = load_model(tiny_dir, "cpu", torch.bfloat16)
+    layers = [module for module in model.modules()]
+    cpu_kernels.swap_in(model)
+    assert [module for module in model.modules()] == layers
+    assert isinstance(model.layers[0].attention.wq, HalfLinear)
