@@ -134,6 +134,12 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
     return with_device_kernels(model.eval(), device)
 
 
+def parameter_count(args: ModelArgs) -> int:
+    """Parameters of a model of this shape, a tied embedding counted once (built on the meta device: free)."""
+    with torch.device("meta"):
+        return sum(tensor.numel() for tensor in unique_state_dict(Transformer(args)).values())
+
+
 def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
     """Random weights (normal, std 0.02; norms 1) of a given shape, for speed checks; shard as in
     load_model (with no tensors to slice)."""

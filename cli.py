@@ -58,6 +58,15 @@ def read_text(path: Path, flag: str) -> str:
         raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
 
 
+def available_memory_bytes() -> int:
+    """Memory the system could give this process now (Linux's MemAvailable; elsewhere, no limit known)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:")) * 1024
+    except (OSError, StopIteration):
+        return 2**62
+
+
 def peak_memory_gb(device: str = "cpu") -> float:
     """Peak GPU memory allocated, or this process's peak resident memory. On Linux the latter is VmHWM:
     getrusage's ru_maxrss would also count the parent's memory, which a child started with fork carries

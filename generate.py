@@ -21,8 +21,9 @@ import torch
 
 import offload
 import tp
-from checkpoint import load_model, random_model
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, fail, peak_memory_gb, pick_device, pick_dtype, read_text
+from checkpoint import load_model, parameter_count, random_model
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, fail, peak_memory_gb, pick_device,
+                 pick_dtype, read_text)
 from generation import Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, weights_bytes
 from model import ModelArgs, Transformer
 from sampling import Sampling
@@ -143,6 +144,11 @@ def load(args, device: str, dtype: torch.dtype):
                 raise ValueError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more "
                                  f"than {args.random_weights}'s {model_args.vocab_size}: pass a matching "
                                  "--checkpoint_path")
+            needed = parameter_count(model_args) * dtype.itemsize // tp.world_size()
+            if device == "cpu" and needed > available_memory_bytes():
+                raise ValueError(f"{args.random_weights} in {dtype} takes {needed / 1e9:.1f} GB, more than the "
+                                 f"{available_memory_bytes() / 1e9:.1f} GB of memory available: pick a smaller shape "
+                                 "or dtype")
             return random_model(model_args, device, dtype, shard=tp.sharded_loader()), tokenizer
         if args.offload != "none":
             budget = offload.parse_size(args.memory_budget) if args.memory_budget else None

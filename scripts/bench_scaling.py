@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import random_model, unique_state_dict  # noqa: E402
+from checkpoint import parameter_count, random_model  # noqa: E402
 from generation import Steps, compile_steps, generate, weights_bytes  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
 from tokenizer import write_atomic  # noqa: E402
@@ -51,11 +51,6 @@ def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int
         _, timing = generate(model, [prompt] * batch, new_tokens, greedy, start_pos=start, steps=steps)
         rates.append(timing.decoded_tokens / timing.decode_s)
     return statistics.median(rates)
-
-
-def parameter_count(args: ModelArgs) -> int:
-    with torch.device("meta"):
-        return sum(tensor.numel() for tensor in unique_state_dict(Transformer(args)).values())
 
 
 def models(checkpoint: Path, precision: str, groupsize: int, sizes):

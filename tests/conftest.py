@@ -2,6 +2,7 @@
 Hugging Face transformers / tokenizers / gguf, and a tiny random Llama saved as a Hugging Face directory."""
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+import quantize  # noqa: E402
+from scripts.convert_gguf import convert as convert_gguf  # noqa: E402
+from scripts.convert_hf_checkpoint import convert as convert_hf  # noqa: E402
 from scripts.prepare_default import GGUF_NAME, embedded_gguf  # noqa: E402
 
 
@@ -29,9 +33,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
-    from scripts.convert_gguf import convert
-
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct").parent
+    return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct").parent
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +111,7 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_hf_dir, tmp_path_factory) -> Path:
-    from scripts.convert_hf_checkpoint import convert
-
-    return convert(tiny_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-llama").parent
+    return convert_hf(tiny_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-llama").parent
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +124,6 @@ def tiny_reference(tiny_hf_dir):
 def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:
     """checkpoint_dir copied to directory and quantized there by quantize.py's command line (argv: its
     flags, --mode included): the written file's path."""
-    import shutil
-
-    import quantize
-
     shutil.copytree(checkpoint_dir, directory)
     output = directory / "quantized.safetensors"
     assert quantize.main(["--checkpoint_path", str(directory), "--output", str(output), *map(str, argv)]) == 0

@@ -5,7 +5,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoint import load_model
+from cli import UsageError
+from conftest import ROOT, shared_text
+from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import brisk_name, convert, unpermute
+from scripts.convert_hf_checkpoint import convert as convert_hf
+from tokenizer import load_tokenizer
 
 
 def llama_cpp_permute(weight, n_heads):
@@ -51,7 +57,7 @@ def test_converted_directory_holds_the_expected_files_and_nothing_half_written(s
 
 
 def test_missing_gguf_is_one_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no GGUF file at"):
+    with pytest.raises(UsageError, match="no GGUF file at"):
         convert(tmp_path / "absent.gguf", tmp_path / "out")
 
 
@@ -62,13 +68,13 @@ def test_gguf_without_the_model_shape_is_one_clear_error(tmp_path):
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SystemExit, match="the GGUF has no 'llama.attention.head_count' metadata"):
+    with pytest.raises(UsageError, match="the GGUF has no 'llama.attention.head_count' metadata"):
         convert(tmp_path / "bare.gguf", tmp_path / "out")
 
 
 def test_file_that_is_not_gguf_is_one_clear_error(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"not a gguf file at all" * 10)
-    with pytest.raises(SystemExit, match="cannot read .* as GGUF"):
+    with pytest.raises(UsageError, match="cannot read .* as GGUF"):
         convert(tmp_path / "fake.gguf", tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -84,8 +90,6 @@ def test_hf_conversion_renames_without_changing_values(tiny_hf_dir, tiny_dir):
 
 
 def test_hf_conversion_to_bfloat16(tiny_hf_dir, tmp_path):
-    from scripts.convert_hf_checkpoint import convert as convert_hf
-
     out = convert_hf(tiny_hf_dir, tmp_path / "bf16", torch.bfloat16).parent
     with safe_open(out / "model.safetensors", framework="pt") as converted:
         assert converted.get_tensor("norm.weight").dtype == torch.bfloat16
@@ -93,10 +97,8 @@ def test_hf_conversion_to_bfloat16(tiny_hf_dir, tmp_path):
 
 
 def test_hf_directory_of_another_architecture_is_refused(tmp_path):
-    from scripts.convert_hf_checkpoint import convert as convert_hf
-
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(SystemExit, match="model_type 'gpt2' is not Llama-family"):
+    with pytest.raises(UsageError, match="model_type 'gpt2' is not Llama-family"):
         convert_hf(tmp_path, tmp_path / "out")
 
 
@@ -105,12 +107,11 @@ def test_download_offline_is_one_clear_line(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
 
     result = subprocess.run([sys.executable, "scripts/download.py", "HuggingFaceTB/SmolLM2-135M-Instruct",
                              "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert result.stderr.startswith("error: cannot download HuggingFaceTB/SmolLM2-135M-Instruct")
     assert result.stderr.count("\n") <= 1 and not (tmp_path / "out").exists()
 
@@ -198,9 +199,6 @@ def test_every_block_type_converts_to_the_gguf_package_dequantization(sentencepi
 
 
 def test_sentencepiece_vocabulary_from_gguf_encodes_like_the_original(sentencepiece_gguf, tmp_path):
-    from conftest import shared_text
-    from tokenizer import load_tokenizer
-
     gguf_path, processor = sentencepiece_gguf
     tokenizer = load_tokenizer(convert(gguf_path, tmp_path / "mixed"))
     lines = shared_text("tinyshakespeare.txt").split("\n")[:2000]
@@ -218,8 +216,6 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from checkpoint import load_model
-    from quantized_layers import Int4Linear, Int8Linear
 
     assert smollm2_kept.name == "model_q4_1.safetensors"
     model = load_model(smollm2_kept)
@@ -239,8 +235,6 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
 
 
 def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept):
-    from checkpoint import load_model
-
     tokens, positions = torch.tensor([[504, 3575, 282, 4649, 314]]), torch.arange(5)
     logits = []
     for path in (smollm2_dir / "model.safetensors", smollm2_kept):
@@ -260,5 +254,5 @@ def test_keep_quantized_without_keepable_blocks_is_refused(tiny_hf_dir, tmp_path
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SystemExit, match="has no Q8_0, Q4_0 or Q4_1 tensors to keep"):
+    with pytest.raises(UsageError, match="has no Q8_0, Q4_0 or Q4_1 tensors to keep"):
         convert(tmp_path / "f32.gguf", tmp_path / "out", keep_quantized=True)

@@ -1,4 +1,5 @@
 """Perplexity is what the logits say, whatever the windows' batching."""
+import json
 import math
 import shutil
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluate
+import quantize
 from checkpoint import load_model
+from conftest import shared_text
 from tokenizer import load_tokenizer
 
 
@@ -25,8 +28,6 @@ def test_windows_score_every_token_after_the_first_at_most_once(n_tokens, max_se
 
 
 def text_tokens(checkpoint, n):
-    from conftest import shared_text
-
     tokenizer = load_tokenizer(checkpoint)
     return tokenizer.encode(shared_text("wikitext-2-raw-test.txt")[:20000])[:n]
 
@@ -54,8 +55,6 @@ def test_same_numbers_whatever_the_batch_size(smollm2_dir):
 
 
 def test_quantized_checkpoint_is_evaluated_through_its_metadata(tiny_dir, tmp_path, capsys):
-    import quantize
-
     directory = tmp_path / "tiny"
     shutil.copytree(tiny_dir, directory)
     quantize.main(["--checkpoint_path", str(directory), "--mode", "int4", "--groupsize", "32"])
@@ -65,7 +64,8 @@ def test_quantized_checkpoint_is_evaluated_through_its_metadata(tiny_dir, tmp_pa
     assert evaluate.main(["--checkpoint_path", str(directory / "model_int4.g32.safetensors"),
                           "--text_file", str(text), "--max_seq_length", "64", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert '"perplexity"' in out and "perplexity" in err
+    assert json.loads(out)["perplexity"] > 1  # stdout holds the JSON alone; the progress bar went to stderr
+    assert "scoring" in err and "perplexity" in err
 
 
 def test_continuation_scores_sum_the_continuation_log_probs(tiny_dir):
@@ -81,6 +81,31 @@ def test_continuation_scores_sum_the_continuation_log_probs(tiny_dir):
     assert log_prob == pytest.approx(expected, rel=1e-5)
     greedy = [log_probs[len(ids) - n - 1 + i].argmax().item() for i in range(n)]
     assert is_greedy == (greedy == ids[-n:])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_seq_length", "1"], "--max_seq_length must be >= 2"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--limit_tokens", "1"], "--limit_tokens must be >= 2"),
+])
+def test_bad_arguments_are_one_line_and_status_2(tiny_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "text.txt").write_text("the quick brown fox")
+    status = evaluate.main(["--checkpoint_path", str(tiny_dir), "--text_file", str(tmp_path / "text.txt"), *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_text_file_that_is_not_utf8_is_one_line(tiny_dir, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("na\xefve".encode("latin-1"))
+    status = evaluate.main(["--checkpoint_path", str(tiny_dir), "--text_file", str(tmp_path / "latin1.txt")])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
+
+
+def test_text_of_one_token_has_no_perplexity(tiny_dir, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("the")
+    status = evaluate.main(["--checkpoint_path", str(tiny_dir), "--text_file", str(tmp_path / "short.txt")])
+    assert status == 2 and "holds 1 token(s): perplexity needs at least 2" in capsys.readouterr().err
 
 
 def test_no_text_file_and_no_tasks_is_one_clear_line(capsys):

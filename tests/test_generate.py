@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import generation
 from checkpoint import load_model
 from cli import pick_dtype
 from conftest import ROOT
@@ -72,11 +73,68 @@ def test_interactive_chat_reusing_the_cache_equals_fresh_runs(capsys, monkeypatc
     (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
     (["--random_weights", "Llama-2"], "unknown model name 'Llama-2'; known names: Llama-2-7B"),
+    (["--random_weights", "Llama-3.1-405B"], "Llama-3.1-405B in torch.float32 takes 1623.4 GB, more than the"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(capsys, tiny_dir, argv, message):
     status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, *argv)
     assert status == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_empty_prompt_without_a_bos_token_is_refused(capsys, tiny_dir):
+    status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt", "")
+    assert status == 2 and out == ""
+    assert err == "error: --prompt is empty and this tokenizer adds no BOS token to start from: give some text\n"
+
+
+def test_empty_prompt_with_a_bos_token_generates_from_it(capsys, tiny_dir, tmp_path):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_dir, tmp_path / "bos")
+    config_file = tmp_path / "bos" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "add_bos_token": True}))
+    status, out, err = run_main(capsys, "--checkpoint_path", tmp_path / "bos", "--prompt", "", "--temperature", 0,
+                                "--max_new_tokens", 4)
+    assert status == 0 and "decode 3 tokens" in err
+
+
+def test_prompt_file_that_is_not_utf8_is_one_line(capsys, tiny_dir, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt_file", tmp_path / "latin1.txt")
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --prompt_file {tmp_path / 'latin1.txt'} is not UTF-8 text (byte 3)")
+
+
+def test_prompt_file_without_a_prompt_is_refused(capsys, tiny_dir, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt_file", tmp_path / "blank.txt")
+    assert status == 2 and out == "" and "holds no prompt: write one prompt per line" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_seq_length", "0"], "--max_seq_length must be >= 2"),
+    (["--profile", "no/such/dir/trace.json"], "--profile no/such/dir/trace.json: there is no directory"),
+    (["--prompt_file", "no_such_prompts.txt"], "--prompt_file no_such_prompts.txt: no such file"),
+])
+def test_more_bad_arguments_are_one_line_and_status_2(capsys, tiny_dir, argv, message):
+    status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, *argv)
+    assert status == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_compiling_is_announced_before_it_starts(capsys, tiny_dir, monkeypatch):
+    stderr_at_first_call = []
+
+    def compile_step(step, device, cuda_graphs=True):  # stands in for torch.compile, which compiles at the first call
+        def compiled(*args):
+            if not stderr_at_first_call:
+                stderr_at_first_call.append(capsys.readouterr().err)
+            return step(*args)
+        return compiled
+
+    monkeypatch.setattr(generation, "compile_step", compile_step)
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--compile", "--max_new_tokens", 4)
+    assert status == 0 and "compiling with torch.compile" in stderr_at_first_call[0] and "compiled in" in err
 
 
 def test_missing_checkpoint(capsys, tmp_path):
@@ -131,9 +189,11 @@ def test_sampling_follows_the_softmax_distribution():
     assert torch.allclose(frequencies, logits.softmax(-1)[0], atol=0.015)
 
 
-def test_same_seed_same_sample(capsys, tiny_dir):
-    runs = [run_main(capsys, "--checkpoint_path", tiny_dir, "--seed", 7, "--max_new_tokens", 12)[1] for _ in range(2)]
-    assert runs[0] == runs[1]
+def test_same_seed_same_sample_and_another_seed_another(capsys, tiny_dir):
+    # a high temperature flattens the tiny model's peaked distribution, so that samples really differ
+    runs = [run_main(capsys, "--checkpoint_path", tiny_dir, "--seed", seed, "--temperature", 5, "--top_k", 100,
+                     "--max_new_tokens", 12)[1] for seed in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
 
 
 def test_profile_writes_a_chrome_trace(capsys, tiny_dir, tmp_path):

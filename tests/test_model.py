@@ -3,7 +3,7 @@ compilation change nothing."""
 import pytest
 import torch
 
-from checkpoint import load_model, unique_state_dict
+from checkpoint import load_model, parameter_count
 from generation import compile_steps, generate
 from model import ModelArgs, Transformer
 from sampling import Sampling
@@ -111,11 +111,6 @@ def test_model_names_are_looked_up_exactly_ignoring_case():
         ModelArgs.from_name("Llama-2")
 
 
-def parameter_count(name: str) -> int:
-    with torch.device("meta"):
-        return sum(tensor.numel() for tensor in unique_state_dict(Transformer(ModelArgs.from_name(name))).values())
-
-
 # Counts as the model cards and Hugging Face's checkpoints give them (tied embeddings counted once).
 PUBLISHED_PARAMETERS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "CodeLlama-7B": 6_738_546_688,
                         "Mistral-7B": 7_241_732_096, "TinyLlama-1.1B": 1_100_048_384, "Llama-3.1-8B": 8_030_261_248,
@@ -125,12 +120,12 @@ PUBLISHED_PARAMETERS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_3
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
 def test_a_named_shape_has_its_published_parameter_count(name):
-    assert parameter_count(name) == PUBLISHED_PARAMETERS[name]
+    assert parameter_count(ModelArgs.from_name(name)) == PUBLISHED_PARAMETERS[name]
 
 
 @pytest.mark.parametrize("name, millions", [("stories15M", 15), ("stories42M", 42), ("stories110M", 110)])
 def test_llama2c_stories_shapes_share_the_classifier_as_their_names_count(name, millions):
-    assert abs(parameter_count(name) / 1e6 - millions) < 0.03 * millions
+    assert abs(parameter_count(ModelArgs.from_name(name)) / 1e6 - millions) < 0.03 * millions
 
 
 def test_hf_config_round_trips():

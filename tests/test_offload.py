@@ -10,11 +10,13 @@ import torch
 
 import offload
 import quantize
-from conftest import ROOT
 from checkpoint import load_model
+from conftest import ROOT
+from generate import main
 from generation import generate
 from offload import load_offloaded, parse_size, plan_blocks
 from sampling import Sampling
+from scripts.random_checkpoint import write
 from tokenizer import load_tokenizer
 
 
@@ -98,8 +100,6 @@ def test_budget_plans_resident_blocks_and_two_buffers():
 
 
 def test_a_budget_below_one_block_is_one_line_naming_the_block(capsys, smollm2_dir):
-    from generate import main
-
     assert main(["--checkpoint_path", str(smollm2_dir), "--offload", "disk", "--memory_budget", "150MB"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"error: --memory_budget 150MB cannot hold one transformer block \(14 MB\) besides the "
@@ -108,8 +108,6 @@ def test_a_budget_below_one_block_is_one_line_naming_the_block(capsys, smollm2_d
 
 
 def test_offload_with_compile_is_refused(capsys, tiny_dir):
-    from generate import main
-
     assert main(["--checkpoint_path", str(tiny_dir), "--offload", "disk", "--compile"]) == 2
     assert "--offload streams blocks eagerly in one process: drop --compile / torchrun" in capsys.readouterr().err
 
@@ -129,8 +127,6 @@ def test_generate_with_batch_size_prints_every_prompt_as_one_batch_would(tiny_di
 
 @pytest.mark.slow
 def test_disk_offload_stays_under_the_budget_on_a_larger_model(smollm2_dir, tmp_path):
-    from scripts.random_checkpoint import write
-
     checkpoint = write("SmolLM2-360M", tmp_path / "random-360M", smollm2_dir, torch.float32)
     size_gb = checkpoint.stat().st_size / 1e9
     run = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(checkpoint), "--offload", "disk",

@@ -9,7 +9,8 @@ import cpu_kernels
 import quantize
 import quantized_layers
 from checkpoint import load_model
-from conftest import quantized_copy
+from conftest import quantized_copy, shared_text
+from generate import main
 from generation import compile_steps, generate
 from quantize import HessianAccumulator, gptq_layer, set_rtn
 from quantized_layers import Int4Linear, Int8Linear, dequantize_int4, int4_group_params, int4_values, quantize_int8
@@ -115,8 +116,6 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
 
 def test_gptq_output_error_is_below_rounding_on_real_activations(smollm2_dir):
     """SmolLM2's first attention block's q projection, its inputs from Shakespeare through the real model."""
-    from conftest import shared_text
-
     model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     ids = torch.tensor(tokenizer.encode(shared_text("tinyshakespeare.txt")[:40000])[:2048]).view(8, 256)
     block, accumulator = model.layers[3], HessianAccumulator(576)
@@ -144,6 +143,25 @@ def test_calibration_without_a_file_uses_text_the_model_writes(tiny_dir):
     assert first[0, 0].item() == tokenizer.encode("The")[0]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--calibration_samples", "0"], "--calibration_samples must be >= 1"),
+    (["--blocksize", "0"], "--blocksize must be >= 1"),
+    (["--output", "no/such/dir/q.safetensors"], "--output no/such/dir/q.safetensors: there is no directory"),
+])
+def test_bad_arguments_are_one_line_and_status_2(tiny_dir, capsys, argv, message):
+    status = quantize.main(["--checkpoint_path", str(tiny_dir), "--mode", "int4-gptq", *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_calibration_file_that_is_not_utf8_is_one_line(tiny_dir, capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("\xe9t\xe9".encode("latin-1"))
+    status = quantize.main(["--checkpoint_path", str(tiny_dir), "--mode", "int4-gptq",
+                            "--calibration_file", str(tmp_path / "latin1.txt")])
+    err = capsys.readouterr().err
+    assert status == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
+
+
 def test_missing_calibration_file_is_one_clear_line(tiny_dir, capsys, tmp_path):
     status = quantize.main(["--checkpoint_path", str(tiny_dir), "--mode", "int4-gptq",
                             "--calibration_file", str(tmp_path / "absent.txt")])
@@ -151,8 +169,6 @@ def test_missing_calibration_file_is_one_clear_line(tiny_dir, capsys, tmp_path):
 
 
 def reported_weights_mb(capsys, checkpoint) -> int:
-    from generate import main
-
     capsys.readouterr()
     assert main(["--checkpoint_path", str(checkpoint), "--max_new_tokens", "2", "--temperature", "0"]) == 0
     return int(re.search(r"\(weights (\d+) MB", capsys.readouterr().err).group(1))

@@ -7,7 +7,8 @@ from generate import main
 from generation import generate
 from model import ModelArgs, Transformer
 from sampling import Sampling, probabilities
-from speculative import DraftModel, Lookahead, lookahead_generate, prompt_lookup_guesses, speculative_generate, verify
+from speculative import (DraftModel, Lookahead, lookahead_generate, lookahead_logits, prompt_lookup_guesses,
+                         speculative_generate, target_logits, verify)
 from tokenizer import load_tokenizer
 
 GREEDY = Sampling(temperature=0)
@@ -188,8 +189,6 @@ def test_speculative_runs_one_prompt_at_a_time(capsys, tiny_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("with_draft", [True, False])
 def test_compiled_verify_equals_plain_greedy(with_draft):
-    from speculative import target_logits
-
     target = random_model(0)
     drafter = DraftModel(random_model(0 if with_draft else 1)) if with_draft else None
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]  # repeats, so prompt lookup finds guesses
@@ -202,8 +201,6 @@ def test_compiled_verify_equals_plain_greedy(with_draft):
 
 @pytest.mark.slow
 def test_compiled_lookahead_equals_plain_greedy():
-    from speculative import lookahead_logits
-
     model = random_model(0)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4, 1]
     compiled = torch.compile(lookahead_logits, fullgraph=True)

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from conftest import shared_text, train_byte_level_bpe
+from scripts.convert_hf_checkpoint import convert_tokenizer
 from tokenizer import LLAMA3_PATTERN, StreamDecoder, byte_level_ranks, load_tokenizer
 
 
@@ -83,7 +84,6 @@ def test_converted_tokenizer_json_equals_tokenizers_library(tiny_dir, tiny_hf_di
 def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
     from tokenizers import Regex, pre_tokenizers
 
-    from scripts.convert_hf_checkpoint import convert_tokenizer
 
     reference = train_byte_level_bpe(400, ["<|begin_of_text|>", "<|eot_id|>"])
     reference.pre_tokenizer = pre_tokenizers.Sequence([
@@ -105,7 +105,6 @@ def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
 def test_unsupported_pre_tokenizer_falls_back_to_the_tokenizers_library(tmp_path):
     from tokenizers import pre_tokenizers
 
-    from scripts.convert_hf_checkpoint import convert_tokenizer
 
     reference = train_byte_level_bpe(300, ["<|endoftext|>"])
     reference.pre_tokenizer = pre_tokenizers.Sequence(
