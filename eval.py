@@ -142,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"),
                         help="a checkpoint directory, or one of its .safetensors files (quantized ones too)")
     parser.add_argument("--text_file", type=Path, help="plain text to measure perplexity on")
-    parser.add_argument("--max_seq_length", type=int, default=1024, help="tokens per window")
+    parser.add_argument("--max_seq_length", type=int, help="tokens per window (default: 1024, or the model's "
+                        "context if shorter)")
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: max_seq_length / 2)")
     parser.add_argument("--batch_size", type=int, default=1, help="windows run together")
     parser.add_argument("--limit_tokens", type=int, help="score only the first N tokens of the file")
@@ -159,15 +160,13 @@ def main(argv=None):
         return fail(str(error))
 
 
-def check_args(args, stride: int):
+def check_args(args):
     if not args.text_file and not args.tasks:
         raise UsageError("nothing to evaluate: pass --text_file PATH (perplexity) and/or --tasks NAMES")
     if args.tasks and importlib.util.find_spec("lm_eval") is None:
         raise UsageError("--tasks needs lm-evaluation-harness: pip install lm_eval")
-    if args.max_seq_length < 2:
+    if args.max_seq_length is not None and args.max_seq_length < 2:
         raise UsageError(f"--max_seq_length must be >= 2 (a token and one to predict), got {args.max_seq_length}")
-    if not 0 < stride <= args.max_seq_length:
-        raise UsageError(f"--stride must be in [1, --max_seq_length], got {stride}")
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.limit_tokens is not None and args.limit_tokens < 2:
@@ -175,29 +174,32 @@ def check_args(args, stride: int):
 
 
 def run(args) -> int:
-    stride = args.stride or args.max_seq_length // 2
-    check_args(args, stride)
+    check_args(args)
     text = read_text(args.text_file, "--text_file") if args.text_file else None
     device = pick_device(args.device)
     try:
         model, tokenizer = load_model(args.checkpoint_path, device, DTYPES[args.dtype]), load_tokenizer(args.checkpoint_path)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    if args.max_seq_length > model.args.max_seq_length:
-        raise UsageError(f"--max_seq_length {args.max_seq_length} is past the model's context of "
+    max_seq_length = args.max_seq_length or min(1024, model.args.max_seq_length)
+    if max_seq_length > model.args.max_seq_length:
+        raise UsageError(f"--max_seq_length {max_seq_length} is past the model's context of "
                          f"{model.args.max_seq_length}")
+    stride = args.stride or max_seq_length // 2
+    if not 0 < stride <= max_seq_length:
+        raise UsageError(f"--stride must be in [1, --max_seq_length], got {stride}")
 
     results = {"checkpoint": str(args.checkpoint_path)}
     if text is not None:
         tokens = tokenizer.encode(text)[:args.limit_tokens]
         if len(tokens) < 2:
             raise UsageError(f"--text_file {args.text_file} holds {len(tokens)} token(s): perplexity needs at least 2")
-        results.update(perplexity(model, tokens, args.max_seq_length, stride, args.batch_size, progress=True))
+        results.update(perplexity(model, tokens, max_seq_length, stride, args.batch_size, progress=True))
         print(f"{args.text_file}: {results['tokens_scored']} tokens scored in {results['windows']} windows of "
-              f"{args.max_seq_length} (stride {stride}); mean NLL {results['mean_nll']:.4f}; "
+              f"{max_seq_length} (stride {stride}); mean NLL {results['mean_nll']:.4f}; "
               f"perplexity {results['perplexity']:.4f}; {results['seconds']:.1f} s", file=sys.stderr)
     if args.tasks:
-        results["tasks"] = run_tasks(model, tokenizer, args.tasks.split(","), args.max_seq_length, args.limit,
+        results["tasks"] = run_tasks(model, tokenizer, args.tasks.split(","), max_seq_length, args.limit,
                                      args.include_path)
     if args.json:
         print(json.dumps(results, indent=2, default=str))

@@ -130,13 +130,17 @@ def encode_prompts(args, tokenizer: Tokenizer, texts: list) -> list:
     return prompts
 
 
-def load(args, device: str, dtype: torch.dtype):
-    """The model and tokenizer, with clear errors for a missing or broken checkpoint."""
+def checkpoint_tokenizer(args) -> Tokenizer:
     try:
-        tokenizer = load_tokenizer(args.checkpoint_path)
+        return load_tokenizer(args.checkpoint_path)
     except (FileNotFoundError, ValueError) as error:
         hint = " (run: bash scripts/setup.sh)" if args.checkpoint_path == DEFAULT_CHECKPOINT else ""
         raise UsageError(f"{error}{hint}") from None
+
+
+def load(args, device: str, dtype: torch.dtype, tokenizer: Tokenizer) -> Transformer:
+    """The model: random weights of a known shape, streamed blocks, or a checkpoint, whole or this rank's
+    share of it; one clear error for a missing or broken checkpoint."""
     try:
         if args.random_weights:
             model_args = ModelArgs.from_name(args.random_weights)
@@ -149,11 +153,11 @@ def load(args, device: str, dtype: torch.dtype):
                 raise ValueError(f"{args.random_weights} in {dtype} takes {needed / 1e9:.1f} GB, more than the "
                                  f"{available_memory_bytes() / 1e9:.1f} GB of memory available: pick a smaller shape "
                                  "or dtype")
-            return random_model(model_args, device, dtype, shard=tp.sharded_loader()), tokenizer
+            return random_model(model_args, device, dtype, shard=tp.sharded_loader())
         if args.offload != "none":
             budget = offload.parse_size(args.memory_budget) if args.memory_budget else None
-            return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget), tokenizer
-        return load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader()), tokenizer
+            return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget)
+        return load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
 
@@ -219,10 +223,9 @@ def check_length(model: Transformer, prompt_length: int, max_new_tokens: int):
                          f"model's context of {context}: lower --max_new_tokens to {context - prompt_length}")
 
 
-def run_prompts(args, setup: Setup):
-    """Each prompt continued (or answered, with --chat), --num_samples times, in batches of --batch_size."""
-    texts = read_prompts(args)
-    prompts = encode_prompts(args, setup.tokenizer, texts)
+def run_prompts(args, setup: Setup, texts: list, prompts: list):
+    """Each prompt (texts, and their token ids) continued, or answered with --chat, --num_samples times, in
+    batches of --batch_size."""
     check_length(setup.model, max(map(len, prompts)), args.max_new_tokens)
     if args.speculative and len(prompts) > 1:
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
@@ -361,8 +364,11 @@ def main(argv=None):
         seed = tp.common_seed(args.seed)
         if seed is not None:
             torch.manual_seed(seed)
+        texts = None if args.interactive else read_prompts(args)
+        tokenizer = checkpoint_tokenizer(args)
+        prompts = None if args.interactive else encode_prompts(args, tokenizer, texts)
         started = time.perf_counter()
-        model, tokenizer = load(args, device, dtype)
+        model = load(args, device, dtype, tokenizer)
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)
@@ -370,7 +376,7 @@ def main(argv=None):
         if args.interactive:
             interactive(args, setup)
         else:
-            run_prompts(args, setup)
+            run_prompts(args, setup, texts, prompts)
     except UsageError as error:
         return fail(str(error))
     finally:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import quantize  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from scripts.convert_gguf import convert as convert_gguf  # noqa: E402
 from scripts.convert_hf_checkpoint import convert as convert_hf  # noqa: E402
 from scripts.prepare_default import GGUF_NAME, embedded_gguf  # noqa: E402
@@ -128,6 +129,18 @@ def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:
     output = directory / "quantized.safetensors"
     assert quantize.main(["--checkpoint_path", str(directory), "--output", str(output), *map(str, argv)]) == 0
     return output
+
+
+@pytest.fixture(scope="session")
+def smollm2_weight(smollm2_dir):
+    """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
+    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
+
+
+def filled(layer, weight):
+    """A quantized layer filled by rounding weight to nearest."""
+    quantize.set_rtn(layer, weight)
+    return layer
 
 
 @pytest.fixture(scope="session")

@@ -6,25 +6,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cpu_kernels
 from checkpoint import load_model
-from conftest import quantized_copy
+from conftest import filled, quantized_copy
 from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, HalfLinear, Int4CPULinear, Int8CPULinear,
                          decode_attention)
 from generation import decode_one_token
 from model import ScaledDotProductAttention
-from quantize import set_rtn
 from quantized_layers import Int4Linear, Int8Linear
 from sampling import Sampling
-
-
-@pytest.fixture(scope="module")
-def smollm2_weight(smollm2_dir):
-    """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
-    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
-
-
-def filled(layer, weight):
-    set_rtn(layer, weight)
-    return layer
 
 
 def bf16_linear(weight) -> torch.nn.Linear:

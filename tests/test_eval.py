@@ -102,8 +102,14 @@ def test_text_file_that_is_not_utf8_is_one_line(tiny_dir, tmp_path, capsys):
     assert status == 2 and "is not UTF-8 text" in err and err.count("\n") == 1
 
 
+def test_default_window_is_the_context_of_a_model_shorter_than_1024(tiny_dir, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    assert evaluate.main(["--checkpoint_path", str(tiny_dir), "--text_file", str(tmp_path / "text.txt")]) == 0
+    assert "windows of 256 (stride 128)" in capsys.readouterr().err
+
+
 def test_text_of_one_token_has_no_perplexity(tiny_dir, tmp_path, capsys):
-    (tmp_path / "short.txt").write_text("the")
+    (tmp_path / "short.txt").write_text("t")  # one byte: one token
     status = evaluate.main(["--checkpoint_path", str(tiny_dir), "--text_file", str(tmp_path / "short.txt")])
     assert status == 2 and "holds 1 token(s): perplexity needs at least 2" in capsys.readouterr().err
 

@@ -9,10 +9,10 @@ import cpu_kernels
 import quantize
 import quantized_layers
 from checkpoint import load_model
-from conftest import quantized_copy, shared_text
+from conftest import filled, quantized_copy, shared_text
 from generate import main
 from generation import compile_steps, generate
-from quantize import HessianAccumulator, gptq_layer, set_rtn
+from quantize import HessianAccumulator, gptq_layer
 from quantized_layers import Int4Linear, Int8Linear, dequantize_int4, int4_group_params, int4_values, quantize_int8
 from sampling import Sampling
 from tokenizer import load_tokenizer
@@ -20,17 +20,6 @@ from tokenizer import load_tokenizer
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     return (10 * torch.log10(reference.pow(2).sum() / (reference - approximation).pow(2).sum())).item()
-
-
-@pytest.fixture(scope="module")
-def smollm2_weight(smollm2_dir):
-    """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
-    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
-
-
-def filled(layer, weight):
-    set_rtn(layer, weight)
-    return layer
 
 
 def test_int8_reconstruction_of_a_real_layer(smollm2_weight):
