@@ -43,6 +43,17 @@ def checkpoint_files(checkpoint_path):
         raise ValueError(f"{config_file} is not a Llama-like config ({error}): re-convert the checkpoint") from None
 
 
+def has_int4_layers(checkpoint_path) -> bool:
+    """Whether a checkpoint's file holds packed int4 weights (read from its header alone; False when there
+    is no readable file, which loading then reports)."""
+    try:
+        weights_file, _ = checkpoint_files(checkpoint_path)
+        with safe_open(weights_file, framework="pt") as file:
+            return any(file.get_slice(name).get_dtype() == "U8" for name in file.keys())
+    except Exception:
+        return False
+
+
 def unique_state_dict(model: nn.Module) -> dict:
     """The model's weights, each shared tensor (tied embedding and output head) once, under its first name."""
     seen, unique = set(), {}

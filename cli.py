@@ -33,12 +33,13 @@ def pick_device(name: str) -> str:
     return name
 
 
-def pick_dtype(name: str, device: str, compiled_decode: bool = False) -> torch.dtype:
+def pick_dtype(name: str, device: str, compiled_decode: bool = False, int4_weights: bool = False) -> torch.dtype:
     """--dtype: auto is bf16 on CUDA, fp16 on MPS; on a CPU fp32, except for a compiled decode step, whose
-    fused loops read bf16 weights faster than MKL reads fp32 ones (README, Benchmark)."""
+    fused loops read bf16 weights faster than MKL reads fp32 ones, and for int4 weights, whose CPU kernel
+    wants bf16 activations (several times slower with fp32 ones; README, Benchmark)."""
     if name == "auto":
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if compiled_decode
-                                                                   else torch.float32)
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(
+            device, torch.bfloat16 if compiled_decode or int4_weights else torch.float32)
     dtype = DTYPES[name]
     try:
         probe = torch.ones(2, 2, dtype=dtype, device=device)

@@ -8,7 +8,7 @@ import torch
 import generation
 from checkpoint import load_model
 from cli import pick_dtype
-from conftest import ROOT
+from conftest import ROOT, quantized_copy
 from generate import main
 from generation import generate
 from sampling import Sampling, sample
@@ -210,3 +210,16 @@ def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("auto", "cpu", compiled_decode=True) == torch.bfloat16
     assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32
+
+
+def test_auto_dtype_on_cpu_is_bf16_for_int4_weights_whose_kernel_wants_it():
+    assert pick_dtype("auto", "cpu", int4_weights=True) == torch.bfloat16
+    assert pick_dtype("fp32", "cpu", int4_weights=True) == torch.float32
+
+
+def test_an_int4_checkpoint_runs_with_bf16_activations_by_default(capsys, tiny_dir, tmp_path):
+    int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32)
+    status, _, err = run_main(capsys, "--checkpoint_path", int4, "--max_new_tokens", 3)
+    assert status == 0 and "(torch.bfloat16, cpu)" in err
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--max_new_tokens", 3)
+    assert status == 0 and "(torch.float32, cpu)" in err
