@@ -76,10 +76,14 @@ class Int8Linear(nn.Module):
                              else torch.empty(out_features))
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.outputs(x)
+
+    def outputs(self, x: Tensor, rows=slice(None)) -> Tensor:
+        """x times the weight rows `rows` (all of them by default), transposed: those output features."""
         if self.groupsize:
-            return F.linear(x, self.dequantized().to(x.dtype))
+            return F.linear(x, self.dequantized(rows).to(x.dtype))
         # one scale per output channel: scale the product, not the weight (a multiply per output)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return F.linear(x, self.weight[rows].to(x.dtype)) * self.scales[rows]
 
     def dequantized(self, ids=slice(None)) -> Tensor:
         """The weight (or the rows ids of it) as floats."""

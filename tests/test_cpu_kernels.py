@@ -80,6 +80,17 @@ def test_compiled_one_row_matvec_equals_the_plain_layer(smollm2_weight, kind):
     assert torch.allclose(compiled(x).float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("groupsize", [0, 32])
+def test_an_int8_head_widened_block_by_block_equals_the_plain_layer(groupsize):
+    layer = filled(Int8Linear(64, 2500, groupsize), torch.randn(2500, 64))  # three blocks of 1024 rows
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.scales = layer.scales.to(dtype)
+        x = torch.randn(2, 3, 64, dtype=dtype)
+        with AtenCalls() as calls:
+            out = Int8CPULinear(layer)(x)
+        assert "cat" in calls.names and torch.allclose(out, layer(x), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
 def test_int4_kernel_for_a_few_rows_equals_the_plain_layer(smollm2_weight, groupsize):
     layer = Int4CPULinear(filled(Int4Linear(576, 1536, groupsize), smollm2_weight))
