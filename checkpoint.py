@@ -43,15 +43,17 @@ def checkpoint_files(checkpoint_path):
         raise ValueError(f"{config_file} is not a Llama-like config ({error}): re-convert the checkpoint") from None
 
 
-def has_int4_layers(checkpoint_path) -> bool:
-    """Whether a checkpoint's file holds packed int4 weights (read from its header alone; False when there
-    is no readable file, which loading then reports)."""
+def stored_weights(checkpoint_path) -> str:
+    """What a checkpoint's file stores, from its header alone: "int4" when it holds packed int4 weights,
+    else "int8" when it holds int8 ones, else "float" (also when there is no readable file, which loading
+    then reports)."""
     try:
         weights_file, _ = checkpoint_files(checkpoint_path)
         with safe_open(weights_file, framework="pt") as file:
-            return any(file.get_slice(name).get_dtype() == "U8" for name in file.keys())
+            dtypes = {file.get_slice(name).get_dtype() for name in file.keys()}
     except Exception:
-        return False
+        return "float"
+    return "int4" if "U8" in dtypes else "int8" if "I8" in dtypes else "float"
 
 
 def unique_state_dict(model: nn.Module) -> dict:

@@ -33,13 +33,15 @@ def pick_device(name: str) -> str:
     return name
 
 
-def pick_dtype(name: str, device: str, compiled_decode: bool = False, int4_weights: bool = False) -> torch.dtype:
-    """--dtype: auto is bf16 on CUDA, fp16 on MPS; on a CPU fp32, except for a compiled decode step, whose
-    fused loops read bf16 weights faster than MKL reads fp32 ones, and for int4 weights, whose CPU kernel
-    wants bf16 activations (several times slower with fp32 ones; README, Benchmark)."""
+def pick_dtype(name: str, device: str, compiled_decode: bool = False, weights: str = "float") -> torch.dtype:
+    """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU (measured in the README, Quantization) it is fp32,
+    except bf16 for float weights in a compiled decode step (its fused loops read bf16 weights faster than MKL
+    reads fp32 ones) and for int4 weights eagerly (PyTorch's CPU int4 kernel wants bf16 activations); a
+    compiled step over int8 or int4 weights, which widens them itself, is faster with fp32 activations.
+    weights: "float", "int8" or "int4", what the checkpoint stores (checkpoint.stored_weights)."""
     if name == "auto":
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(
-            device, torch.bfloat16 if compiled_decode or int4_weights else torch.float32)
+        cpu_bf16 = (weights == "float" and compiled_decode) or (weights == "int4" and not compiled_decode)
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if cpu_bf16 else torch.float32)
     dtype = DTYPES[name]
     try:
         probe = torch.ones(2, 2, dtype=dtype, device=device)

@@ -21,7 +21,7 @@ import torch
 
 import offload
 import tp
-from checkpoint import has_int4_layers, load_model, parameter_count, random_model
+from checkpoint import load_model, parameter_count, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, fail, peak_memory_gb, pick_device,
                  pick_dtype, read_text)
 from generation import Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, weights_bytes
@@ -357,8 +357,8 @@ def main(argv=None):
     try:
         check_args(args)
         device = pick_device(args.device)
-        int4_weights = not args.random_weights and has_int4_layers(args.checkpoint_path)
-        dtype = pick_dtype(args.dtype, device, args.compile and not args.speculative, int4_weights)
+        weights = "float" if args.random_weights else stored_weights(args.checkpoint_path)
+        dtype = pick_dtype(args.dtype, device, args.compile and not args.speculative, weights)
         tp.init(device)
         if tp.rank() > 0:  # under torchrun every rank generates the same text; rank 0 shows it
             sys.stdout = sys.stderr = open(os.devnull, "w")

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model  # noqa: E402
+from cli import pick_dtype  # noqa: E402
 from generation import Steps, compile_steps, generate  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import build, synthetic_tokens  # noqa: E402
@@ -97,8 +98,9 @@ def timed_rate(forward, tokens: int) -> float:
 def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list, new_tokens: int,
                  long_prompt: list):
     """(decode, prefill) rate functions. Prefill is the eager forward in both modes (--compile compiles decode)."""
+    # int4: the kept Q4_1 file, with the activations `--dtype auto` gives it (eagerly bf16, for the int4 kernel)
     model = build(checkpoint, precision, 32) if precision != "int4" else load_model(
-        checkpoint / "model_q4_1.safetensors")
+        checkpoint / "model_q4_1.safetensors", "cpu", pick_dtype("auto", "cpu", compiled, weights="int4"))
     model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
     steps = compile_steps("cpu") if compiled else Steps()
     generate(model, [prompt], 3, Sampling(temperature=0), steps=steps)  # warm-up (compiles)
