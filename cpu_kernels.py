@@ -99,14 +99,14 @@ class Int4CPULinear(nn.Module):
         if layer.padded_in % 64 == 0:  # the kernel's own layout, built once
             values = unpack_int4(layer.weight, layer.groupsize).to(torch.int32)
             self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
-            self.scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1).transpose(0, 1).contiguous()
+            self.scales_and_zeros = layer.kernel_scales_and_zeros()
 
     def forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
-        if not fused(x) and (self.kernel_weight is None or not few_rows(x)):
+        layer, compiling = self.layer, fused(x)
+        if not compiling and (self.kernel_weight is None or not few_rows(x)):
             return layer(x)
         flat = layer.padded(x.reshape(-1, layer.in_features))
-        if fused(x):
+        if compiling:
             out = self.matvec(flat).to(x.dtype)
         else:  # a few rows, eagerly
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.kernel_weight, layer.groupsize,

@@ -20,7 +20,7 @@ class Int4TinyGemmLinear(nn.Module):
         # the kernel takes its weights two values per byte, high nibble first, and builds its own tiles
         packed = (values[:, 0::2] << 4 | values[:, 1::2]).to(torch.uint8)
         self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)  # plain attributes
-        self.scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1).transpose(0, 1).contiguous()
+        self.scales_and_zeros = layer.kernel_scales_and_zeros()
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.layer

@@ -149,10 +149,10 @@ def load(args, device: str, dtype: torch.dtype, tokenizer: Tokenizer) -> Transfo
                                  f"than {args.random_weights}'s {model_args.vocab_size}: pass a matching "
                                  "--checkpoint_path")
             needed = parameter_count(model_args) * dtype.itemsize // tp.world_size()
-            if device == "cpu" and needed > available_memory_bytes():
+            available = available_memory_bytes()
+            if device == "cpu" and needed > available:
                 raise ValueError(f"{args.random_weights} in {dtype} takes {needed / 1e9:.1f} GB, more than the "
-                                 f"{available_memory_bytes() / 1e9:.1f} GB of memory available: pick a smaller shape "
-                                 "or dtype")
+                                 f"{available / 1e9:.1f} GB of memory available: pick a smaller shape or dtype")
             return random_model(model_args, device, dtype, shard=tp.sharded_loader())
         if args.offload != "none":
             budget = offload.parse_size(args.memory_budget) if args.memory_budget else None

@@ -118,6 +118,10 @@ class Int4Linear(nn.Module):
         flat = self.padded(x.reshape(-1, self.in_features))
         return F.linear(flat, self.dequantized().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
 
+    def kernel_scales_and_zeros(self) -> Tensor:
+        """Scales and zeros as PyTorch's int4 kernels (CPU and CUDA) take them: (groups, out, 2)."""
+        return torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
+
     def dequantized(self) -> Tensor:
         """The weight as floats, padding columns included: (out, padded_in)."""
         values = unpack_int4(self.weight, self.groupsize)
