@@ -35,12 +35,14 @@ def pick_device(name: str) -> str:
 
 def pick_dtype(name: str, device: str, compiled_decode: bool = False, weights: str = "float") -> torch.dtype:
     """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU (measured in the README, Quantization) it is fp32,
-    except bf16 for float weights in a compiled decode step (its fused loops read bf16 weights faster than MKL
-    reads fp32 ones) and for int4 weights eagerly (PyTorch's CPU int4 kernel wants bf16 activations); a
-    compiled step over int8 or int4 weights, which widens them itself, is faster with fp32 activations.
+    except bf16 where a faster kernel wants it: float weights in a compiled decode step (its fused loops read
+    bf16 weights faster than MKL reads fp32 ones), int4 weights always and int8 weights eagerly (PyTorch's
+    CPU int4 kernel, which cpu_kernels.py also runs int8 weights through, wants bf16 activations). A compiled
+    step over int8 weights is faster with fp32 activations, through fused loops that widen the integers.
     weights: "float", "int8" or "int4", what the checkpoint stores (checkpoint.stored_weights)."""
     if name == "auto":
-        cpu_bf16 = (weights == "float" and compiled_decode) or (weights == "int4" and not compiled_decode)
+        cpu_bf16 = (weights == "int4" or (weights == "int8" and not compiled_decode)
+                    or (weights == "float" and compiled_decode))
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if cpu_bf16 else torch.float32)
     dtype = DTYPES[name]
     try:

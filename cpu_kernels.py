@@ -3,12 +3,17 @@ layers of model.py and quantized_layers.py. Each form holds the plain module it 
 and reproduces its outputs (tests/test_cpu_kernels.py). The measurements behind each choice are in the
 README (Benchmark).
 
-- Decoding under torch.compile: a layer applied to a few rows is written as a multiply-and-sum, which
-  Inductor turns into one vectorized loop per layer that reads each weight once in its stored type (bf16,
-  int8, packed int4) and widens it in registers; attention over the KV cache likewise becomes sums of
-  products that Inductor fuses with the rest of the block. Eagerly, PyTorch would materialise the whole
-  (rows, out, in) product, so these forms are used only while compiling.
-- Eagerly, an int4 layer applied to a few rows calls PyTorch's CPU int4 kernel.
+- Quantized layers applied to a few rows (decoding) with bf16 activations, eagerly or compiled, call
+  PyTorch's CPU int4 kernel, which reads the packed nibbles in its own layout: int4 weights directly, int8
+  weights as two nibble planes (int8_as_int4_planes). The kernel wants bf16 activations; with fp32 ones it
+  is many times slower, so on a CPU `--dtype auto` gives int4 checkpoints bf16, and int8 ones eagerly
+  (cli.pick_dtype).
+- Decoding under torch.compile otherwise (bf16 float weights; quantized ones with fp32 activations): a
+  layer applied to a few rows is written as a multiply-and-sum, which Inductor turns into one vectorized
+  loop per layer that reads each weight once in its stored type (bf16, int8, packed int4) and widens it in
+  registers; attention over the KV cache likewise becomes sums of products that Inductor fuses with the
+  rest of the block. Eagerly, PyTorch would materialise the whole (rows, out, in) product, so these forms
+  are used only while compiling.
 - bf16 weights applied to many rows (prefill), on a CPU without bf16 arithmetic, are widened to fp32 once
   per pass: there oneDNN emulates bf16 and its GEMM runs well below fp32 speed.
 - fp32 layers are left to MKL, whose one-row GEMV beats the fused loop.
@@ -62,22 +67,77 @@ class HalfLinear(nn.Module):
         return F.linear(x, weight)
 
 
-# Eagerly, an int8 weight is widened to the activations' dtype before its matmul. Widened this many rows at a
-# time, each block stays in the cache between widening and matmul, instead of a whole widened weight (113 MB
-# for SmolLM2's fp32-widened output head) going out to memory and back.
+# PyTorch's CPU int4 kernel takes groups of these sizes; its weight layout is built once, after loading,
+# from values in [0, 15] (two tiles of 16 input columns).
+INT4_KERNEL_GROUPSIZES = (256, 128, 64, 32)
+
+
+def int4_kernel_takes(out_features: int, in_features: int) -> bool:
+    """Whether the kernel's layout can hold a weight of this shape (in_features padded to whole groups)."""
+    return out_features % 16 == 0 and in_features % 64 == 0
+
+
+def int4_kernel_weight(values: Tensor) -> Tensor:
+    """values (out, in), integers in [0, 15], in the layout of PyTorch's CPU int4 kernel."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 2)
+
+
+def int4_kernel(x: Tensor, kernel_weight: Tensor, groupsize: Tensor, scales_and_zeros: Tensor) -> Tensor:
+    """x (rows, in) times the int4 weight, transposed. The kernel is `aten._weight_int4pack_mm_for_cpu`,
+    called through its wrapper that takes the groupsize as a tensor: Inductor turns the aten form's integer
+    into a constant tensor, which inside the compiled block (a nested compile region) reaches the kernel
+    as some other constant, and the step fails ("group size must be a scalar", torch 2.13)."""
+    return torch.ops.quantized.int4mm_packed_weight_cpu(x, kernel_weight, groupsize, scales_and_zeros)
+
+
+def int8_as_int4_planes(layer: Int8Linear):
+    """The int8 layer as one int4 weight over its inputs taken twice, for PyTorch's int4 kernel: (kernel
+    weight, groupsize, scales and zeros). An int8 value q is 16 h + l, with l = q & 15 in [0, 15] and
+    h = q >> 4 in [-8, 7] (its high nibble, signed), so that with scale s
+
+        x . (q s) = x . (l s) + x . (h 16 s).
+
+    In the kernel's convention w = (n - 8) scale + zero, the low plane is n = l with scale s and zero 8 s,
+    the high plane n = h + 8 with scale 16 s and zero 0. Side by side the planes are one weight of twice
+    the columns, which [x, x] multiplies in one call. A scale per output channel is repeated per group."""
+    groupsize = layer.groupsize or next(size for size in INT4_KERNEL_GROUPSIZES if layer.in_features % size == 0)
+    scales = layer.scales if layer.groupsize else layer.scales[:, None].expand(-1, layer.in_features // groupsize)
+    planes = torch.cat([layer.weight & 15, (layer.weight >> 4) + 8], dim=1)
+    plane_scales = torch.cat([scales, 16 * scales], dim=1)
+    plane_zeros = torch.cat([8 * scales, torch.zeros_like(scales)], dim=1)
+    scales_and_zeros = torch.stack([plane_scales, plane_zeros], dim=-1).transpose(0, 1).contiguous()
+    return int4_kernel_weight(planes), torch.tensor(groupsize), scales_and_zeros
+
+
+# Eagerly, an int8 weight the kernel cannot take is widened to the activations' dtype before its matmul.
+# Widened this many rows at a time, each block stays in the cache between widening and matmul, instead of a
+# whole widened weight (113 MB for SmolLM2's fp32-widened output head) going out to memory and back.
 WIDEN_BLOCK_ROWS = 1024
 
 
 class Int8CPULinear(nn.Module):
-    """An Int8Linear on the CPU: the fused loop over the int8 bytes when compiling; eagerly the plain layer's
-    arithmetic, a block of WIDEN_BLOCK_ROWS weight rows at a time."""
+    """An Int8Linear on the CPU. For a few rows of bf16 activations, eagerly or compiled, PyTorch's int4
+    kernel over the weight's two nibble planes (int8_as_int4_planes); for a few rows of fp32 activations in a
+    compiled step, the fused loop over the int8 bytes; otherwise the plain layer's arithmetic, a block of
+    WIDEN_BLOCK_ROWS weight rows at a time."""
 
     def __init__(self, layer: Int8Linear):
         super().__init__()
         self.layer = layer
+        self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
+        # built in a bf16 model only: the kernel is 15 to 35 times slower with fp32 activations (README)
+        takes_kernel = (layer.groupsize in (0, *INT4_KERNEL_GROUPSIZES) and layer.in_features % 32 == 0
+                        and int4_kernel_takes(layer.out_features, 2 * layer.in_features))
+        if takes_kernel and layer.scales.dtype == torch.bfloat16:
+            self.kernel_weight, self.groupsize, self.scales_and_zeros = int8_as_int4_planes(layer)
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.layer
+        if self.kernel_weight is not None and x.dtype == torch.bfloat16 and few_rows(x):
+            flat = x.reshape(-1, layer.in_features)
+            out = int4_kernel(torch.cat([flat, flat], dim=-1), self.kernel_weight, self.groupsize,
+                              self.scales_and_zeros)
+            return out.reshape(*x.shape[:-1], layer.out_features)
         if fused(x):
             out = matvec(x, layer.dequantized()) if layer.groupsize else matvec(x, layer.weight) * layer.scales
             return out.to(x.dtype)
@@ -88,29 +148,30 @@ class Int8CPULinear(nn.Module):
 
 
 class Int4CPULinear(nn.Module):
-    """An Int4Linear on the CPU: the fused loop over the packed bytes when compiling, PyTorch's int4
-    kernel for a few rows eagerly, and the plain layer (dequantize, then matmul) for many rows, where
-    the kernel is far slower."""
+    """An Int4Linear on the CPU. For a few rows, PyTorch's int4 kernel, eagerly or compiled, except in a
+    compiled step with fp32 activations: the kernel wants bf16 ones (with fp32 it is 15 to 35 times slower,
+    README), so there the fused loop over the packed bytes runs. For many rows (prefill), the plain layer:
+    dequantize, then matmul, where the kernel is far slower."""
 
     def __init__(self, layer: Int4Linear):
         super().__init__()
         self.layer = layer
-        self.kernel_weight = self.scales_and_zeros = None  # plain attributes: not weights of the file
-        if layer.padded_in % 64 == 0:  # the kernel's own layout, built once
-            values = unpack_int4(layer.weight, layer.groupsize).to(torch.int32)
-            self.kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
-            self.scales_and_zeros = layer.kernel_scales_and_zeros()
+        self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
+        if int4_kernel_takes(layer.out_features, layer.padded_in):  # the kernel's own layout, built once
+            self.kernel_weight = int4_kernel_weight(unpack_int4(layer.weight, layer.groupsize))
+            self.groupsize, self.scales_and_zeros = torch.tensor(layer.groupsize), layer.kernel_scales_and_zeros()
 
     def forward(self, x: Tensor) -> Tensor:
-        layer, compiling = self.layer, fused(x)
-        if not compiling and (self.kernel_weight is None or not few_rows(x)):
+        layer = self.layer
+        compiling = torch.compiler.is_compiling()
+        kernel = self.kernel_weight is not None and (x.dtype == torch.bfloat16 or not compiling)
+        if not few_rows(x) or not (kernel or compiling):
             return layer(x)
         flat = layer.padded(x.reshape(-1, layer.in_features))
-        if compiling:
+        if kernel:
+            out = int4_kernel(flat, self.kernel_weight, self.groupsize, self.scales_and_zeros)
+        else:
             out = self.matvec(flat).to(x.dtype)
-        else:  # a few rows, eagerly
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.kernel_weight, layer.groupsize,
-                                                              self.scales_and_zeros)
         return out.reshape(*x.shape[:-1], layer.out_features)
 
     def matvec(self, flat: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cpu_kernels  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from cli import peak_memory_gb  # noqa: E402
+from cli import peak_memory_gb, pick_dtype  # noqa: E402
 from generation import Steps, compile_steps, generate, weights_bytes  # noqa: E402
 from sampling import Sampling  # noqa: E402
 
@@ -44,20 +44,22 @@ def machine_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return matrix.numel() * 4 / best / 1e9
 
 
-def build(checkpoint: Path, precision: str, groupsize: int):
-    return at_precision(load_model(checkpoint, "cpu", precision_dtype(precision)), precision, groupsize)
+def build(checkpoint: Path, precision: str, groupsize: int, compiled: bool = False):
+    return at_precision(load_model(checkpoint, "cpu", precision_dtype(precision)), precision, groupsize, compiled)
 
 
 def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision's model is loaded in (int8 / int4 are quantized from fp32 weights)."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def at_precision(model, precision: str, groupsize: int):
+def at_precision(model, precision: str, groupsize: int, compiled: bool = False):
     """int8 / int4 (round to nearest) quantized in memory: the embedding / output head too, as llama.cpp's
-    Q8_0 / Q4 files hold it. fp32 and bf16 models are returned as they are."""
+    Q8_0 / Q4 files hold it, then given the activations `--dtype auto` gives such a checkpoint, eagerly or
+    compiled (cli.pick_dtype). fp32 and bf16 models are returned as they are."""
     if precision in ("int8", "int4"):
         quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=True)
-        cpu_kernels.swap_in(model)
+        cpu_kernels.swap_in(model.to(pick_dtype("auto", "cpu", compiled, weights=precision)))
     return model.eval()
 
 
@@ -110,9 +112,9 @@ def main(argv=None):
           file=sys.stderr)
     rows = []
     for precision in args.precisions:
-        model = build(args.checkpoint_path, precision, args.groupsize)
         modes = [("eager", Steps())] + ([] if args.no_compile else [("compiled", compile_steps("cpu"))])
         for mode, step in modes:
+            model = build(args.checkpoint_path, precision, args.groupsize, compiled=mode == "compiled")
             result = {"precision": precision, "mode": mode, **measure(
                 model, step, args.max_new_tokens, args.prefill_lengths, args.repeats)}
             result["weights_mb"] = weights_bytes(model) / 1e6

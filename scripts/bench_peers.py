@@ -99,7 +99,7 @@ def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list,
                  long_prompt: list):
     """(decode, prefill) rate functions. Prefill is the eager forward in both modes (--compile compiles decode)."""
     # int4: the kept Q4_1 file, with the activations `--dtype auto` gives it (eagerly bf16, for the int4 kernel)
-    model = build(checkpoint, precision, 32) if precision != "int4" else load_model(
+    model = build(checkpoint, precision, 32, compiled) if precision != "int4" else load_model(
         checkpoint / "model_q4_1.safetensors", "cpu", pick_dtype("auto", "cpu", compiled, weights="int4"))
     model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
     steps = compile_steps("cpu") if compiled else Steps()

@@ -53,13 +53,13 @@ def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int
     return statistics.median(rates)
 
 
-def models(checkpoint: Path, precision: str, groupsize: int, sizes):
+def models(checkpoint: Path, precision: str, groupsize: int, sizes, compiled: bool):
     """(name, model) for the real checkpoint, then each random shape in `sizes`, one in memory at a time."""
-    yield checkpoint.name, build(checkpoint, precision, groupsize)
+    yield checkpoint.name, build(checkpoint, precision, groupsize, compiled)
     for name in sizes:
         torch.manual_seed(0)
         yield name, at_precision(random_model(ModelArgs.from_name(name), "cpu", precision_dtype(precision)),
-                                 precision, groupsize)
+                                 precision, groupsize, compiled)
 
 
 def run(args) -> list:
@@ -73,7 +73,8 @@ def run(args) -> list:
         print(f"{curve}: {name} batch {batch} context {context}: {rate:.1f} tokens/s", file=sys.stderr, flush=True)
         points.append(point)
 
-    for index, (name, model) in enumerate(models(args.checkpoint_path, args.precision, args.groupsize, args.sizes)):
+    sized = models(args.checkpoint_path, args.precision, args.groupsize, args.sizes, args.compile)
+    for index, (name, model) in enumerate(sized):
         if index == 0:
             for context in args.contexts:
                 measured("context", name, model, 1, context)

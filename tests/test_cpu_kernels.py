@@ -1,5 +1,6 @@
 """The CPU's faster layer forms (cpu_kernels.py) compute what the plain layers compute, and are the ones
-that actually run: the fused loops in a compiled decode step, PyTorch's int4 kernel for a few rows eagerly."""
+that actually run: PyTorch's int4 kernel for a few rows of bf16 activations (eagerly and compiled, int8
+weights included), the fused loops in a compiled decode step otherwise."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -38,6 +39,9 @@ def traced_functions(fn, *args) -> set:
     return names
 
 
+INT4_KERNEL = "int4mm_packed_weight_cpu"  # cpu_kernels.int4_kernel
+
+
 class AtenCalls(TorchDispatchMode):
     """The aten operators run eagerly inside the block."""
 
@@ -63,7 +67,7 @@ def test_a_compiled_layer_over_a_few_rows_is_a_multiply_and_sum_not_a_matmul(smo
     layer = cpu_layers(smollm2_weight)[kind]
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
     few = traced_functions(layer, x)
-    assert "sum" in few and not few & {"linear", "_weight_int4pack_mm_for_cpu"}
+    assert "sum" in few and not few & {"linear", INT4_KERNEL}
     many = traced_functions(layer, x.expand(1, 32, 576).contiguous())  # past FUSED_MAX_ROWS: the matmul
     assert "linear" in many and "sum" not in many
 
@@ -85,10 +89,34 @@ def test_an_int8_head_widened_block_by_block_equals_the_plain_layer(groupsize):
     layer = filled(Int8Linear(64, 2500, groupsize), torch.randn(2500, 64))  # three blocks of 1024 rows
     for dtype in (torch.float32, torch.bfloat16):
         layer.scales = layer.scales.to(dtype)
-        x = torch.randn(2, 3, 64, dtype=dtype)
+        x = torch.randn(2, 10, 64, dtype=dtype)  # 20 rows: more than the int4 kernel takes
         with AtenCalls() as calls:
             out = Int8CPULinear(layer)(x)
         assert "cat" in calls.names and torch.allclose(out, layer(x), rtol=1e-6, atol=1e-6)
+
+
+def bf16_int8_layer(weight, groupsize: int) -> Int8CPULinear:
+    layer = filled(Int8Linear(weight.shape[1], weight.shape[0], groupsize), weight)
+    layer.scales = layer.scales.to(torch.bfloat16)  # as loading a bf16 model leaves them
+    return Int8CPULinear(layer)
+
+
+@pytest.mark.parametrize("groupsize", [0, 32])
+def test_an_int8_layer_over_a_few_bf16_rows_is_the_int4_kernel_over_its_two_nibble_planes(smollm2_weight, groupsize):
+    layer = bf16_int8_layer(smollm2_weight, groupsize)
+    x = torch.randn(3, 5, 576, dtype=torch.bfloat16)  # 15 rows
+    with AtenCalls() as calls:
+        out = layer(x)
+    expected = x.float() @ layer.layer.dequantized().float().T
+    # off by no more than bf16's rounding of the outputs (8 significant bits)
+    assert INT4_KERNEL in calls.names and (out.float() - expected).abs().max() < 0.005 * expected.abs().max()
+
+
+def test_an_int8_layer_in_an_fp32_model_builds_no_kernel_weight(smollm2_weight):
+    layer = Int8CPULinear(filled(Int8Linear(576, 1536, 32), smollm2_weight))
+    with AtenCalls() as calls:
+        layer(torch.randn(1, 1, 576))
+    assert layer.kernel_weight is None and INT4_KERNEL not in calls.names
 
 
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
@@ -97,7 +125,7 @@ def test_int4_kernel_for_a_few_rows_equals_the_plain_layer(smollm2_weight, group
     x = torch.randn(3, 5, 576)  # 15 rows
     with AtenCalls() as calls:
         out = layer(x)
-    assert "_weight_int4pack_mm_for_cpu" in calls.names
+    assert INT4_KERNEL in calls.names
     assert torch.allclose(out, layer.layer(x), rtol=1e-4, atol=2e-4)
 
 
@@ -105,7 +133,7 @@ def test_int4_layer_over_many_rows_dequantizes_instead_of_calling_the_kernel(smo
     layer = Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
     with AtenCalls() as calls:
         layer(torch.randn(1, 64, 576))
-    assert "_weight_int4pack_mm_for_cpu" not in calls.names and "mm" in calls.names
+    assert INT4_KERNEL not in calls.names and "mm" in calls.names
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -144,7 +172,39 @@ def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_di
                                           "--quantize_embedding"))
     model.setup_caches(1, 32)
     calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
-    assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention", "_weight_int4pack_mm_for_cpu"}
+    assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention", INT4_KERNEL}
+
+
+def bf16_kernel_layers(smollm2_weight):
+    int4 = filled(Int4Linear(576, 1536, 32), smollm2_weight)
+    int4.scales, int4.zeros = int4.scales.to(torch.bfloat16), int4.zeros.to(torch.bfloat16)
+    return {"int8": bf16_int8_layer(smollm2_weight, 0), "int8-g32": bf16_int8_layer(smollm2_weight, 32),
+            "int4-g32": Int4CPULinear(int4)}
+
+
+@pytest.mark.parametrize("kind", ["int8", "int8-g32", "int4-g32"])
+def test_a_compiled_quantized_layer_over_a_few_bf16_rows_calls_the_int4_kernel(smollm2_weight, kind):
+    layer = bf16_kernel_layers(smollm2_weight)[kind]
+    calls = traced_functions(layer, torch.randn(1, 1, 576, dtype=torch.bfloat16))
+    assert INT4_KERNEL in calls and "sum" not in calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["int8-g32", "int4-g32"])
+def test_a_compiled_int4_kernel_call_equals_the_eager_one(smollm2_weight, kind):
+    layer = bf16_kernel_layers(smollm2_weight)[kind]
+    x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_a_loaded_bf16_int4_models_compiled_decode_step_calls_the_int4_kernel(tiny_dir, tmp_path):
+    model = load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32,
+                                      "--quantize_embedding"), "cpu", torch.bfloat16)
+    model.setup_caches(1, 32)
+    calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
+    assert INT4_KERNEL in calls and not calls & {"linear", "scaled_dot_product_attention"}
 
 
 def test_swapping_twice_changes_nothing(tiny_dir):

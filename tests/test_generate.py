@@ -212,10 +212,10 @@ def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
     assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32
 
 
-def test_auto_dtype_on_cpu_for_quantized_weights_is_bf16_for_the_eager_int4_kernel_else_fp32():
+def test_auto_dtype_on_cpu_for_quantized_weights_is_bf16_for_the_int4_kernel_except_compiled_int8():
     assert pick_dtype("auto", "cpu", weights="int4") == torch.bfloat16
-    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int4") == torch.float32
-    assert pick_dtype("auto", "cpu", weights="int8") == torch.float32
+    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int4") == torch.bfloat16
+    assert pick_dtype("auto", "cpu", weights="int8") == torch.bfloat16
     assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.float32
     assert pick_dtype("fp32", "cpu", weights="int4") == torch.float32
 
