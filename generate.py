@@ -24,7 +24,8 @@ import tp
 from checkpoint import load_model, parameter_count, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, fail, peak_memory_gb, pick_device,
                  pick_dtype, read_text)
-from generation import Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, weights_bytes
+from generation import (Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, slots_to_attend,
+                        weights_bytes)
 from model import ModelArgs, Transformer
 from sampling import Sampling
 from speculative import (DraftModel, lookahead_generate, lookahead_logits, lookahead_rows, load_draft,
@@ -181,16 +182,30 @@ def compile_announced(compile_run: Callable):
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
 
-def warm_up(setup: Setup, prompts: list):
-    """With compiled steps, run a few tokens first, so that compiling is not counted as decoding time."""
-    if setup.steps != Steps():
-        compile_announced(lambda: generate(setup.model, prompts, 3, setup.sampling, steps=setup.steps))
+def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):
+    """With compiled steps, run a few tokens first, so that compiling is not counted as decoding time: from the
+    prompts, then a decode step at each longer attended length (generation.slots_to_attend, one compiled graph
+    each) that max_new_tokens more tokens reach. Those steps write cache slots that a generation overwrites
+    before it reads them."""
+    if setup.steps == Steps():
+        return
+    model, longest = setup.model, max(map(len, prompts))
+
+    def run():
+        generate(model, prompts, 3, setup.sampling, steps=setup.steps)
+        attended = slots_to_attend(longest + 1, model.max_seq_length)
+        while attended < slots_to_attend(longest + max_new_tokens, model.max_seq_length):
+            attended = slots_to_attend(attended + 1, model.max_seq_length)
+            # prefill up to slot attended - 2, then one decode step whose sequence is attended tokens long
+            generate(model, prompts, 2, setup.sampling, start_pos=attended - longest - 1, steps=setup.steps)
+    compile_announced(run)
 
 
 def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
     seconds = timing.decode_s or float("nan")
     tokens_per_s, steps_per_s = timing.decoded_tokens / seconds, timing.decode_steps / seconds
-    weights, kv = weights_bytes(model), kv_cache_bytes(model, batch)
+    weights = weights_bytes(model)
+    kv = kv_cache_bytes(model, batch, timing.attended_slots / max(timing.decode_steps, 1))
     # under torchrun each rank reads its own share of the weights and cache: the figures are rank 0's
     per_rank = f" per rank, {tp.world_size()} ranks" if tp.world_size() > 1 else ""
     memory = " / ".join(f"{gb:.2f}" for gb in tp.gathered(peak_memory_gb(device)))
@@ -239,7 +254,7 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
             raise UsageError(f"--draft_checkpoint_path: {error}") from None
     verify_forward = compiled_verify_forward(args, setup.device) if args.speculative else None
     if not args.speculative:
-        warm_up(setup, prompts[:batch_size])
+        warm_up(setup, prompts[:batch_size], args.max_new_tokens)
     for sample_index in range(args.num_samples):
         profiling = args.profile and sample_index == args.num_samples - 1
         with torch.profiler.profile() if profiling else contextlib.nullcontext() as profiler:

@@ -14,16 +14,29 @@ from model import Transformer
 from sampling import Sampling, sample
 
 
-def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling):
+def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling,
+            attended_slots: Optional[int] = None):
     """Run the prompts (batch, seq) through the model, filling the cache; sample each row's next token."""
-    return sample(model(tokens, input_pos, left_pad)[:, -1], sampling)
+    return sample(model(tokens, input_pos, left_pad, attended_slots=attended_slots)[:, -1], sampling)
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],
-                     sampling: Sampling):
+                     sampling: Sampling, attended_slots: Optional[int] = None):
     """One decode step: the same pass as prefill over one token per row. A function of its own so that
     torch.compile keeps its compiled code (static shapes) apart from prefill's (every prompt length)."""
-    return sample(model(token, input_pos, left_pad)[:, -1], sampling)
+    return sample(model(token, input_pos, left_pad, attended_slots=attended_slots)[:, -1], sampling)
+
+
+# Attention reads the KV cache up to the next power of two past the sequence, from this many slots: a step's
+# cost follows the conversation, not the cache's size, and a compiled step compiles once per length (256,
+# 512, ..., the cache's size: 6 lengths for an 8192-slot cache).
+FEWEST_ATTENDED_SLOTS = 256
+
+
+def slots_to_attend(length: int, cache_length: int) -> int:
+    """The cache slots a pass attends over when its sequence, up to and including its last token, is
+    length tokens long."""
+    return min(cache_length, max(FEWEST_ATTENDED_SLOTS, 1 << (length - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class Timing:
     decode_s: float = 0.0  # every token after the first
     decode_steps: int = 0  # forward passes after prefill, each reading every weight once
     decoded_tokens: int = 0  # tokens those steps produced, all unfinished rows counted
+    attended_slots: int = 0  # KV cache slots those steps' attention read, summed over the steps
 
 
 @torch.no_grad()
@@ -60,7 +74,8 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
 
     started = time.perf_counter()
     input_pos = torch.arange(start_pos, start_pos + longest, device=device)
-    next_token = steps.prefill(model, tokens.to(device), input_pos, left_pad, sampling).clone()
+    next_token = steps.prefill(model, tokens.to(device), input_pos, left_pad, sampling,
+                               slots_to_attend(start_pos + longest, model.max_seq_length)).clone()
     outputs, finished = [[] for _ in prompts], [False] * len(prompts)
     for step in range(max_new_tokens):
         for row, token_id in enumerate(next_token.view(-1).tolist()):  # the one host sync per step
@@ -74,9 +89,12 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, sampling: S
             timing.prefill_s, decode_started = now - started, now
         if all(finished) or step == max_new_tokens - 1:
             break
-        input_pos = torch.tensor([start_pos + longest + step], device=device)
-        next_token = steps.decode(model, next_token, input_pos, left_pad, sampling).clone()
+        position = start_pos + longest + step
+        attended = slots_to_attend(position + 1, model.max_seq_length)
+        next_token = steps.decode(model, next_token, torch.tensor([position], device=device), left_pad, sampling,
+                                  attended).clone()
         timing.decode_steps += 1
+        timing.attended_slots += attended
         timing.decoded_tokens += sum(not done for done in finished)
     timing.decode_s = time.perf_counter() - decode_started
     return outputs, timing
@@ -110,9 +128,9 @@ def weights_bytes(model: Transformer) -> int:
                if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
 
 
-def kv_cache_bytes(model: Transformer, batch: int) -> int:
-    """Bytes of KV cache one decode step reads: attention runs over every slot of the static cache
-    (masked), so this is the whole cache of the rows in use, however short the sequence so far."""
+def kv_cache_bytes(model: Transformer, batch: int, slots: float) -> int:
+    """Bytes of KV cache a decode step reads when its attention runs over `slots` slots of each row in use
+    (slots_to_attend: the sequence so far, rounded up; masked slots are read too)."""
     cache = model.layers[0].attention.kv_cache
-    per_row = cache.k_cache[0].numel() * cache.k_cache.element_size() * 2
-    return per_row * batch * len(model.layers)
+    per_slot = cache.k_cache[0, :, 0].numel() * cache.k_cache.element_size() * 2
+    return round(per_slot * slots * batch * len(model.layers))

@@ -196,7 +196,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         k, v = self.kv_cache.update(input_pos, k, v)
-        y = self.sdpa(q, k, v, mask)
+        slots = mask.shape[-1]  # attend over the cache slots the mask covers (Transformer.forward)
+        y = self.sdpa(q, k[:, :, :slots], v[:, :, :slots], mask)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.wo(y)
 
@@ -256,10 +257,14 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
-                positions: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+                positions: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                attended_slots: Optional[int] = None) -> Tensor:
         """tokens: (batch, seq) ids written at cache slots input_pos (seq,).
         left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
         different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits.
+        attended_slots: attention reads only the cache's first attended_slots slots (None: all of them). The
+        causal mask hides every slot past input_pos anyway, so any bound above input_pos gives the same
+        logits; a caller that passes one makes attention cost follow the sequence, not the cache's size.
         positions (seq,) and mask (seq, max_seq_length), given together, replace the usual RoPE positions
         and causal mask: lookahead decoding (speculative.py) runs several guessed branches in one pass,
         each token seeing only the cache slots of its own branch."""
@@ -267,6 +272,7 @@ class Transformer(nn.Module):
             rope, mask = self.rope_and_mask(input_pos, left_pad)
         else:
             rope, mask = self.rope[positions.unsqueeze(0)], mask[None, None]
+        mask = mask[..., :attended_slots]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import generate as generate_command
 import generation
 from checkpoint import load_model
 from cli import pick_dtype
@@ -226,3 +227,23 @@ def test_an_int4_checkpoint_runs_with_bf16_activations_by_default(capsys, tiny_d
     assert status == 0 and "(torch.bfloat16, cpu)" in err
     status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--max_new_tokens", 3)
     assert status == 0 and "(torch.float32, cpu)" in err
+
+
+def test_a_compiled_runs_warm_up_compiles_every_attended_length_the_run_reaches(tiny_dir):
+    compiled_graphs = []
+
+    def recording_backend(graph_module, example_inputs):  # called once for each graph Dynamo compiles
+        compiled_graphs.append(graph_module)
+        return graph_module.forward
+
+    model = load_model(tiny_dir)
+    prompt = list(range(5, 250))
+    model.setup_caches(1, len(prompt) + 20)  # decoding crosses slot 256: attention over 256, then 265 slots
+    torch._dynamo.reset()
+    steps = generation.Steps(decode=torch.compile(generation.decode_one_token, backend=recording_backend,
+                                                  fullgraph=True, dynamic=False))
+    setup = generate_command.Setup(model, load_tokenizer(tiny_dir), Sampling(temperature=0), steps, "cpu")
+    generate_command.warm_up(setup, [prompt], 20)
+    warmed = len(compiled_graphs)
+    generate(model, [prompt], 20, Sampling(temperature=0), steps=steps)
+    assert warmed == 2 and len(compiled_graphs) == warmed

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoint import load_model, parameter_count
-from generation import compile_steps, generate
+from generation import Steps, compile_steps, decode_one_token, generate, prefill, slots_to_attend
 from model import ModelArgs, Transformer
 from sampling import Sampling
 
@@ -65,6 +65,42 @@ def test_batch_of_different_lengths_equals_each_alone(checkpoint, request):
     assert batched == alone
 
 
+def test_attention_never_reads_the_cache_past_the_attended_slots(tiny_dir):
+    model = load_model(tiny_dir)
+    model.setup_caches(1, 64)
+    ids = torch.tensor([[5, 17, 29, 41]])
+    with torch.no_grad():
+        expected = model(ids, torch.arange(4))
+        for layer in model.layers:  # NaN in every slot from 8 on: read, even masked, it would spread
+            layer.attention.kv_cache.k_cache[:, :, 8:] = float("nan")
+            layer.attention.kv_cache.v_cache[:, :, 8:] = float("nan")
+        bounded = model(ids, torch.arange(4), attended_slots=8)
+    assert torch.allclose(bounded, expected, atol=1e-5)
+
+
+def test_attended_slots_are_the_next_power_of_two_from_256_within_the_cache():
+    assert [slots_to_attend(length, 8192) for length in (1, 256, 257, 300, 513, 4097, 8192)] == [
+        256, 256, 512, 512, 1024, 8192, 8192]
+    assert slots_to_attend(10, 100) == 100
+
+
+# steps that attend over the whole cache, whatever generate() asks: the reference for the bounded ones
+WHOLE_CACHE = Steps(prefill=lambda model, tokens, input_pos, left_pad, sampling, _: prefill(
+                        model, tokens, input_pos, left_pad, sampling),
+                    decode=lambda model, token, input_pos, left_pad, sampling, _: decode_one_token(
+                        model, token, input_pos, left_pad, sampling))
+
+
+def test_decoding_past_256_slots_equals_attending_the_whole_cache(tiny_dir):
+    model = load_model(tiny_dir)
+    model.setup_caches(2, 1024)
+    prompts = [list(range(5, 255)), list(range(7, 250))]  # left-padded; decoding crosses slot 256
+    bounded, timing = generate(model, prompts, 20, GREEDY)
+    whole, _ = generate(model, prompts, 20, GREEDY, steps=WHOLE_CACHE)
+    assert bounded == whole
+    assert timing.attended_slots == 6 * 256 + 13 * 512  # positions 250 to 255, then 256 to 268
+
+
 def test_generation_stops_at_a_stop_token_and_keeps_it(tiny_dir):
     model = load_model(tiny_dir)
     model.setup_caches(1, 64)
@@ -90,6 +126,16 @@ def test_compiled_decode_equals_eager(tiny_dir):
     prompt = [5, 17, 29, 41, 53, 65]
     eager, _ = generate(model, [prompt], 16, GREEDY)
     compiled, _ = generate(model, [prompt], 16, GREEDY, steps=compile_steps("cpu"))
+    assert compiled == eager
+
+
+@pytest.mark.slow
+def test_compiled_decoding_past_256_slots_equals_eager(tiny_dir):
+    model = load_model(tiny_dir)
+    model.setup_caches(1, 1024)
+    prompt = list(range(5, 250))
+    eager, _ = generate(model, [prompt], 16, GREEDY)
+    compiled, _ = generate(model, [prompt], 16, GREEDY, steps=compile_steps("cpu"))  # compiles for 256 and 512
     assert compiled == eager
 
 
