@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model.safetensors")
+# The embedded SmolLM2's original Q4_1 blocks, kept as int4 layers (scripts/prepare_default.py): the same
+# values as its fp32 file (checkpoints/SmolLM2-135M-Instruct), a fifth of the bytes, and the fastest eagerly
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct/model_q4_1.safetensors")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

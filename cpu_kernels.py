@@ -77,9 +77,12 @@ def int4_kernel_takes(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % 64 == 0
 
 
-def int4_kernel_weight(values: Tensor) -> Tensor:
-    """values (out, in), integers in [0, 15], in the layout of PyTorch's CPU int4 kernel."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 2)
+def int4_kernel_weight(weight: Tensor, values) -> Tensor:
+    """A weight in the layout of PyTorch's CPU int4 kernel, from values(rows): its rows as integers in [0, 15].
+    Built 1024 rows at a time: the layout keeps rows apart, and the int32 values it is made from take 4 bytes
+    a weight (226 MB at once for SmolLM2's output head as nibble planes)."""
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(values(rows).to(torch.int32), 2)
+                      for rows in weight.split(1024)])
 
 
 def int4_kernel(x: Tensor, kernel_weight: Tensor, groupsize: Tensor, scales_and_zeros: Tensor) -> Tensor:
@@ -102,11 +105,11 @@ def int8_as_int4_planes(layer: Int8Linear):
     the columns, which [x, x] multiplies in one call. A scale per output channel is repeated per group."""
     groupsize = layer.groupsize or next(size for size in INT4_KERNEL_GROUPSIZES if layer.in_features % size == 0)
     scales = layer.scales if layer.groupsize else layer.scales[:, None].expand(-1, layer.in_features // groupsize)
-    planes = torch.cat([layer.weight & 15, (layer.weight >> 4) + 8], dim=1)
     plane_scales = torch.cat([scales, 16 * scales], dim=1)
     plane_zeros = torch.cat([8 * scales, torch.zeros_like(scales)], dim=1)
     scales_and_zeros = torch.stack([plane_scales, plane_zeros], dim=-1).transpose(0, 1).contiguous()
-    return int4_kernel_weight(planes), torch.tensor(groupsize), scales_and_zeros
+    planes = int4_kernel_weight(layer.weight, lambda rows: torch.cat([rows & 15, (rows >> 4) + 8], dim=1))
+    return planes, torch.tensor(groupsize), scales_and_zeros
 
 
 # Eagerly, an int8 weight the kernel cannot take is widened to the activations' dtype before its matmul.
@@ -158,7 +161,7 @@ class Int4CPULinear(nn.Module):
         self.layer = layer
         self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
         if int4_kernel_takes(layer.out_features, layer.padded_in):  # the kernel's own layout, built once
-            self.kernel_weight = int4_kernel_weight(unpack_int4(layer.weight, layer.groupsize))
+            self.kernel_weight = int4_kernel_weight(layer.weight, lambda rows: unpack_int4(rows, layer.groupsize))
             self.groupsize, self.scales_and_zeros = torch.tensor(layer.groupsize), layer.kernel_scales_and_zeros()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tp  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, fail, peak_memory_gb, pick_device  # noqa: E402
+from cli import DTYPES, UsageError, fail, peak_memory_gb, pick_device  # noqa: E402
 from generation import generate  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -31,7 +31,7 @@ def prompt_logits_and_tokens(model, prompt: list, max_new_tokens: int, device: s
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
