@@ -45,17 +45,24 @@ def windows(n_tokens: int, max_seq_length: int, stride: int):
 
 
 @torch.no_grad()
-def token_log_probs(model, inputs: torch.Tensor) -> torch.Tensor:
-    """log p(inputs[:, t + 1] | inputs[:, :t + 1]) for every t: (batch, length - 1), in float32."""
+def token_log_probs(model, inputs: torch.Tensor, one_token_at_a_time: bool = False) -> torch.Tensor:
+    """log p(inputs[:, t + 1] | inputs[:, :t + 1]) for every t: (batch, length - 1), in float32. One forward
+    pass over the window, or one_token_at_a_time: a pass per position, as decoding computes it (a device's
+    forms for a few rows, such as the CPU's int4 kernel, instead of those for many)."""
     batch, length = inputs.shape
     model.setup_caches(max(batch, model.max_batch_size), max(length, model.max_seq_length))
-    logits = model(inputs, torch.arange(length, device=inputs.device))[:, :-1].float()
+    positions = torch.arange(length, device=inputs.device)
+    if one_token_at_a_time:
+        logits = torch.cat([model(inputs[:, t:t + 1], positions[t:t + 1]) for t in range(length - 1)], dim=1).float()
+    else:
+        logits = model(inputs, positions)[:, :-1].float()
     return torch.gather(F.log_softmax(logits, dim=-1), -1, inputs[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
 def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size: int = 1,
-               progress: bool = False) -> dict:
-    """Mean negative log-likelihood and perplexity of tokens, scored in windows; progress: a bar on stderr."""
+               progress: bool = False, one_token_at_a_time: bool = False) -> dict:
+    """Mean negative log-likelihood and perplexity of tokens, scored in windows; progress: a bar on stderr;
+    one_token_at_a_time: see token_log_probs."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     spans = windows(len(tokens), max_seq_length, stride)
@@ -68,7 +75,7 @@ def perplexity(model, tokens: list, max_seq_length: int, stride: int, batch_size
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]
             inputs = torch.tensor([tokens[begin:end] for begin, end, _ in batch], device=device)
-            log_probs = token_log_probs(model, inputs)
+            log_probs = token_log_probs(model, inputs, one_token_at_a_time)
             for row, (begin, end, first_scored) in enumerate(batch):
                 # log_probs[:, t] scores token begin + t + 1
                 total_nll -= log_probs[row, first_scored - begin - 1:].double().sum().item()
@@ -147,6 +154,8 @@ def main(argv=None):
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: max_seq_length / 2)")
     parser.add_argument("--batch_size", type=int, default=1, help="windows run together")
     parser.add_argument("--limit_tokens", type=int, help="score only the first N tokens of the file")
+    parser.add_argument("--one_token_at_a_time", action="store_true", help="perplexity through decode steps, one "
+                        "position per forward pass, as generation computes it (slow: a pass per token)")
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--limit", type=int, help="--tasks: examples per task")
     parser.add_argument("--include_path", type=Path, help="--tasks: a folder of your own task YAML files")
@@ -194,7 +203,8 @@ def run(args) -> int:
         tokens = tokenizer.encode(text)[:args.limit_tokens]
         if len(tokens) < 2:
             raise UsageError(f"--text_file {args.text_file} holds {len(tokens)} token(s): perplexity needs at least 2")
-        results.update(perplexity(model, tokens, max_seq_length, stride, args.batch_size, progress=True))
+        results.update(perplexity(model, tokens, max_seq_length, stride, args.batch_size, progress=True,
+                                  one_token_at_a_time=args.one_token_at_a_time))
         print(f"{args.text_file}: {results['tokens_scored']} tokens scored in {results['windows']} windows of "
               f"{max_seq_length} (stride {stride}); mean NLL {results['mean_nll']:.4f}; "
               f"perplexity {results['perplexity']:.4f}; {results['seconds']:.1f} s", file=sys.stderr)

@@ -45,6 +45,18 @@ def test_perplexity_equals_the_logits_by_hand(tiny_dir):
     assert result["perplexity"] == pytest.approx(math.exp(by_hand), rel=1e-6)
 
 
+def test_one_token_at_a_time_scores_what_one_pass_scores_a_pass_per_position(tiny_dir):
+    model = load_model(tiny_dir)
+    tokens = [(7 * i + 10) % model.args.vocab_size for i in range(96)]  # windows 0-64 and 32-96
+    one_pass = evaluate.perplexity(model, tokens, max_seq_length=64, stride=32)
+    passes = []
+    model.register_forward_pre_hook(lambda module, inputs: passes.append(inputs[0].shape[1]))
+    stepwise = evaluate.perplexity(model, tokens, max_seq_length=64, stride=32, one_token_at_a_time=True)
+    assert passes == [1] * (63 + 63)  # each window's positions but its last, one token per pass
+    assert stepwise["tokens_scored"] == one_pass["tokens_scored"] == 95
+    assert stepwise["mean_nll"] == pytest.approx(one_pass["mean_nll"], rel=1e-5)
+
+
 def test_same_numbers_whatever_the_batch_size(smollm2_dir):
     model = load_model(smollm2_dir)
     tokens = text_tokens(smollm2_dir, 700)
