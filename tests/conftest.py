@@ -20,6 +20,13 @@ from scripts.convert_hf_checkpoint import convert as convert_hf  # noqa: E402
 from scripts.prepare_default import GGUF_NAME, embedded_gguf  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles as a fresh process would: Dynamo keeps compiled graphs per function (8 at most,
+    then fails under fullgraph), and every model, batch size and attended length of earlier tests is one."""
+    torch._dynamo.reset()
+
+
 def shared_text(name: str) -> str:
     path = SHARED_DATA / name
     if not path.is_file():
