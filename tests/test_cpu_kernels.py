@@ -120,19 +120,31 @@ def test_an_int8_layer_in_an_fp32_model_builds_no_kernel_weight(smollm2_weight):
 
 
 @pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
-def test_int4_kernel_for_a_few_rows_equals_the_plain_layer(smollm2_weight, groupsize):
+def test_int4_kernel_for_two_fp32_rows_equals_the_plain_layer(smollm2_weight, groupsize):
     layer = Int4CPULinear(filled(Int4Linear(576, 1536, groupsize), smollm2_weight))
-    x = torch.randn(3, 5, 576)  # 15 rows
+    x = torch.randn(1, 2, 576)
     with AtenCalls() as calls:
         out = layer(x)
     assert INT4_KERNEL in calls.names
     assert torch.allclose(out, layer.layer(x), rtol=1e-4, atol=2e-4)
 
 
-def test_int4_layer_over_many_rows_dequantizes_instead_of_calling_the_kernel(smollm2_weight):
-    layer = Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
+def test_int4_kernel_for_64_bf16_rows_equals_the_plain_layer(smollm2_weight):
+    layer = bf16_kernel_layers(smollm2_weight)["int4-g32"]
+    x = torch.randn(4, 16, 576, dtype=torch.bfloat16)
     with AtenCalls() as calls:
-        layer(torch.randn(1, 64, 576))
+        out = layer(x)
+    expected = x.float() @ layer.layer.dequantized().float().T
+    assert INT4_KERNEL in calls.names and (out.float() - expected).abs().max() < 0.005 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype, rows", [(torch.float32, 3), (torch.bfloat16, 65)])
+def test_int4_layer_over_more_rows_than_the_kernel_serves_dequantizes(smollm2_weight, dtype, rows):
+    layer = Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
+    if dtype == torch.bfloat16:
+        layer = bf16_kernel_layers(smollm2_weight)["int4-g32"]
+    with AtenCalls() as calls:
+        layer(torch.randn(1, rows, 576, dtype=dtype))
     assert INT4_KERNEL not in calls.names and "mm" in calls.names
 
 
