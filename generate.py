@@ -249,7 +249,9 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
     draft = None
     if args.speculative == "draft":
         try:
-            draft = load_draft(args.draft_checkpoint_path, setup.tokenizer, setup.device, setup.model.norm.weight.dtype)
+            # the draft's own activations (--dtype auto: bf16 for an int4 draft, whose kernel wants them)
+            draft_dtype = pick_dtype(args.dtype, setup.device, weights=stored_weights(args.draft_checkpoint_path))
+            draft = load_draft(args.draft_checkpoint_path, setup.tokenizer, setup.device, draft_dtype)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"--draft_checkpoint_path: {error}") from None
     verify_forward = compiled_verify_forward(args, setup.device) if args.speculative else None

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import load_model  # noqa: E402
+from checkpoint import load_model, stored_weights  # noqa: E402
+from cli import pick_dtype  # noqa: E402
 from generation import generate  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from speculative import DraftModel, lookahead_generate, speculative_generate  # noqa: E402
@@ -32,7 +33,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"))
     parser.add_argument("--draft_checkpoint_path", type=Path,
-                        default=Path("checkpoints/SmolLM2-135M-Instruct/model_int8.safetensors"))
+                        default=Path("checkpoints/SmolLM2-135M-Instruct/model_q4_1.safetensors"))
     parser.add_argument("--speculate_k", type=int, default=5)
     parser.add_argument("--lookahead_n", type=int, default=3, help="lookahead: n-grams of n + 1 tokens")
     parser.add_argument("--lookahead_window", type=int, default=4)
@@ -41,7 +42,10 @@ def main():
     args = parser.parse_args()
 
     target, tokenizer = load_model(args.checkpoint_path), load_tokenizer(args.checkpoint_path)
-    draft = load_model(args.draft_checkpoint_path) if args.draft_checkpoint_path.is_file() else None
+    draft = None
+    if args.draft_checkpoint_path.is_file():  # with the activations --dtype auto gives it, as generate.py does
+        weights = stored_weights(args.draft_checkpoint_path)
+        draft = load_model(args.draft_checkpoint_path, "cpu", pick_dtype("auto", "cpu", weights=weights))
     target.setup_caches(1, 1024)
     if draft:
         draft.setup_caches(1, 1024)

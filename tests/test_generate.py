@@ -13,6 +13,7 @@ from conftest import ROOT, quantized_copy
 from generate import main
 from generation import generate
 from sampling import Sampling, sample
+from speculative import load_draft
 from tokenizer import load_tokenizer
 
 
@@ -247,3 +248,18 @@ def test_a_compiled_runs_warm_up_compiles_every_attended_length_the_run_reaches(
     warmed = len(compiled_graphs)
     generate(model, [prompt], 20, Sampling(temperature=0), steps=steps)
     assert warmed == 2 and len(compiled_graphs) == warmed
+
+
+def test_an_int4_draft_runs_with_the_activations_its_kernel_wants_beside_an_fp32_target(
+        capsys, tiny_dir, tmp_path, monkeypatch):
+    int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32)
+    draft_dtypes = []
+
+    def recorded_load_draft(path, tokenizer, device, dtype):
+        draft_dtypes.append(dtype)
+        return load_draft(path, tokenizer, device, dtype)
+
+    monkeypatch.setattr(generate_command, "load_draft", recorded_load_draft)
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--speculative", "draft",
+                              "--draft_checkpoint_path", int4, "--prompt", "hello", "--max_new_tokens", 6)
+    assert status == 0 and "(torch.float32, cpu)" in err and draft_dtypes == [torch.bfloat16]
