@@ -87,9 +87,9 @@ def int4_kernel_weight(weight: Tensor, values) -> Tensor:
 
 def int4_kernel(x: Tensor, kernel_weight: Tensor, groupsize: Tensor, scales_and_zeros: Tensor) -> Tensor:
     """x (rows, in) times the int4 weight, transposed. The kernel is `aten._weight_int4pack_mm_for_cpu`,
-    called through its wrapper that takes the groupsize as a tensor: Inductor turns the aten form's integer
-    into a constant tensor, which inside the compiled block (a nested compile region) reaches the kernel
-    as some other constant, and the step fails ("group size must be a scalar", torch 2.13)."""
+    called through its wrapper that takes the groupsize as a tensor: Inductor's lowering of the aten form
+    makes the integer a constant tensor of the graph, and inside the compiled block (a nested compile
+    region) the step then fails with "group size must be a scalar" (torch 2.13)."""
     return torch.ops.quantized.int4mm_packed_weight_cpu(x, kernel_weight, groupsize, scales_and_zeros)
 
 
@@ -129,7 +129,7 @@ class Int8CPULinear(nn.Module):
         self.layer = layer
         self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
         # built in a bf16 model only: the kernel is 15 to 35 times slower with fp32 activations (README)
-        takes_kernel = (layer.groupsize in (0, *INT4_KERNEL_GROUPSIZES) and layer.in_features % 32 == 0
+        takes_kernel = (layer.groupsize in (0, *INT4_KERNEL_GROUPSIZES)
                         and int4_kernel_takes(layer.out_features, 2 * layer.in_features))
         if takes_kernel and layer.scales.dtype == torch.bfloat16:
             self.kernel_weight, self.groupsize, self.scales_and_zeros = int8_as_int4_planes(layer)
