@@ -17,7 +17,8 @@ from sampling import Sampling, sample
 def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling,
             attended_slots: Optional[int] = None):
     """Run the prompts (batch, seq) through the model, filling the cache; sample each row's next token."""
-    return sample(model(tokens, input_pos, left_pad, attended_slots=attended_slots)[:, -1], sampling)
+    logits = model(tokens, input_pos, left_pad, attended_slots=attended_slots, logits_from=-1)
+    return sample(logits[:, -1], sampling)
 
 
 def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],

@@ -188,3 +188,13 @@ def test_load_rejects_weights_that_do_not_match_the_config(tiny_dir, tmp_path):
     config_file.write_text(config)
     with pytest.raises(ValueError, match="does not match its config.json"):
         load_model(tmp_path / "wrong")
+
+
+def test_logits_from_the_last_position_are_the_last_row_of_all_logits(tiny_dir):
+    model = load_model(tiny_dir)
+    model.setup_caches(1, 64)
+    ids = torch.tensor([[5, 17, 29, 41, 53]])
+    with torch.no_grad():
+        every = model(ids, torch.arange(5))
+        last = model(ids, torch.arange(5), logits_from=-1)
+    assert last.shape == (1, 1, model.args.vocab_size) and torch.allclose(last[0, 0], every[0, -1], atol=1e-6)
