@@ -101,6 +101,17 @@ def bf16_int8_layer(weight, groupsize: int) -> Int8CPULinear:
     return Int8CPULinear(layer)
 
 
+def bf16_int4_layer(weight) -> Int4CPULinear:
+    layer = filled(Int4Linear(weight.shape[1], weight.shape[0], 32), weight)
+    layer.scales, layer.zeros = layer.scales.to(torch.bfloat16), layer.zeros.to(torch.bfloat16)
+    return Int4CPULinear(layer)
+
+
+def within_bf16_rounding(out, expected) -> bool:
+    """Off by no more than bf16's rounding of the outputs (8 significant bits)."""
+    return (out.float() - expected).abs().max() < 0.005 * expected.abs().max()
+
+
 @pytest.mark.parametrize("groupsize", [0, 32])
 def test_an_int8_layer_over_a_few_bf16_rows_is_the_int4_kernel_over_its_two_nibble_planes(smollm2_weight, groupsize):
     layer = bf16_int8_layer(smollm2_weight, groupsize)
@@ -108,8 +119,7 @@ def test_an_int8_layer_over_a_few_bf16_rows_is_the_int4_kernel_over_its_two_nibb
     with AtenCalls() as calls:
         out = layer(x)
     expected = x.float() @ layer.layer.dequantized().float().T
-    # off by no more than bf16's rounding of the outputs (8 significant bits)
-    assert INT4_KERNEL in calls.names and (out.float() - expected).abs().max() < 0.005 * expected.abs().max()
+    assert INT4_KERNEL in calls.names and within_bf16_rounding(out, expected)
 
 
 def test_an_int8_layer_in_an_fp32_model_builds_no_kernel_weight(smollm2_weight):
@@ -130,19 +140,18 @@ def test_int4_kernel_for_two_fp32_rows_equals_the_plain_layer(smollm2_weight, gr
 
 
 def test_int4_kernel_for_64_bf16_rows_equals_the_plain_layer(smollm2_weight):
-    layer = bf16_kernel_layers(smollm2_weight)["int4-g32"]
+    layer = bf16_int4_layer(smollm2_weight)
     x = torch.randn(4, 16, 576, dtype=torch.bfloat16)
     with AtenCalls() as calls:
         out = layer(x)
     expected = x.float() @ layer.layer.dequantized().float().T
-    assert INT4_KERNEL in calls.names and (out.float() - expected).abs().max() < 0.005 * expected.abs().max()
+    assert INT4_KERNEL in calls.names and within_bf16_rounding(out, expected)
 
 
 @pytest.mark.parametrize("dtype, rows", [(torch.float32, 3), (torch.bfloat16, 65)])
 def test_int4_layer_over_more_rows_than_the_kernel_serves_dequantizes(smollm2_weight, dtype, rows):
-    layer = Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
-    if dtype == torch.bfloat16:
-        layer = bf16_kernel_layers(smollm2_weight)["int4-g32"]
+    layer = bf16_int4_layer(smollm2_weight) if dtype == torch.bfloat16 else Int4CPULinear(
+        filled(Int4Linear(576, 1536, 32), smollm2_weight))
     with AtenCalls() as calls:
         layer(torch.randn(1, rows, 576, dtype=dtype))
     assert INT4_KERNEL not in calls.names and "mm" in calls.names
@@ -188,10 +197,8 @@ def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_di
 
 
 def bf16_kernel_layers(smollm2_weight):
-    int4 = filled(Int4Linear(576, 1536, 32), smollm2_weight)
-    int4.scales, int4.zeros = int4.scales.to(torch.bfloat16), int4.zeros.to(torch.bfloat16)
     return {"int8": bf16_int8_layer(smollm2_weight, 0), "int8-g32": bf16_int8_layer(smollm2_weight, 32),
-            "int4-g32": Int4CPULinear(int4)}
+            "int4-g32": bf16_int4_layer(smollm2_weight)}
 
 
 @pytest.mark.parametrize("kind", ["int8", "int8-g32", "int4-g32"])
