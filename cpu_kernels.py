@@ -109,7 +109,17 @@ def int8_as_int4_planes(layer: Int8Linear):
     plane_zeros = torch.cat([8 * scales, torch.zeros_like(scales)], dim=1)
     scales_and_zeros = torch.stack([plane_scales, plane_zeros], dim=-1).transpose(0, 1).contiguous()
     planes = int4_kernel_weight(layer.weight, lambda rows: torch.cat([rows & 15, (rows >> 4) + 8], dim=1))
-    return planes, torch.tensor(groupsize), scales_and_zeros
+    return planes, torch.tensor([groupsize]), scales_and_zeros
+
+
+def register_kernel_buffers(layer: nn.Module, kernel_weight, groupsize, scales_and_zeros):
+    """The kernel's tensors as buffers of the layer (None where it has none): not written to checkpoints
+    (non-persistent), but named, so that an exported decode step (aot_step.py) reads them where they are
+    instead of copying them into its package. The groupsize is a one-element tensor: a 0-d one would become
+    an unnamed constant of the package."""
+    for name, tensor in (("kernel_weight", kernel_weight), ("groupsize", groupsize),
+                         ("scales_and_zeros", scales_and_zeros)):
+        layer.register_buffer(name, tensor, persistent=False)
 
 
 # Eagerly, an int8 weight the kernel cannot take is widened to the activations' dtype before its matmul.
@@ -127,12 +137,11 @@ class Int8CPULinear(nn.Module):
     def __init__(self, layer: Int8Linear):
         super().__init__()
         self.layer = layer
-        self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
         # built in a bf16 model only: the kernel is 15 to 35 times slower with fp32 activations (README)
         takes_kernel = (layer.groupsize in (0, *INT4_KERNEL_GROUPSIZES)
                         and int4_kernel_takes(layer.out_features, 2 * layer.in_features))
-        if takes_kernel and layer.scales.dtype == torch.bfloat16:
-            self.kernel_weight, self.groupsize, self.scales_and_zeros = int8_as_int4_planes(layer)
+        built = takes_kernel and layer.scales.dtype == torch.bfloat16
+        register_kernel_buffers(self, *(int8_as_int4_planes(layer) if built else (None, None, None)))
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.layer
@@ -165,10 +174,11 @@ class Int4CPULinear(nn.Module):
     def __init__(self, layer: Int4Linear):
         super().__init__()
         self.layer = layer
-        self.kernel_weight = self.groupsize = self.scales_and_zeros = None  # plain attributes: not in the file
+        kernel_tensors = None, None, None
         if int4_kernel_takes(layer.out_features, layer.padded_in):  # the kernel's own layout, built once
-            self.kernel_weight = int4_kernel_weight(layer.weight, lambda rows: unpack_int4(rows, layer.groupsize))
-            self.groupsize, self.scales_and_zeros = torch.tensor(layer.groupsize), layer.kernel_scales_and_zeros()
+            kernel_tensors = (int4_kernel_weight(layer.weight, lambda rows: unpack_int4(rows, layer.groupsize)),
+                              torch.tensor([layer.groupsize]), layer.kernel_scales_and_zeros())
+        register_kernel_buffers(self, *kernel_tensors)
 
     def forward(self, x: Tensor) -> Tensor:
         layer, compiling, rows = self.layer, torch.compiler.is_compiling(), x.numel() // x.shape[-1]

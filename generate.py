@@ -21,6 +21,7 @@ import torch
 
 import offload
 import tp
+from aot_step import AheadOfTimeDecode, default_cache_dir
 from checkpoint import load_model, parameter_count, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, fail, peak_memory_gb, pick_device,
                  pick_dtype, read_text)
@@ -63,6 +64,9 @@ def parse_args(argv=None):
                         "(default: all of them)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    parser.add_argument("--aot", action="store_true", help="CPU: decode through a step compiled ahead of time "
+                        "(AOTInductor), faster than --compile; built once per batch size and context length "
+                        "(about a minute for SmolLM2) and kept in $BRISK_CACHE_DIR (default ~/.cache/brisk)")
     parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
     parser.add_argument("--speculative", choices=["draft", "prompt_lookup", "lookahead"],
                         help="speculative decoding (one prompt): guesses from a draft model, from the prompt, or "
@@ -99,8 +103,11 @@ def check_args(args):
         raise UsageError("--speculative lookahead decodes greedily: add --temperature 0 (and --lookahead_window >= 1)")
     if args.speculative and (args.interactive or args.random_weights or args.speculate_k < 1):
         raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")
-    if args.offload != "none" and (args.compile or args.compile_prefill or tp.world_size() > 1):
-        raise UsageError("--offload streams blocks eagerly in one process: drop --compile / torchrun")
+    if args.offload != "none" and (args.compile or args.compile_prefill or args.aot or tp.world_size() > 1):
+        raise UsageError("--offload streams blocks eagerly in one process: drop --compile / --aot / torchrun")
+    if args.aot and (args.compile or args.speculative or tp.world_size() > 1):
+        raise UsageError("--aot compiles the plain decode step of one process: drop --compile / --speculative / "
+                         "torchrun")
     if args.memory_budget and args.offload == "none":
         raise UsageError("--memory_budget applies to --offload cpu or disk: add --offload disk")
     if args.batch_size is not None and args.batch_size < 1:
@@ -173,13 +180,21 @@ class Setup:
     device: str
 
 
-def compile_announced(compile_run: Callable):
-    """Run compile_run() (a short generation that compiles), saying so before and how long it took after."""
-    print("compiling with torch.compile (about half a minute the first time; later runs reuse Inductor's "
-          "cache) ...", file=sys.stderr, flush=True)
+def compile_announced(compile_run: Callable, ahead_of_time: bool = False):
+    """Run compile_run() (a short generation that compiles), saying so before and how long it took after.
+    Ahead of time, each package built says so itself (announce_build); loading the others takes seconds."""
+    if not ahead_of_time:
+        print("compiling with torch.compile (about half a minute the first time; later runs reuse Inductor's "
+              "cache) ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     compile_run()
-    print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(f"{'decode step ready' if ahead_of_time else 'compiled'} in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+
+
+def announce_build(path: Path):
+    print(f"building the decode step ahead of time into {path} (about a minute for SmolLM2; later runs of the "
+          "same shapes load it) ...", file=sys.stderr, flush=True)
 
 
 def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):
@@ -198,7 +213,7 @@ def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):
             attended = slots_to_attend(attended + 1, model.max_seq_length)
             # prefill up to slot attended - 2, then one decode step whose sequence is attended tokens long
             generate(model, prompts, 2, setup.sampling, start_pos=attended - longest - 1, steps=setup.steps)
-    compile_announced(run)
+    compile_announced(run, isinstance(setup.steps.decode, AheadOfTimeDecode))
 
 
 def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
@@ -245,7 +260,10 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
     if args.speculative and len(prompts) > 1:
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
     batch_size = min(args.batch_size or len(prompts), len(prompts))
-    setup.model.setup_caches(batch_size, max(map(len, prompts)) + args.max_new_tokens)
+    cache_length = max(map(len, prompts)) + args.max_new_tokens
+    if args.aot:  # a package is built for one cache shape: round it up, so that other prompt lengths reuse it
+        cache_length = slots_to_attend(cache_length, setup.model.args.max_seq_length)
+    setup.model.setup_caches(batch_size, cache_length)
     draft = None
     if args.speculative == "draft":
         try:
@@ -374,8 +392,12 @@ def main(argv=None):
     try:
         check_args(args)
         device = pick_device(args.device)
+        if args.aot and device != "cpu":
+            raise UsageError(f"--aot builds a CPU decode step: on {device} use --compile (CUDA graphs on CUDA)")
         weights = "float" if args.random_weights else stored_weights(args.checkpoint_path)
-        dtype = pick_dtype(args.dtype, device, args.compile and not args.speculative, weights)
+        # --aot over float weights keeps fp32: its package of a bf16 model ran at eager speed (README, Benchmark)
+        compiled_decode = (args.compile or (args.aot and weights != "float")) and not args.speculative
+        dtype = pick_dtype(args.dtype, device, compiled_decode, weights)
         tp.init(device)
         if tp.rank() > 0:  # under torchrun every rank generates the same text; rank 0 shows it
             sys.stdout = sys.stderr = open(os.devnull, "w")
@@ -390,6 +412,8 @@ def main(argv=None):
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)
+        if args.aot:
+            steps = Steps(steps.prefill, AheadOfTimeDecode(default_cache_dir(), announce_build))
         setup = Setup(model, tokenizer, Sampling(args.temperature, args.top_k, args.top_p), steps, device)
         if args.interactive:
             interactive(args, setup)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from aot_step import AheadOfTimeDecode, default_cache_dir  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from cli import pick_dtype  # noqa: E402
 from generation import Steps, compile_steps, generate  # noqa: E402
@@ -95,15 +96,17 @@ def timed_rate(forward, tokens: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def brisk_engine(checkpoint: Path, precision: str, compiled: bool, prompt: list, new_tokens: int,
-                 long_prompt: list):
-    """(decode, prefill) rate functions. Prefill is the eager forward in both modes (--compile compiles decode)."""
+def brisk_engine(checkpoint: Path, precision: str, mode: str, prompt: list, new_tokens: int, long_prompt: list):
+    """(decode, prefill) rate functions, the decode step eager, "compiled" (torch.compile) or "aot" (aot_step.py,
+    its package built into the cache directory on the first run). Prefill is the eager forward in every mode."""
+    compiled = mode != "eager"
     # int4: the kept Q4_1 file, with the activations `--dtype auto` gives it (eagerly bf16, for the int4 kernel)
     model = build(checkpoint, precision, 32, compiled) if precision != "int4" else load_model(
         checkpoint / "model_q4_1.safetensors", "cpu", pick_dtype("auto", "cpu", compiled, weights="int4"))
     model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
-    steps = compile_steps("cpu") if compiled else Steps()
-    generate(model, [prompt], 3, Sampling(temperature=0), steps=steps)  # warm-up (compiles)
+    steps = {"eager": Steps(), "compiled": compile_steps("cpu"),
+             "aot": Steps(decode=AheadOfTimeDecode(default_cache_dir()))}[mode]
+    generate(model, [prompt], 3, Sampling(temperature=0), steps=steps)  # warm-up (compiles, builds or loads)
 
     def decode() -> float:
         _, timing = generate(model, [prompt], new_tokens, Sampling(temperature=0), steps=steps)
@@ -182,7 +185,7 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill_length", type=int, default=512, help="prompt tokens of the prefill figure")
-    parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--no_compile", action="store_true", help="brisk's eager decode step only")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--gguf_dir", type=Path, default=Path("checkpoints/gguf"), help="where the made GGUFs go")
     parser.add_argument("--json", type=Path)
@@ -195,11 +198,9 @@ def main(argv=None):
           "| brisk / engine |")
     print("| --- | --- | --- | --- | --- | --- |")
     for precision in args.precisions:
-        engines = {"brisk eager": brisk_engine(args.checkpoint_path, precision, False, prompt, args.max_new_tokens,
-                                               long_prompt)}
-        if not args.no_compile:
-            engines["brisk compiled"] = brisk_engine(args.checkpoint_path, precision, True, prompt,
-                                                     args.max_new_tokens, long_prompt)
+        modes = ["eager"] + ([] if args.no_compile else ["compiled", "aot"])
+        engines = {f"brisk {mode}": brisk_engine(args.checkpoint_path, precision, mode, prompt, args.max_new_tokens,
+                                                 long_prompt) for mode in modes}
         if precision in ("fp32", "bf16"):
             engines["transformers"] = transformers_engine(llama_cpp_file("F32", args.gguf_dir), precision, prompt,
                                                           args.max_new_tokens, long_prompt)
