@@ -109,7 +109,7 @@ def test_a_budget_below_one_block_is_one_line_naming_the_block(capsys, smollm2_d
 
 def test_offload_with_compile_is_refused(capsys, tiny_dir):
     assert main(["--checkpoint_path", str(tiny_dir), "--offload", "disk", "--compile"]) == 2
-    assert "--offload streams blocks eagerly in one process: drop --compile / torchrun" in capsys.readouterr().err
+    assert "--offload streams blocks eagerly in one process: drop --compile / --aot / torchrun" in capsys.readouterr().err
 
 
 def test_generate_with_batch_size_prints_every_prompt_as_one_batch_would(tiny_dir, tmp_path):
