@@ -93,13 +93,12 @@ def build_package(decode_pass: DecodePass, batch: int, padded: bool, path: Path)
 def load_package(decode_pass: DecodePass, path: Path):
     """The package at path, reading the model's own tensors."""
     runner = torch._inductor.aoti_load_package(str(path))
-    tensors = named_tensors(decode_pass)
-    missing = [name for name in runner.get_constant_fqns() if name not in tensors]
+    tensors, names = named_tensors(decode_pass), runner.get_constant_fqns()
+    missing = [name for name in names if name not in tensors]
     if missing:
         raise RuntimeError(f"{path} reads {missing[0]}, which is not a parameter or buffer of the model: "
                            "delete the package and build it again")
-    runner.load_constants({name: tensors[name] for name in runner.get_constant_fqns()},
-                          check_full_update=True, user_managed=True)
+    runner.load_constants({name: tensors[name] for name in names}, check_full_update=True, user_managed=True)
     return runner
 
 
