@@ -15,8 +15,12 @@ README (Benchmark).
   rest of the block. Eagerly, PyTorch would materialise the whole (rows, out, in) product, so these forms
   are used only while compiling.
 - bf16 weights applied to many rows (prefill), on a CPU without bf16 arithmetic, are widened to fp32 once
-  per pass: there oneDNN emulates bf16 and its GEMM runs well below fp32 speed.
-- fp32 layers are left to MKL, whose one-row GEMV beats the fused loop.
+  per pass: there oneDNN emulates bf16 and its GEMM runs well below fp32 speed. Attention in bf16 runs in
+  fp32 there too, eagerly: PyTorch's fused kernel emulates bf16 as well.
+- fp32 layers are left to MKL on Intel CPUs, whose one-row GEMV beats the fused loop there. MKL chooses its
+  code by the CPU's vendor, and on AMD CPUs its GEMV reads half the bytes per second that Inductor's fused
+  loop reads, so there fp32 layers take the fused loops in a compiled step too: the code that compiles the
+  decode step swaps them in (swap_in(model, compiled_decode=True)); eagerly they stay plain nn.Linear.
 """
 import math
 
@@ -35,6 +39,18 @@ FUSED_MAX_ROWS = 16
 CPU_HAS_BF16_ARITHMETIC = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) on Linux; "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+MKL_GEMV_IS_FAST = cpu_vendor() in ("GenuineIntel", "")
+
+
 def few_rows(x: Tensor) -> bool:
     return x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
 
@@ -51,8 +67,8 @@ def matvec(x: Tensor, weight: Tensor) -> Tensor:
     return (rows * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-class HalfLinear(nn.Module):
-    """A bf16 / fp16 nn.Linear on the CPU."""
+class FloatLinear(nn.Module):
+    """A float nn.Linear on the CPU: every bf16 / fp16 one, and fp32 ones where MKL's GEMV is slow."""
 
     def __init__(self, layer: nn.Linear):
         super().__init__()
@@ -224,7 +240,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 class DecodeAttention(nn.Module):
     """Attention on the CPU: decode_attention for the few query rows of a step being compiled (PyTorch's
-    CPU kernel is built for long blocks of queries), the fused kernel otherwise."""
+    CPU kernel is built for long blocks of queries), the fused kernel otherwise, in fp32 for bf16 / fp16
+    tensors on a CPU without bf16 arithmetic (2 to 2.7 times faster there: README, Benchmark)."""
 
     def __init__(self, layer: ScaledDotProductAttention):
         super().__init__()
@@ -233,13 +250,16 @@ class DecodeAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and q.shape[0] * q.shape[2] <= FUSED_MAX_ROWS:
             return decode_attention(q, k, v, mask)
-        return self.layer(q, k, v, mask)
+        if CPU_HAS_BF16_ARITHMETIC or q.dtype == torch.float32:
+            return self.layer(q, k, v, mask)
+        return self.layer(q.float(), k.float(), v.float(), mask).to(q.dtype)
 
 
-def cpu_form(module: nn.Module) -> nn.Module:
+def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
     """The CPU's form of one of the model's modules, or the module itself where it has none."""
-    if isinstance(module, nn.Linear) and module.weight.dtype in (torch.bfloat16, torch.float16):
-        return HalfLinear(module)
+    fp32_loops = compiled_decode and not MKL_GEMV_IS_FAST
+    if isinstance(module, nn.Linear) and (module.weight.dtype != torch.float32 or fp32_loops):
+        return FloatLinear(module)
     if isinstance(module, Int8Linear):
         return Int8CPULinear(module)
     if isinstance(module, Int4Linear):
@@ -249,7 +269,8 @@ def cpu_form(module: nn.Module) -> nn.Module:
     return module
 
 
-def swap_in(model: Transformer) -> Transformer:
+def swap_in(model: Transformer, compiled_decode: bool = False) -> Transformer:
     """Give every block's layers and attention, and the output head, their CPU forms (after loading or
-    quantizing; a layer already swapped is kept)."""
-    return swap_layers(model, cpu_form)
+    quantizing; a layer already swapped is kept). compiled_decode: the decode step will be compiled, which on
+    a CPU whose MKL GEMV is slow gives fp32 layers the fused loops too."""
+    return swap_layers(model, lambda module: cpu_form(module, compiled_decode))

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+import cpu_kernels
 import offload
 import tp
 from aot_step import AheadOfTimeDecode, default_cache_dir
@@ -409,6 +410,8 @@ def main(argv=None):
         prompts = None if args.interactive else encode_prompts(args, tokenizer, texts)
         started = time.perf_counter()
         model = load(args, device, dtype, tokenizer)
+        if device == "cpu" and (args.compile or args.aot):
+            cpu_kernels.swap_in(model, compiled_decode=True)  # fp32 layers too, where MKL's GEMV is slow
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)

@@ -56,11 +56,11 @@ def precision_dtype(precision: str) -> torch.dtype:
 def at_precision(model, precision: str, groupsize: int, compiled: bool = False):
     """int8 / int4 (round to nearest) quantized in memory: the embedding / output head too, as llama.cpp's
     Q8_0 / Q4 files hold it, then given the activations `--dtype auto` gives such a checkpoint, eagerly or
-    compiled (cli.pick_dtype). fp32 and bf16 models are returned as they are."""
+    compiled (cli.pick_dtype); every model with the CPU forms of its layers for that step (cpu_kernels.swap_in)."""
     if precision in ("int8", "int4"):
         quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=True)
-        cpu_kernels.swap_in(model.to(pick_dtype("auto", "cpu", compiled, weights=precision)))
-    return model.eval()
+        model = model.to(pick_dtype("auto", "cpu", compiled, weights=precision))
+    return cpu_kernels.swap_in(model, compiled_decode=compiled).eval()
 
 
 def synthetic_tokens(length: int, vocab_size: int) -> list:

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cpu_kernels
 from checkpoint import load_model
 from conftest import filled, quantized_copy
-from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, HalfLinear, Int4CPULinear, Int8CPULinear,
+from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, FloatLinear, Int4CPULinear, Int8CPULinear,
                          decode_attention)
 from generation import decode_one_token
 from model import ScaledDotProductAttention
@@ -55,7 +55,7 @@ class AtenCalls(TorchDispatchMode):
 
 
 def cpu_layers(smollm2_weight):
-    return {"bf16": HalfLinear(bf16_linear(smollm2_weight)),
+    return {"bf16": FloatLinear(bf16_linear(smollm2_weight)),
             "int8": Int8CPULinear(filled(Int8Linear(576, 1536), smollm2_weight)),
             "int8-g32": Int8CPULinear(filled(Int8Linear(576, 1536, 32), smollm2_weight)),
             "int4-g32": Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight)),
@@ -181,7 +181,38 @@ def test_compiled_attention_over_one_query_is_decode_attention_not_sdpa():
 def test_bf16_layer_over_many_rows_computes_in_fp32_on_a_cpu_without_bf16_arithmetic():
     linear = bf16_linear(torch.randn(32, 64))
     x = torch.randn(2, 8, 64, dtype=torch.bfloat16)
-    assert torch.equal(HalfLinear(linear)(x), (x.float() @ linear.weight.float().T).to(torch.bfloat16))
+    assert torch.equal(FloatLinear(linear)(x), (x.float() @ linear.weight.float().T).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(CPU_HAS_BF16_ARITHMETIC, reason="this CPU computes bf16 natively")
+def test_bf16_attention_computes_in_fp32_eagerly_on_a_cpu_without_bf16_arithmetic():
+    q = torch.randn(1, 9, 1, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(1, 3, 40, 64, dtype=torch.bfloat16), torch.randn(1, 3, 40, 64, dtype=torch.bfloat16)
+    mask = (torch.arange(40) <= 30)[None, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True).to(torch.bfloat16)
+    assert torch.equal(DecodeAttention(ScaledDotProductAttention())(q, k, v, mask), expected)
+
+
+def test_fp32_layers_keep_mkl_where_its_gemv_is_fast(tiny_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", True)
+    model = cpu_kernels.swap_in(load_model(tiny_dir), compiled_decode=True)
+    assert type(model.layers[0].attention.wq) is torch.nn.Linear and type(model.output) is torch.nn.Linear
+
+
+def test_eager_fp32_layers_stay_plain_where_mkls_gemv_is_slow(tiny_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", False)
+    model = load_model(tiny_dir)
+    assert type(model.layers[0].attention.wq) is torch.nn.Linear and type(model.output) is torch.nn.Linear
+
+
+def test_a_compiled_fp32_step_runs_fused_loops_where_mkls_gemv_is_slow(tiny_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", False)
+    model = cpu_kernels.swap_in(load_model(tiny_dir), compiled_decode=True)
+    assert isinstance(model.output, FloatLinear)
+    model.setup_caches(1, 32)
+    calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
+    assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention"}
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
@@ -231,4 +262,4 @@ def test_swapping_twice_changes_nothing(tiny_dir):
     layers = [module for module in model.modules()]
     cpu_kernels.swap_in(model)
     assert [module for module in model.modules()] == layers
-    assert isinstance(model.layers[0].attention.wq, HalfLinear)
+    assert isinstance(model.layers[0].attention.wq, FloatLinear)

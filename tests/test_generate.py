@@ -214,12 +214,19 @@ def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
     assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32
 
 
-def test_auto_dtype_on_cpu_for_quantized_weights_is_bf16_for_the_int4_kernel_except_compiled_int8():
+def test_auto_dtype_on_cpu_for_quantized_weights_is_bf16_for_the_int4_kernel(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert pick_dtype("auto", "cpu", weights="int4") == torch.bfloat16
     assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int4") == torch.bfloat16
     assert pick_dtype("auto", "cpu", weights="int8") == torch.bfloat16
-    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.float32
+    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.bfloat16
     assert pick_dtype("fp32", "cpu", weights="int4") == torch.float32
+
+
+def test_auto_dtype_for_a_compiled_int8_step_is_fp32_on_a_cpu_with_avx512(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.float32
+    assert pick_dtype("auto", "cpu", weights="int8") == torch.bfloat16
 
 
 def test_an_int4_checkpoint_runs_with_bf16_activations_by_default(capsys, tiny_dir, tmp_path):
