@@ -14,9 +14,10 @@ README (Benchmark).
   registers; attention over the KV cache likewise becomes sums of products that Inductor fuses with the
   rest of the block. Eagerly, PyTorch would materialise the whole (rows, out, in) product, so these forms
   are used only while compiling.
-- bf16 weights applied to many rows (prefill), on a CPU without bf16 arithmetic, are widened to fp32 once
-  per pass: there oneDNN emulates bf16 and its GEMM runs well below fp32 speed. Attention in bf16 runs in
-  fp32 there too, eagerly: PyTorch's fused kernel emulates bf16 as well.
+- Layers applied to many rows (prefill) of bf16 activations, on a CPU without bf16 arithmetic, compute in
+  fp32 (`widened`), bf16 and quantized weights alike: there oneDNN emulates bf16 and its GEMM runs well
+  below fp32 speed. Attention in bf16 runs in fp32 there too, eagerly: PyTorch's fused kernel emulates bf16
+  as well.
 - fp32 layers are left to MKL on Intel CPUs, whose one-row GEMV beats the fused loop there. MKL chooses its
   code by the CPU's vendor, and on AMD CPUs its GEMV reads half the bytes per second that Inductor's fused
   loop reads, so there fp32 layers take the fused loops in a compiled step too: the code that compiles the
@@ -51,6 +52,13 @@ def cpu_vendor() -> str:
 MKL_GEMV_IS_FAST = cpu_vendor() in ("GenuineIntel", "")
 
 
+def widened(x: Tensor) -> Tensor:
+    """x in fp32 on a CPU without bf16 arithmetic, for a layer over many rows or attention: there oneDNN and
+    PyTorch's attention kernel emulate bf16, well below fp32 speed (README, Benchmark). x itself otherwise
+    (and wherever it is fp32 already)."""
+    return x if CPU_HAS_BF16_ARITHMETIC else x.float()
+
+
 def few_rows(x: Tensor) -> bool:
     return x.numel() <= FUSED_MAX_ROWS * x.shape[-1]
 
@@ -78,9 +86,10 @@ class FloatLinear(nn.Module):
         weight = self.layer.weight
         if fused(x):
             return matvec(x, weight).to(x.dtype)
-        if not CPU_HAS_BF16_ARITHMETIC and not few_rows(x):
-            return F.linear(x.float(), weight.float()).to(x.dtype)
-        return F.linear(x, weight)
+        if few_rows(x):
+            return F.linear(x, weight)
+        wide = widened(x)
+        return F.linear(wide, weight.to(wide.dtype)).to(x.dtype)
 
 
 # PyTorch's CPU int4 kernel takes groups of these sizes; its weight layout is built once, after loading,
@@ -169,10 +178,11 @@ class Int8CPULinear(nn.Module):
         if fused(x):
             out = matvec(x, layer.dequantized()) if layer.groupsize else matvec(x, layer.weight) * layer.scales
             return out.to(x.dtype)
+        wide = widened(x)
         if layer.out_features <= WIDEN_BLOCK_ROWS:
-            return layer(x)
-        return torch.cat([layer.outputs(x, slice(start, start + WIDEN_BLOCK_ROWS))
-                          for start in range(0, layer.out_features, WIDEN_BLOCK_ROWS)], dim=-1)
+            return layer(wide).to(x.dtype)
+        return torch.cat([layer.outputs(wide, slice(start, start + WIDEN_BLOCK_ROWS))
+                          for start in range(0, layer.out_features, WIDEN_BLOCK_ROWS)], dim=-1).to(x.dtype)
 
 
 # Up to this many rows (batch x new tokens) PyTorch's int4 kernel beats dequantizing and multiplying, for a
@@ -202,7 +212,7 @@ class Int4CPULinear(nn.Module):
         kernel = self.kernel_weight is not None and (
             rows <= INT4_KERNEL_MAX_ROWS_BF16 if bf16 else rows <= INT4_KERNEL_MAX_ROWS_FP32 and not compiling)
         if not kernel and not fused(x):
-            return layer(x)
+            return layer(widened(x)).to(x.dtype)
         flat = layer.padded(x.reshape(-1, layer.in_features))
         if kernel:
             out = int4_kernel(flat, self.kernel_weight, self.groupsize, self.scales_and_zeros)
@@ -250,9 +260,7 @@ class DecodeAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and q.shape[0] * q.shape[2] <= FUSED_MAX_ROWS:
             return decode_attention(q, k, v, mask)
-        if CPU_HAS_BF16_ARITHMETIC or q.dtype == torch.float32:
-            return self.layer(q, k, v, mask)
-        return self.layer(q.float(), k.float(), v.float(), mask).to(q.dtype)
+        return self.layer(widened(q), widened(k), widened(v), mask).to(q.dtype)
 
 
 def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
