@@ -126,10 +126,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalise in fp32 for accuracy, then scale in the model's dtype (as Llama does)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
+        # x / sqrt(mean(x^2) + eps), normalised in fp32 for accuracy, then scaled in the model's dtype (as
+        # Llama does); F.rms_norm is that division as one op
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -159,10 +158,9 @@ def rope_table(args: ModelArgs, length: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    # x: (batch, seq, heads, head_dim); rope: (batch, seq, head_dim // 2, 2).
+    # x: (batch, seq, heads, head_dim); rope: (batch, seq, 1, head_dim // 2, 2), in x's dtype.
     # The rotate-half convention: dimension i is paired with dimension i + head_dim // 2.
-    cos = rope[..., 0].unsqueeze(2).to(x.dtype)
-    sin = rope[..., 1].unsqueeze(2).to(x.dtype)
+    cos, sin = rope.unbind(-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -252,7 +250,10 @@ class Transformer(nn.Module):
         for layer in self.layers:  # a tensor-parallel rank (tp.py) caches only its own share of KV heads
             layer.attention.kv_cache = KVCache(
                 max_batch_size, max_seq_length, layer.attention.n_kv_heads, self.args.head_dim, dtype).to(device)
-        self.register_buffer("rope", rope_table(self.args, max_seq_length).to(device), persistent=False)
+        # (length, 1, head_dim // 2, 2) in the model's dtype: indexed by positions, it broadcasts over heads as
+        # it is, so a block's RoPE costs no reshaping or casting
+        rope = rope_table(self.args, max_seq_length).unsqueeze(1)
+        self.register_buffer("rope", rope.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("slots", torch.arange(max_seq_length, device=device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
