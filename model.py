@@ -111,12 +111,15 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
-        # k, v: (batch, n_kv_heads, seq, head_dim), written at cache slots input_pos
-        batch = k.shape[0]
-        self.k_cache[:batch].index_copy_(2, input_pos, k)
-        self.v_cache[:batch].index_copy_(2, input_pos, v)
-        return self.k_cache[:batch], self.v_cache[:batch]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, cache_row: int = 0):
+        # k, v: (batch, n_kv_heads, seq, head_dim), written at cache slots input_pos: (seq,), the same for
+        # every row, or (batch, seq), each row at its own (a server's rows, each a sequence of its own).
+        # The batch's rows are the cache's rows from cache_row on (a server prefills one row at a time).
+        rows = slice(cache_row, cache_row + k.shape[0])
+        slots = input_pos.view(-1, 1, k.shape[2], 1).expand_as(k)
+        self.k_cache[rows].scatter_(2, slots, k)
+        self.v_cache[rows].scatter_(2, slots, v)
+        return self.k_cache[rows], self.v_cache[rows]
 
 
 class RMSNorm(nn.Module):
@@ -186,14 +189,14 @@ class Attention(nn.Module):
         self.sdpa = ScaledDotProductAttention()
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, cache_row: int = 0) -> Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = self.kv_cache.update(input_pos, k, v, cache_row)
         slots = mask.shape[-1]  # attend over the cache slots the mask covers (Transformer.forward)
         y = self.sdpa(q, k[:, :, :slots], v[:, :, :slots], mask)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
@@ -224,8 +227,8 @@ class TransformerBlock(nn.Module):
     # torch.compile traces and compiles one block and reuses the code for all n_layers, which cuts the
     # compile time several-fold (README, Benchmark); eagerly it changes nothing.
     @torch.compiler.nested_compile_region
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, cache_row: int = 0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -259,8 +262,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
                 positions: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                attended_slots: Optional[int] = None, logits_from: int = 0) -> Tensor:
-        """tokens: (batch, seq) ids written at cache slots input_pos (seq,).
+                attended_slots: Optional[int] = None, logits_from: int = 0, cache_row: int = 0) -> Tensor:
+        """tokens: (batch, seq) ids written at cache slots input_pos: (seq,), the same slots for every row, or
+        (batch, seq), each row at its own (a server's rows, each a sequence of its own length); a token's
+        cache slot is its position. cache_row: the batch's rows are the cache's rows from cache_row on (a
+        server prefills one row's prompt while the others wait).
         left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
         different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits, or
         those of the positions from logits_from on: -1 gives the last only, all that sampling the next token
@@ -278,21 +284,20 @@ class Transformer(nn.Module):
         mask = mask[..., :attended_slots]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos)
+            x = layer(x, rope, mask, input_pos, cache_row)
         return self.output(self.norm(x[:, logits_from:]))
 
     def rope_and_mask(self, input_pos: Tensor, left_pad: Optional[Tensor] = None):
         """What every block needs besides its input: the rotary cos/sin of each token's position and
         the attention mask over cache slots (causal, and blind to each row's left padding)."""
-        causal = self.slots.unsqueeze(0) <= input_pos.unsqueeze(1)  # (seq, max_seq_length)
-        mask = causal[None, None]
-        positions = input_pos.unsqueeze(0)  # (1, seq): RoPE position of each token
+        positions = input_pos.view(-1, input_pos.shape[-1])  # (1 or batch, seq): each token's cache slot
+        mask = (self.slots <= positions.unsqueeze(-1)).unsqueeze(1)  # causal: (1 or batch, 1, seq, max_seq_length)
         if left_pad is not None:
-            positions = (positions - left_pad.unsqueeze(1)).clamp(min=0)
             real = self.slots.unsqueeze(0) >= left_pad.unsqueeze(1)  # (batch, max_seq_length)
             # a padding token attends to itself only, which keeps its (unused) output finite
-            itself = self.slots.unsqueeze(0) == input_pos.unsqueeze(1)  # (seq, max_seq_length)
-            mask = mask & (real[:, None, None, :] | itself[None, None])
+            itself = self.slots == positions.unsqueeze(-1)
+            mask = mask & (real[:, None, None, :] | itself.unsqueeze(1))
+            positions = (positions - left_pad.unsqueeze(1)).clamp(min=0)  # RoPE counts from the first real token
         return self.rope[positions], mask
 
 

@@ -14,13 +14,14 @@ class Sampling:
     top_p: Optional[float] = None
 
 
-def sample(logits: Tensor, sampling: Sampling) -> Tensor:
-    """Next token of each row from (batch, vocab) logits, without a host sync."""
+def sample(logits: Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Next token of each row from (batch, vocab) logits, without a host sync. generator: the random stream
+    to draw from (a server gives each seeded request its own); None draws from torch's global one."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     probs = probabilities(logits, sampling)
     # argmax of p / Exp(1) noise is a sample from p (the exponential race), with no host sync
-    noise = torch.empty_like(probs).exponential_(1)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / noise).argmax(dim=-1, keepdim=True)
 
 

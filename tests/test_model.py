@@ -65,6 +65,20 @@ def test_batch_of_different_lengths_equals_each_alone(checkpoint, request):
     assert batched == alone
 
 
+def test_rows_each_at_their_own_position_equal_each_alone(tiny_dir):
+    # a server's cache: each row a sequence of its own, prefilled row by row (cache_row), then decoded together
+    model = load_model(tiny_dir)
+    prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 117))]
+    model.setup_caches(len(prompts), 64)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            model(torch.tensor([prompt]), torch.arange(len(prompt)), cache_row=row)
+        last = torch.tensor([[prompt[-1] + 1] for prompt in prompts])
+        together = model(last, torch.tensor([[len(prompt)] for prompt in prompts]))[:, 0]
+    alone = [full_logits(model, prompt + [prompt[-1] + 1])[0, -1] for prompt in prompts]
+    assert torch.allclose(together, torch.stack(alone), atol=1e-5)
+
+
 def test_attention_never_reads_the_cache_past_the_attended_slots(tiny_dir):
     model = load_model(tiny_dir)
     model.setup_caches(1, 64)

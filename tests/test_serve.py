@@ -1,0 +1,269 @@
+"""The server: the engine's batched, chunked, slot-by-slot decoding gives each request what generate() gives
+it alone; the HTTP layer answers the official `openai` client, streams, stops, seeds and refuses bad input
+with the status that names it. Every server listens on 127.0.0.1 and stops inside its test."""
+import http.client
+import json
+import threading
+import time
+
+import pytest
+import torch
+
+import serve
+from checkpoint import load_model
+from engine import Busy, Engine, Request, TextStream
+from generation import generate
+from sampling import Sampling
+from tokenizer import load_tokenizer
+
+openai = pytest.importorskip("openai")
+
+
+def greedy_alone(model, prompt: list, max_tokens: int) -> list:
+    """What generate.py's loop gives one prompt alone, greedy, the model's stop ids left out (as a server
+    decodes past them here: ignore_eos)."""
+    model.setup_caches(1, model.args.max_seq_length)
+    ids, _ = generate(model, [prompt], max_tokens, Sampling(temperature=0.0))
+    return ids[0]
+
+
+def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
+    """Submit every request, run the loop on its thread until each has finished, stop it: each request's
+    (token ids, finish reason)."""
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    results = []
+    try:
+        for request in requests:
+            engine.submit(request)
+        for request in requests:
+            ids = []
+            while not isinstance(event := request.events.get(timeout=timeout_s), str):
+                ids.append(event)
+            results.append((ids, event))
+    finally:
+        engine.stop()
+        loop.join(timeout_s)
+    return results
+
+
+def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir):
+    model = load_model(tiny_dir)
+    prompts = [[5, 17, 33], list(range(40, 140)), [9], [200, 3, 77, 12, 1, 60], list(range(100, 170))]
+    lengths = [12, 7, 20, 3, 15]
+    expected = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
+    # 2 slots for 5 requests: later ones join as earlier ones finish; prompts of 100 and 70 tokens are
+    # prefilled 32 tokens a step while the other slot keeps decoding
+    engine = Engine(model, slots=2, max_seq_length=256, prefill_chunk=32)
+    results = run_engine(engine, [Request(p, n) for p, n in zip(prompts, lengths)])
+    assert results == [(ids, "length") for ids in expected]
+
+
+def test_a_stop_token_ends_a_request_and_is_not_sent(tiny_dir):
+    model = load_model(tiny_dir)
+    prompt = [5, 17, 33]
+    alone = greedy_alone(model, prompt, 10)
+    stop = alone[4]
+    engine = Engine(model, slots=1, max_seq_length=256)
+    [(ids, reason)] = run_engine(engine, [Request(prompt, 10, stop_ids=frozenset([stop]))])
+    assert (ids, reason) == (alone[:alone.index(stop)], "stop")
+
+
+def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(tiny_dir):
+    model = load_model(tiny_dir)
+    sampling = Sampling(temperature=1.0, top_k=None)
+    alone = run_engine(Engine(model, slots=1, max_seq_length=256), [Request([5, 17], 12, sampling, seed=7)])
+    crowded = run_engine(Engine(model, slots=3, max_seq_length=256), [
+        Request([9, 9, 9], 12, sampling, seed=1), Request([5, 17], 12, sampling, seed=7),
+        Request([40, 41], 12, sampling)])
+    assert crowded[1] == alone[0]
+    assert crowded[0][0] != alone[0][0]  # another seed, another draw
+
+
+def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
+    engine = Engine(load_model(tiny_dir), slots=1, max_seq_length=64, max_waiting=1)  # its loop not running
+    engine.submit(Request([1], 1))  # the free slot will take it
+    engine.submit(Request([2], 1))  # waits
+    with pytest.raises(Busy):
+        engine.submit(Request([3], 1))
+
+
+def test_text_stream_holds_back_what_may_start_a_stop_string(tiny_dir):
+    tokenizer = load_tokenizer(tiny_dir)
+    ids = tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    stream = TextStream(tokenizer, ["fox jumps"])
+    shown = "".join(stream.push(token) for token in ids) + stream.flush()
+    assert (shown, stream.stopped) == ("the quick brown ", True)
+    held = TextStream(tokenizer, ["lazy cat"])
+    shown = "".join(held.push(token) for token in ids) + held.flush()
+    assert (shown, held.stopped) == ("the quick brown fox jumps over the lazy dog", False)
+
+
+@pytest.fixture
+def server(tiny_dir):
+    """serve.py's server over the tiny model, 3 slots, on a free port of 127.0.0.1: (server, engine, tokenizer,
+    model). Stopped after the test."""
+    yield from running_server(tiny_dir, slots=3)
+
+
+def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True):
+    model, tokenizer = load_model(checkpoint_dir), load_tokenizer(checkpoint_dir)
+    http_server = serve.Server(("127.0.0.1", 0), api_key)
+    engine = Engine(model, slots=slots, max_seq_length=model.args.max_seq_length, prefill_chunk=64,
+                    max_waiting=max_waiting)
+    http_server.tokenizer, http_server.model_name, http_server.engine = tokenizer, checkpoint_dir.name, engine
+    threads = [threading.Thread(target=http_server.serve_forever)] + ([threading.Thread(target=engine.run)] * loop)
+    for thread in threads:
+        thread.start()
+    try:
+        yield http_server, engine, tokenizer, model
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        engine.stop()
+        for thread in threads:
+            thread.join(30)
+
+
+def client(http_server, api_key="unused"):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{http_server.server_port}/v1", api_key=api_key,
+                         max_retries=0, timeout=60)
+
+
+def raw(http_server, method: str, path: str, body=None, headers=None):
+    """(status, parsed JSON body, headers) of one plain HTTP request."""
+    connection = http.client.HTTPConnection("127.0.0.1", http_server.server_port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, json.loads(payload) if payload.startswith(b"{") else payload, dict(response.headers)
+
+
+def test_a_completion_through_the_openai_client_is_the_greedy_text(server):
+    http_server, engine, tokenizer, model = server
+    prompt = "the quick brown fox"
+    ids = greedy_alone(model, tokenizer.encode(prompt), 12)
+    completion = client(http_server).completions.create(model="tiny-llama", prompt=prompt, max_tokens=12,
+                                                        temperature=0, extra_body={"ignore_eos": True})
+    assert completion.choices[0].text == tokenizer.decode(ids)
+    assert completion.choices[0].finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(tokenizer.encode(prompt)), 12)
+
+
+def test_a_streamed_chat_equals_the_whole_one_and_reports_usage(server):
+    http_server, *_ = server
+    messages = [{"role": "user", "content": "How are you?"}]
+    whole = client(http_server).chat.completions.create(model="tiny-llama", messages=messages, max_tokens=15,
+                                                        temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(client(http_server).chat.completions.create(
+        model="tiny-llama", messages=messages, max_tokens=15, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].message.content and text
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_a_stop_string_ends_the_text_before_it(server):
+    http_server, engine, tokenizer, model = server
+    full = client(http_server).completions.create(model="m", prompt="Hello world", max_tokens=30, temperature=0,
+                                                  extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[10:13]
+    for stream in (False, True):
+        answer = client(http_server).completions.create(model="m", prompt="Hello world", max_tokens=30,
+                                                        temperature=0, stop=[stop], stream=stream,
+                                                        extra_body={"ignore_eos": True})
+        pieces = list(answer) if stream else [answer]
+        text = "".join(piece.choices[0].text for piece in pieces)
+        assert text == full[:full.index(stop)]
+        assert pieces[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_text(server):
+    http_server, *_ = server
+    texts = [client(http_server).completions.create(model="m", prompt="the lazy dog", max_tokens=20, temperature=1,
+                                                    seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+             for seed in (3, 3, 4)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_health_models_and_metrics(server):
+    http_server, *_ = server
+    assert raw(http_server, "GET", "/health")[:2] == (200, {"status": "ok"})
+    assert [model.id for model in client(http_server).models.list()] == ["tiny-llama"]
+    client(http_server).completions.create(model="m", prompt="the", max_tokens=4, extra_body={"ignore_eos": True})
+    metrics = raw(http_server, "GET", "/metrics")[1].decode()
+    assert 'brisk_requests_total{outcome="length"} 1' in metrics and "brisk_completion_tokens_total 4" in metrics
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ([1, 2], 400, None),
+    ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "hi", "max_tokens": 1000}, 400, "max_tokens"),
+])
+def test_bad_requests_are_json_errors_naming_the_field(server, body, status, param):
+    answer_status, answer, _ = raw(server[0], "POST", "/v1/completions", body)
+    assert answer_status == status
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+def test_unknown_paths_and_methods(server):
+    assert raw(server[0], "GET", "/v2/anything")[0] == 404
+    assert raw(server[0], "GET", "/v1/completions")[0] == 405
+    assert raw(server[0], "DELETE", "/v1/models")[0] == 405
+
+
+def test_a_key_is_required_once_one_is_set(tiny_dir):
+    for http_server, *_ in running_server(tiny_dir, slots=1, api_key="sesame"):
+        with pytest.raises(openai.AuthenticationError):
+            client(http_server, api_key="wrong").models.list()
+        assert [model.id for model in client(http_server, api_key="sesame").models.list()] == ["tiny-llama"]
+
+
+def test_too_many_waiting_requests_get_429_with_retry_after(tiny_dir):
+    for http_server, engine, *_ in running_server(tiny_dir, slots=1, max_waiting=0, loop=False):
+        engine.submit(Request([1], 1))  # takes the only slot (the loop is not running: it stays there)
+        status, answer, headers = raw(http_server, "POST", "/v1/completions", {"prompt": "hi"})
+        assert (status, answer["error"]["type"], headers.get("Retry-After")) == (429, "rate_limit_error", "1")
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    http_server, engine, *_ = server
+    connection = http.client.HTTPConnection("127.0.0.1", http_server.server_port, timeout=60)
+    connection.request("POST", "/v1/completions", body=json.dumps(
+        {"prompt": "the", "max_tokens": 200, "stream": True, "ignore_eos": True}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.fp.readline()  # the first event's chunk has come
+    connection.sock.close()
+    connection.close()
+    deadline = time.monotonic() + 30
+    while engine.counts["requests_cancelled"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.counts["requests_cancelled"] == 1 and engine.running() == 0
+
+
+def test_bad_arguments_are_one_line_and_status_2(capsys):
+    assert serve.main(["--slots", "0"]) == 2
+    assert capsys.readouterr().err == "error: --slots must be at least 1, not 0\n"
+
+
+@pytest.mark.slow
+def test_smollm2_chats_in_a_busy_server_equal_each_alone(smollm2_dir):
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colours.",
+                 "What is 12 times 12?", "Say hello in Spanish."]
+    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    prompts = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in questions]
+    alone = [greedy_alone(model, prompt, 24) for prompt in prompts]
+    engine = Engine(model, slots=3, max_seq_length=512, prefill_chunk=16)
+    results = run_engine(engine, [Request(prompt, 24) for prompt in prompts])
+    assert [ids for ids, _ in results] == alone
