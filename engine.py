@@ -2,10 +2,12 @@
 
 The KV cache has one row per slot, and each slot holds one sequence at its own length. One thread owns the
 model and runs iteration-level scheduling (Orca, Yu et al. 2022): before each step, finished and cancelled
-requests leave their slots and waiting ones join the free slots, first come first served; a joining prompt
-is prefilled one chunk per iteration, so that the others keep decoding beside it; then one decode step runs
-over every slot at once, each row at its own position. A request's tokens come back through its queue as
-they are made; `TextStream` turns them into text. serve.py puts HTTP in front of this.
+requests leave their slots, and the scheduler (scheduler.py) says which waiting requests join the free
+slots and which running ones give theirs up (preempted: their KV rows are copied out, and copied back into
+whichever slot they get next); a joining prompt is prefilled one chunk per iteration, so that the others keep
+decoding beside it; then one decode step runs over every slot at once, each row at its own position. A
+request's tokens come back through its queue as they are made; `TextStream` turns them into text. serve.py
+puts HTTP in front of this.
 """
 import collections
 import queue
@@ -20,7 +22,26 @@ from torch import Tensor
 from generation import slots_to_attend
 from model import Transformer
 from sampling import Sampling, sample
+from scheduler import FirstComeFirstServed
 from tokenizer import StreamDecoder, Tokenizer
+
+
+class Histogram:
+    """Observations counted into cumulative buckets, as Prometheus histograms are: bucket i counts those at
+    most bounds[i]; the last bucket (+Inf) counts all of them."""
+
+    def __init__(self, bounds: tuple):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float):
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+        self.counts[-1] += 1
+        self.sum += value
+
+
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 
 
 class Busy(Exception):
@@ -42,9 +63,11 @@ class Request:
     # the engine's bookkeeping: prompt tokens in the cache, the token to feed next and where it goes
     prefilled: int = 0
     next_token: int = 0
-    position: int = 0
+    position: int = 0  # tokens in the cache
     generated: int = 0
     generator: Optional[torch.Generator] = None
+    saved_kv: Optional[list] = None  # while preempted: each layer's (keys, values) of its tokens
+    last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
 
     def cancel(self, reason: str = "cancelled"):
         """End the request at the engine's next iteration, freeing its slot; reason: its outcome in /metrics."""
@@ -58,21 +81,24 @@ def decode_logits(model: Transformer, tokens: Tensor, input_pos: Tensor, attende
 
 
 class Engine:
-    """Slots, the queue of waiting requests and the loop that runs them (`run`, on a thread of its own).
+    """Slots, the scheduler that holds the waiting requests, and the loop that runs them (`run`, on a thread of
+    its own).
 
     decode: decode_logits, or a compiled form of it. prefill_chunk: prompt tokens prefilled per iteration.
-    max_waiting: requests that may wait for a slot before submit() refuses more (Busy)."""
+    max_waiting: requests that may wait for a slot before submit() refuses more (Busy). scheduler: who gets
+    the slots (scheduler.py; first come first served by default)."""
 
     def __init__(self, model: Transformer, slots: int, max_seq_length: int, prefill_chunk: int = 256,
-                 max_waiting: int = 64, decode: Callable = decode_logits):
+                 max_waiting: int = 64, decode: Callable = decode_logits, scheduler=None):
         model.setup_caches(slots, max_seq_length)
         self.model, self.decode, self.prefill_chunk, self.max_waiting = model, decode, prefill_chunk, max_waiting
+        self.scheduler = scheduler or FirstComeFirstServed()
         self.device = model.rope.device
         self.slots: list = [None] * slots  # the request in each slot, None where it is free
-        self.waiting = collections.deque()
-        self.condition = threading.Condition()  # guards `waiting`; wakes the loop when a request arrives
+        self.condition = threading.Condition()  # guards the scheduler; wakes the loop when a request arrives
         self.stopped = False
-        self.counts = collections.Counter()  # for /metrics: requests by outcome, tokens in and out, steps
+        self.counts = collections.Counter()  # for /metrics: requests by outcome, tokens, steps, preemptions
+        self.time_to_first_token, self.inter_token_latency = Histogram(LATENCY_BOUNDS), Histogram(LATENCY_BOUNDS)
 
     @property
     def max_seq_length(self) -> int:
@@ -84,14 +110,15 @@ class Engine:
             request.generator = torch.Generator(self.device).manual_seed(request.seed)
         with self.condition:
             # requests that free slots will take at the next iteration do not count as waiting
-            if len(self.waiting) >= self.max_waiting + self.slots.count(None):
+            if len(self.scheduler.waiting(time.perf_counter())) >= self.max_waiting + self.slots.count(None):
                 raise Busy(f"{self.queue_depth()} requests are waiting for a slot already")
-            self.waiting.append(request)
+            self.scheduler.add(request, len(request.prompt), time.perf_counter())
             self.condition.notify()
 
     def queue_depth(self) -> int:
         """Requests waiting that no free slot will take at the next iteration."""
-        return max(0, len(self.waiting) - self.slots.count(None))
+        with self.condition:
+            return max(0, len(self.scheduler.waiting(time.perf_counter())) - self.slots.count(None))
 
     def running(self) -> int:
         return sum(request is not None for request in self.slots)
@@ -106,38 +133,88 @@ class Engine:
         """The loop: until stop(), one iteration at a time, sleeping while there is nothing to do."""
         while True:
             with self.condition:
-                while not self.stopped and not self.waiting and not any(self.slots):
+                while not self.stopped and not self.scheduler.jobs:
                     self.condition.wait()
                 if self.stopped:
                     break
             self.iteration()
-        for request in [*self.waiting, *filter(None, self.slots)]:
-            request.events.put("cancelled")
+        for job in list(self.scheduler.jobs.values()):
+            job.request.events.put("cancelled")
 
     def iteration(self):
-        """Leave, join, one prefill chunk, one decode step."""
-        for slot, request in enumerate(self.slots):
-            if request is not None and request.cancelled:
-                self.finish(slot, request.cancelled)
-        self.join()
+        """Leave, preempt and join as the scheduler says, one prefill chunk, one decode step."""
+        now = time.perf_counter()
+        with self.condition:
+            for request in self.scheduler.waiting(now):
+                if request.cancelled:
+                    self.scheduler.remove(request)
+                    self.counts[f"requests_{request.cancelled}"] += 1
+                    request.events.put(request.cancelled)
+            for slot, request in enumerate(self.slots):
+                if request is not None and request.cancelled:
+                    self.finish(slot, request.cancelled)
+            preempt, join = self.scheduler.plan(list(filter(None, self.slots)), self.slots.count(None), now)
+        for request in preempt:
+            self.swap_out(request)
+        for request in join:
+            self.place(request)
+        running = list(filter(None, self.slots))
         prefilling = [slot for slot, request in enumerate(self.slots)
                       if request is not None and request.prefilled < len(request.prompt)]
         if prefilling:
             self.prefill(prefilling[0])
         if any(request is not None and request.prefilled == len(request.prompt) for request in self.slots):
             self.decode_step()
-
-    def join(self):
-        """Free slots take waiting requests, first come first served."""
         with self.condition:
-            for slot, request in enumerate(self.slots):
-                while request is None and self.waiting:
-                    candidate = self.waiting.popleft()
-                    if candidate.cancelled:
-                        self.counts[f"requests_{candidate.cancelled}"] += 1
-                        candidate.events.put(candidate.cancelled)
-                        continue
-                    self.slots[slot] = request = candidate
+            self.scheduler.charge([r for r in running if id(r) in self.scheduler.jobs], time.perf_counter() - now,
+                                  time.perf_counter())
+
+    @torch.no_grad()
+    def measure(self) -> tuple:
+        """Seconds of one decode step over every slot and of one prefill chunk, measured on dummy rows before
+        any request comes (the second of two runs each): what MLFQ's quanta and prefill estimates are
+        made of."""
+        timings = []
+        for run in (self.dummy_step, self.dummy_chunk):
+            run()
+            started = time.perf_counter()
+            run()
+            timings.append(time.perf_counter() - started)
+        return tuple(timings)
+
+    def dummy_step(self, attended: Optional[int] = None):
+        """A decode step on dummy rows at the cache's last slot (which no prompt reaches), attending over
+        `attended` slots (the fewest by default): what a compiled step is warmed up with."""
+        slots, last = len(self.slots), self.max_seq_length - 1
+        self.decode(self.model, torch.zeros(slots, 1, dtype=torch.long, device=self.device),
+                    torch.full((slots, 1), last, device=self.device),
+                    attended or slots_to_attend(1, self.max_seq_length))
+
+    def dummy_chunk(self):
+        length = min(self.prefill_chunk, self.max_seq_length - 1)
+        self.model(torch.zeros(1, length, dtype=torch.long, device=self.device),
+                   torch.arange(length, device=self.device), logits_from=-1,
+                   attended_slots=slots_to_attend(length, self.max_seq_length))
+
+    def swap_out(self, request: Request):
+        """Preempt a running request: its KV rows are copied out (to host memory) and its slot is freed."""
+        slot = self.slots.index(request)
+        request.saved_kv = [(layer.attention.kv_cache.k_cache[slot, :, :request.position].to("cpu", copy=True),
+                             layer.attention.kv_cache.v_cache[slot, :, :request.position].to("cpu", copy=True))
+                            for layer in self.model.layers]
+        self.slots[slot] = None
+        self.counts["preemptions"] += 1
+
+    def place(self, request: Request):
+        """A joining request takes a free slot; a preempted one gets its KV rows back there."""
+        slot = self.slots.index(None)
+        self.slots[slot] = request
+        if request.saved_kv is not None:
+            for layer, (k, v) in zip(self.model.layers, request.saved_kv):
+                layer.attention.kv_cache.k_cache[slot, :, :request.position].copy_(k)
+                layer.attention.kv_cache.v_cache[slot, :, :request.position].copy_(v)
+            request.saved_kv = None
+            self.counts["swaps_in"] += 1
 
     def prefill(self, slot: int):
         """The next chunk of the slot's prompt into its cache row; after the last chunk, its first token."""
@@ -149,10 +226,9 @@ class Engine:
         input_pos = torch.arange(start, end, device=self.device)
         logits = self.model(tokens, input_pos, attended_slots=slots_to_attend(end, self.max_seq_length),
                             logits_from=-1, cache_row=slot)
-        request.prefilled = end
+        request.prefilled = request.position = end
         self.counts["prompt_tokens"] += len(chunk)
         if end == len(request.prompt):
-            request.position = end
             self.emit(slot, sample(logits[:, -1], request.sampling, request.generator).item())
 
     def decode_step(self):
@@ -175,9 +251,12 @@ class Engine:
 
     def emit(self, slot: int, token: int):
         """A new token of the slot's request: sent on, or the request finishes."""
-        request = self.slots[slot]
+        request, now = self.slots[slot], time.perf_counter()
         request.generated += 1
         self.counts["completion_tokens"] += 1
+        latency = self.inter_token_latency if request.last_token_at else self.time_to_first_token
+        latency.observe(now - (request.last_token_at or request.arrived))
+        request.last_token_at = now
         if token in request.stop_ids:
             self.finish(slot, "stop")
             return
@@ -187,6 +266,8 @@ class Engine:
             self.finish(slot, "length")
 
     def finish(self, slot: int, reason: str):
+        with self.condition:
+            self.scheduler.remove(self.slots[slot])
         self.counts[f"requests_{reason}"] += 1
         self.slots[slot].events.put(reason)
         self.slots[slot] = None

@@ -12,6 +12,7 @@ happens on the engine's one thread.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -25,9 +26,10 @@ import torch
 
 from checkpoint import load_model, stored_weights
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, fail, pick_device, pick_dtype
-from engine import Busy, Engine, Request, TextStream, decode_logits
-from generation import FEWEST_ATTENDED_SLOTS, compile_step
+from engine import Busy, Engine, Histogram, Request, TextStream, decode_logits
+from generation import compile_step, slots_to_attend
 from sampling import Sampling
+from scheduler import SkipJoinMLFQ
 from tokenizer import load_tokenizer
 
 
@@ -165,10 +167,15 @@ class Handler(BaseHTTPRequestHandler):
         lines = ["# TYPE brisk_requests_total counter"]
         lines += [f'brisk_requests_total{{outcome="{outcome}"}} {counts[f"requests_{outcome}"]}'
                   for outcome in ("stop", "length", "cancelled")]
-        for name in ("prompt_tokens", "completion_tokens", "decode_steps"):
+        for name in ("prompt_tokens", "completion_tokens", "decode_steps", "preemptions", "swaps_in"):
             lines += [f"# TYPE brisk_{name}_total counter", f"brisk_{name}_total {counts[name]}"]
-        lines += ["# TYPE brisk_waiting gauge", f"brisk_waiting {engine.queue_depth()}",
-                  "# TYPE brisk_running gauge", f"brisk_running {engine.running()}"]
+        with engine.condition:
+            per_queue = engine.scheduler.waiting_per_queue()
+        lines += ["# TYPE brisk_waiting gauge"] + [f'brisk_waiting{{queue="{queue}"}} {n}'
+                                                    for queue, n in enumerate(per_queue)]
+        lines += ["# TYPE brisk_running gauge", f"brisk_running {engine.running()}"]
+        lines += histogram_lines("brisk_time_to_first_token_seconds", engine.time_to_first_token)
+        lines += histogram_lines("brisk_inter_token_latency_seconds", engine.inter_token_latency)
         self.send_bytes(HTTPStatus.OK, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
 
     # --- POST --------------------------------------------------------------------------------------------
@@ -232,6 +239,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
+
+
+def histogram_lines(name: str, histogram: Histogram) -> list:
+    """A histogram in Prometheus' text format: cumulative buckets, then the sum and count."""
+    bounds = [str(bound) for bound in histogram.bounds] + ["+Inf"]
+    return ([f"# TYPE {name} histogram"] +
+            [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(bounds, histogram.counts)] +
+            [f"{name}_sum {histogram.sum:.6f}", f"{name}_count {histogram.counts[-1]}"])
 
 
 def error_type(status: HTTPStatus) -> str:
@@ -330,6 +345,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=2048, help="prompt + completion tokens per slot")
     parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     parser.add_argument("--max_waiting", type=int, default=64, help="requests waiting for a slot before 429")
+    parser.add_argument("--schedule", default="mlfq", choices=["mlfq", "fcfs"],
+                        help="who gets the slots: FastServe's skip-join MLFQ with preemption, or first come first served")
     parser.add_argument("--api_key", default=os.environ.get("BRISK_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $BRISK_API_KEY; none: open)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (waits before serving)")
@@ -363,22 +380,28 @@ def build_engine(args) -> tuple:
     engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode)
     if args.compile:
         warm_up(engine)
+    if args.schedule == "mlfq":
+        engine.scheduler = mlfq(engine)
     return tokenizer, engine
 
 
 @torch.no_grad()
 def warm_up(engine: Engine):
-    """Run the compiled step once at every attention length a request can reach (256, 512, ... slots), on
-    dummy rows at the cache's last slot, before the server says it is ready."""
-    slots, last = len(engine.slots), engine.max_seq_length - 1
-    attended = FEWEST_ATTENDED_SLOTS
-    while True:
-        attended = min(attended, engine.max_seq_length)
-        engine.decode(engine.model, torch.zeros(slots, 1, dtype=torch.long, device=engine.device),
-                      torch.full((slots, 1), last, device=engine.device), attended)
-        if attended == engine.max_seq_length:
-            break
-        attended *= 2
+    """Run the compiled step once at every attention length a request can reach (256, 512, ... slots), before
+    the server says it is ready."""
+    attended = slots_to_attend(1, engine.max_seq_length)
+    engine.dummy_step(attended)
+    while attended < engine.max_seq_length:
+        attended = slots_to_attend(attended + 1, engine.max_seq_length)
+        engine.dummy_step(attended)
+
+
+def mlfq(engine: Engine) -> SkipJoinMLFQ:
+    """FastServe's scheduler with quanta from this machine: the smallest is one decode step, and a prompt's
+    prefill takes an iteration (a chunk and a decode step) per chunk of its tokens."""
+    step_seconds, chunk_seconds = engine.measure()
+    return SkipJoinMLFQ(step_seconds, lambda length: math.ceil(length / engine.prefill_chunk) * (
+        chunk_seconds + step_seconds))
 
 
 def serve(args) -> int:

@@ -3,17 +3,23 @@ it alone; the HTTP layer answers the official `openai` client, streams, stops, s
 with the status that names it. Every server listens on 127.0.0.1 and stops inside its test."""
 import http.client
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 import torch
 
 import serve
+from conftest import ROOT
 from checkpoint import load_model
 from engine import Busy, Engine, Request, TextStream
 from generation import generate
 from sampling import Sampling
+from scheduler import SkipJoinMLFQ
 from tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -78,6 +84,33 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(tiny_d
         Request([40, 41], 12, sampling)])
     assert crowded[1] == alone[0]
     assert crowded[0][0] != alone[0][0]  # another seed, another draw
+
+
+def test_a_preempted_request_resumes_where_it_was_and_both_get_what_they_get_alone(tiny_dir):
+    model = load_model(tiny_dir)
+    long_prompt, short_prompt = list(range(40, 100)), [7, 8, 9]
+    expected = [greedy_alone(model, long_prompt, 40), greedy_alone(model, short_prompt, 5)]
+    # every iteration uses up a quantum, so the long request sinks to the last queue while it runs; the short
+    # one joins the top queue and takes the only slot from it
+    scheduler = SkipJoinMLFQ(base_seconds=1e-9, prefill_seconds=lambda length: 0.0, queues=4)
+    engine = Engine(model, slots=1, max_seq_length=256, prefill_chunk=16, scheduler=scheduler)
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    try:
+        long_request, short_request = Request(long_prompt, 40), Request(short_prompt, 5)
+        engine.submit(long_request)
+        long_ids = [long_request.events.get(timeout=60) for _ in range(5)]
+        engine.submit(short_request)
+        results = []
+        for request, ids in ((short_request, []), (long_request, long_ids)):
+            while not isinstance(event := request.events.get(timeout=60), str):
+                ids.append(event)
+            results.append(ids)
+    finally:
+        engine.stop()
+        loop.join(60)
+    assert results == [expected[1], expected[0]]
+    assert engine.counts["preemptions"] >= 1 and engine.counts["swaps_in"] == engine.counts["preemptions"]
 
 
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
@@ -196,8 +229,11 @@ def test_health_models_and_metrics(server):
     assert raw(http_server, "GET", "/health")[:2] == (200, {"status": "ok"})
     assert [model.id for model in client(http_server).models.list()] == ["tiny-llama"]
     client(http_server).completions.create(model="m", prompt="the", max_tokens=4, extra_body={"ignore_eos": True})
-    metrics = raw(http_server, "GET", "/metrics")[1].decode()
-    assert 'brisk_requests_total{outcome="length"} 1' in metrics and "brisk_completion_tokens_total 4" in metrics
+    metrics = raw(http_server, "GET", "/metrics")[1].decode().splitlines()
+    for line in ('brisk_requests_total{outcome="length"} 1', "brisk_completion_tokens_total 4",
+                 'brisk_waiting{queue="0"} 0', "brisk_running 0", "brisk_time_to_first_token_seconds_count 1",
+                 "brisk_inter_token_latency_seconds_count 3", 'brisk_inter_token_latency_seconds_bucket{le="+Inf"} 3'):
+        assert line in metrics
 
 
 @pytest.mark.parametrize("body, status, param", [
@@ -267,3 +303,20 @@ def test_smollm2_chats_in_a_busy_server_equal_each_alone(smollm2_dir):
     engine = Engine(model, slots=3, max_seq_length=512, prefill_chunk=16)
     results = run_engine(engine, [Request(prompt, 24) for prompt in prompts])
     assert [ids for ids, _ in results] == alone
+
+
+@pytest.mark.slow
+def test_the_command_serves_with_mlfq_until_interrupted(tiny_dir):
+    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint_path", str(tiny_dir), "--port", "0",
+                                "--slots", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()  # "serving tiny-llama on http://127.0.0.1:PORT/v1 (2 slots)"
+        port = int(line.split(":")[2].split("/")[0])
+        answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                               timeout=60).completions.create(model="m", prompt="the", max_tokens=3)
+        assert answer.usage.completion_tokens <= 3
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+        assert 'brisk_waiting{queue="5"} 0' in metrics  # six queues: MLFQ is the default
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
