@@ -86,12 +86,14 @@ class Engine:
 
     decode: decode_logits, or a compiled form of it. prefill_chunk: prompt tokens prefilled per iteration.
     max_waiting: requests that may wait for a slot before submit() refuses more (Busy). scheduler: who gets
-    the slots (scheduler.py; first come first served by default)."""
+    the slots (scheduler.py; first come first served by default). static_rows: every decode step runs over
+    every slot (a compiled step: one shape); otherwise over the slots up to the last busy one."""
 
     def __init__(self, model: Transformer, slots: int, max_seq_length: int, prefill_chunk: int = 256,
-                 max_waiting: int = 64, decode: Callable = decode_logits, scheduler=None):
+                 max_waiting: int = 64, decode: Callable = decode_logits, scheduler=None, static_rows: bool = False):
         model.setup_caches(slots, max_seq_length)
         self.model, self.decode, self.prefill_chunk, self.max_waiting = model, decode, prefill_chunk, max_waiting
+        self.static_rows = static_rows
         self.scheduler = scheduler or FirstComeFirstServed()
         self.device = model.rope.device
         self.slots: list = [None] * slots  # the request in each slot, None where it is free
@@ -232,11 +234,15 @@ class Engine:
             self.emit(slot, sample(logits[:, -1], request.sampling, request.generator).item())
 
     def decode_step(self):
-        """One step over every slot. A row that is free or still prefilling decodes a dummy token at the cache's
-        last slot, which no prompt reaches (a prompt leaves room for at least one new token) and which a
-        sequence that gets there writes itself before reading."""
+        """One step over the slots: every slot in a compiled step (static shapes), else the slots up to the last
+        one decoding (requests take the lowest free slots, so these are few when few requests run). A row that
+        is free or still prefilling decodes a dummy token at the cache's last slot, which no prompt reaches (a
+        prompt leaves room for at least one new token) and which a sequence that gets there writes itself
+        before reading."""
         last = self.max_seq_length - 1
         decoding = [request is not None and request.prefilled == len(request.prompt) for request in self.slots]
+        if not self.static_rows:
+            decoding = decoding[:max(slot for slot, live in enumerate(decoding) if live) + 1]
         tokens = [request.next_token if live else 0 for request, live in zip(self.slots, decoding)]
         positions = [request.position if live else last for request, live in zip(self.slots, decoding)]
         attended = slots_to_attend(max(p for p, live in zip(positions, decoding) if live) + 1, self.max_seq_length)

@@ -377,7 +377,8 @@ def build_engine(args) -> tuple:
         raise UsageError(f"{error}{hint}") from None
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
-    engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode)
+    engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,
+                    static_rows=args.compile)
     if args.compile:
         warm_up(engine)
     if args.schedule == "mlfq":
@@ -397,11 +398,12 @@ def warm_up(engine: Engine):
 
 
 def mlfq(engine: Engine) -> SkipJoinMLFQ:
-    """FastServe's scheduler with quanta from this machine: the smallest is one decode step, and a prompt's
-    prefill takes an iteration (a chunk and a decode step) per chunk of its tokens."""
+    """FastServe's scheduler with quanta from this machine: the smallest is one decode step; a prompt's
+    prefill takes its share of a full chunk's time, plus a decode step beside each of its chunks."""
     step_seconds, chunk_seconds = engine.measure()
-    return SkipJoinMLFQ(step_seconds, lambda length: math.ceil(length / engine.prefill_chunk) * (
-        chunk_seconds + step_seconds))
+    chunk = engine.prefill_chunk
+    return SkipJoinMLFQ(step_seconds, lambda length: length / chunk * chunk_seconds + math.ceil(
+        length / chunk) * step_seconds)
 
 
 def serve(args) -> int:

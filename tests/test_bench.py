@@ -7,6 +7,7 @@ from model import ModelArgs
 from scripts.bench import main
 from scripts.bench_peers import main as bench_peers
 from scripts.bench_scaling import main as bench_scaling
+from scripts.bench_serve import main as bench_serve
 from scripts.bench_tp import main as bench_tp
 from scripts.random_checkpoint import main as write_random
 from tokenizer import load_tokenizer
@@ -84,3 +85,13 @@ def test_bench_scaling_writes_the_three_curves(tiny_dir, tmp_path):
     assert plot.exists() == (importlib.util.find_spec("matplotlib") is not None)
     if plot.exists():
         assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_serve_loads_a_server_and_reports_every_request(tiny_dir, tmp_path):
+    output = tmp_path / "serve.json"
+    assert bench_serve(["--engines", "brisk-mlfq", "--checkpoint_path", str(tiny_dir), "--clients", "2",
+                        "--requests", "3", "--long_share", "0", "--slots", "2", "--max_seq_length", "256",
+                        "--json", str(output)]) == 0
+    [run] = json.loads(output.read_text())["results"]
+    assert (run["engine"], run["clients"], run["requests"], run["failed"]) == ("brisk-mlfq", 2, 3, 0)
+    assert run["tokens_per_s"] > 0 and run["short_ttft_p50"] <= run["short_e2e_p50"]

@@ -53,14 +53,15 @@ def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
     return results
 
 
-def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir):
+@pytest.mark.parametrize("static_rows", [False, True])
+def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_rows):
     model = load_model(tiny_dir)
     prompts = [[5, 17, 33], list(range(40, 140)), [9], [200, 3, 77, 12, 1, 60], list(range(100, 170))]
     lengths = [12, 7, 20, 3, 15]
     expected = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
     # 2 slots for 5 requests: later ones join as earlier ones finish; prompts of 100 and 70 tokens are
     # prefilled 32 tokens a step while the other slot keeps decoding
-    engine = Engine(model, slots=2, max_seq_length=256, prefill_chunk=32)
+    engine = Engine(model, slots=2, max_seq_length=256, prefill_chunk=32, static_rows=static_rows)
     results = run_engine(engine, [Request(p, n) for p, n in zip(prompts, lengths)])
     assert results == [(ids, "length") for ids in expected]
 

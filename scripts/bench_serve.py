@@ -1,0 +1,342 @@
+"""Load test of OpenAI-compatible servers on the same model: brisk's serve.py with its two schedulers (mlfq,
+fcfs) and llama-cpp-python's server on the embedded SmolLM2 GGUF, each started here on 127.0.0.1 and stopped
+after its runs.
+
+    pip install -r requirements-bench.txt
+    python scripts/bench_serve.py --rates 0.5 1 --requests 40 --prompt_file my_text.txt
+    python scripts/bench_serve.py --clients 8 --requests 32          # closed loop: 8 clients back to back
+
+Open loop (--rates): requests arrive as a Poisson process at each rate (requests/s), a mix of short ones
+(a 24-word prompt, 16 tokens) and long ones (a 300-word prompt, 128 tokens; --long_share of them), the same
+sequence for every server. Closed loop (--clients N): N clients each send their next request as soon as the
+last one is answered. Every request streams, greedy, past the end-of-text token where the server allows it
+(`ignore_eos`). Recorded per request: time to first token (TTFT), time per output token after the first
+(TPOT), the gaps between streamed tokens (ITL) and end-to-end latency; per run: output tokens/s, and goodput
+(requests/s that met --slo_ttft and --slo_tpot). Prompts come from --prompt_file (any text), else from a
+built-in paragraph.
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from cli import DEFAULT_CHECKPOINT  # noqa: E402
+from scripts.prepare_default import embedded_gguf  # noqa: E402
+
+FALLBACK_TEXT = (
+    "The sea was calm that morning, and the fishing boats drifted out of the harbour one by one while the gulls "
+    "circled above the nets. Old Tomas mended a sail on the quay and told anyone who would listen how the storm "
+    "of his youth had carried away the lighthouse keeper's roof, the church bell and half of the village's "
+    "patience. Children raced along the sea wall, counting the waves that broke over the rocks, and the baker "
+    "left loaves to cool on the window sill where the cat pretended not to notice them. ") * 8
+KINDS = {"short": (24, 16), "long": (300, 128)}  # prompt words, max_tokens
+
+
+@dataclass
+class Job:
+    kind: str
+    prompt: str
+    max_tokens: int
+    at: float = 0.0  # seconds after the run's start (open loop)
+    result: dict = field(default_factory=dict)
+
+
+def workload(text: str, count: int, long_share: float, rate: float, seed: int) -> list:
+    """The same requests for every server: kinds, prompts (windows of the text) and Poisson arrival times."""
+    rng, words, at, jobs = random.Random(seed), text.split(), 0.0, []
+    for _ in range(count):
+        kind = "long" if rng.random() < long_share else "short"
+        length, max_tokens = KINDS[kind]
+        start = rng.randrange(max(1, len(words) - length))
+        jobs.append(Job(kind, " ".join(words[start:start + length]), max_tokens, at))
+        at += rng.expovariate(rate) if rate > 0 else 0.0
+    return jobs
+
+
+def send(port: int, job: Job, timeout_s: float) -> dict:
+    """Stream one completion; what it took."""
+    body = {"prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    started, times, usage = time.perf_counter(), [], None
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return {"kind": job.kind, "ok": False, "status": response.status}
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    except (OSError, http.client.HTTPException) as error:
+        return {"kind": job.kind, "ok": False, "error": str(error)}
+    finally:
+        connection.close()
+    ended = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else len(times)
+    if not times:
+        return {"kind": job.kind, "ok": False, "error": "no text"}
+    return {"kind": job.kind, "ok": True, "tokens": tokens, "ttft": times[0] - started, "e2e": ended - started,
+            "tpot": (ended - times[0]) / max(tokens - 1, 1), "itl": [b - a for a, b in zip(times, times[1:])]}
+
+
+def run_open_loop(port: int, jobs: list, timeout_s: float) -> float:
+    """Send each job at its arrival time, each on a thread of its own; the run's wall time."""
+    started = time.perf_counter()
+
+    def client(job):
+        time.sleep(max(0.0, started + job.at - time.perf_counter()))
+        job.result = send(port, job, timeout_s)
+
+    threads = [threading.Thread(target=client, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s + jobs[-1].at)
+    return time.perf_counter() - started
+
+
+def run_closed_loop(port: int, jobs: list, clients: int, timeout_s: float) -> float:
+    """clients threads, each sending the next unsent job as soon as its last one is answered."""
+    pending, lock, started = list(jobs), threading.Lock(), time.perf_counter()
+
+    def client():
+        while True:
+            with lock:
+                if not pending:
+                    return
+                job = pending.pop(0)
+            job.result = send(port, job, timeout_s)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s * len(jobs))
+    return time.perf_counter() - started
+
+
+MALFORMED = [b"{not json", b"[1, 2]", b'{"prompt": "hi", "max_tokens": "ten"}', b'{"prompt": "hi", "n": 3}',
+             b'{"prompt": "hi", "temperature": -1}', b'{"max_tokens": 4}']
+
+
+def soak_request(port: int, rng: random.Random, words: list, timeout_s: float) -> str:
+    """One request of the soak: malformed (10%), dropped after its first streamed chunk (10%), or a short
+    completion; its outcome: "ok", "refused" (a 4xx with a JSON error), "dropped", or what went wrong."""
+    draw = rng.random()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        if draw < 0.1:
+            connection.request("POST", "/v1/completions", rng.choice(MALFORMED), {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            error = json.loads(response.read()).get("error", {})
+            return "refused" if 400 <= response.status < 500 and error.get("message") else f"bad {response.status}"
+        start = rng.randrange(len(words) - 8)
+        body = {"prompt": " ".join(words[start:start + 6]), "max_tokens": rng.randint(1, 6), "stream": draw < 0.6,
+                "ignore_eos": True}
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            return f"status {response.status}"
+        if draw < 0.2:
+            response.fp.readline()
+            connection.sock.close()
+            return "dropped"
+        response.read()
+        return "ok"
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        return f"error {type(error).__name__}"
+    finally:
+        connection.close()
+
+
+def resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def soak(port: int, pid: int, seconds: float, clients: int, text: str, timeout_s: float) -> dict:
+    """clients clients sending soak requests back to back for `seconds`; outcomes, and the server's resident
+    memory each minute (its growth from the first minute to the last)."""
+    outcomes, lock, deadline, words = {}, threading.Lock(), time.monotonic() + seconds, text.split()
+
+    def client(seed):
+        rng = random.Random(seed)
+        while time.monotonic() < deadline:
+            outcome = soak_request(port, rng, words, timeout_s)
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    memory = []
+    while any(thread.is_alive() for thread in threads):
+        memory.append(resident_mb(pid))
+        time.sleep(min(60.0, max(0.0, deadline - time.monotonic())) or 1.0)
+    for thread in threads:
+        thread.join()
+    return {"requests": sum(outcomes.values()), "outcomes": outcomes, "resident_mb": memory,
+            "growth": memory[-1] / memory[1] - 1 if len(memory) > 2 else 0.0}
+
+
+def percentile(values: list, p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def summary(jobs: list, wall_s: float, slo_ttft: float, slo_tpot: float) -> dict:
+    done = [job.result for job in jobs if job.result.get("ok")]
+    good = [r for r in done if r["ttft"] <= slo_ttft and r["tpot"] <= slo_tpot]
+    figures = {"requests": len(jobs), "failed": len(jobs) - len(done), "wall_s": wall_s,
+               "tokens_per_s": sum(r["tokens"] for r in done) / wall_s, "goodput_per_s": len(good) / wall_s}
+    for kind in KINDS:
+        results = [r for r in done if r["kind"] == kind]
+        for name in ("ttft", "tpot", "e2e"):
+            values = [r[name] for r in results]
+            figures[f"{kind}_{name}_mean"] = statistics.fmean(values) if values else float("nan")
+            figures[f"{kind}_{name}_p50"], figures[f"{kind}_{name}_p99"] = percentile(values, 50), percentile(values, 99)
+        itl = [gap for r in results for gap in r["itl"]]
+        figures[f"{kind}_itl_p50"], figures[f"{kind}_itl_p99"] = percentile(itl, 50), percentile(itl, 99)
+    return figures
+
+
+def plot(results: list, path: Path):
+    """Short and long requests' mean and p99 end-to-end latency at each load, a line per server (matplotlib,
+    from requirements-bench.txt)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, kind in zip(axes, KINDS):
+        for engine in dict.fromkeys(r["engine"] for r in results):
+            runs = [r for r in results if r["engine"] == engine]
+            loads = [r.get("rate", r.get("clients")) for r in runs]
+            for stat, style in (("mean", "-o"), ("p99", "--x")):
+                axis.plot(loads, [r[f"{kind}_e2e_{stat}"] for r in runs], style, label=f"{engine} {stat}")
+        axis.set(title=f"{kind} requests", xlabel="load (requests/s, or clients)", ylabel="end to end, s")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(engine: str, port: int, args) -> subprocess.Popen:
+    if engine == "llama-cpp":
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()), "--host", "127.0.0.1",
+                   "--port", str(port), "--n_ctx", str(args.max_seq_length), "--n_threads", str(args.threads),
+                   "--n_threads_batch", str(args.threads), "--interrupt_requests", "False"]
+    else:
+        command = [sys.executable, "serve.py", "--port", str(port), "--slots", str(args.slots), "--schedule",
+                   engine.split("-")[1], "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
+                   "--checkpoint_path", str(args.checkpoint_path), *(["--compile"] if args.compile else [])]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+
+
+def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float):
+    """Until GET path answers 200: brisk's /health (503 while it loads), llama-cpp-python's /v1/models."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server on port {port} did not come up in {timeout_s:.0f} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-cpp"],
+                        choices=["brisk-mlfq", "brisk-fcfs", "llama-cpp"])
+    parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0], help="open loop: requests/s")
+    parser.add_argument("--clients", type=int, help="closed loop with this many clients instead of --rates")
+    parser.add_argument("--requests", type=int, default=40, help="requests per run")
+    parser.add_argument("--long_share", type=float, default=0.2, help="share of long requests")
+    parser.add_argument("--slots", type=int, default=8, help="brisk's --slots")
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="brisk's checkpoint (llama-cpp-python runs the embedded GGUF)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="brisk's decode step compiled")
+    parser.add_argument("--max_seq_length", type=int, default=2048)
+    parser.add_argument("--prompt_file", type=Path, help="text the prompts are cut from (default: built in)")
+    parser.add_argument("--slo_ttft", type=float, default=2.0, help="goodput: time to first token, seconds")
+    parser.add_argument("--slo_tpot", type=float, default=0.5, help="goodput: time per output token, seconds")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--soak", type=float, help="seconds of soak (with --clients, default 8) instead of a load")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="a PNG of end-to-end latency against load")
+    args = parser.parse_args(argv)
+    text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else FALLBACK_TEXT
+    loads = [("clients", args.clients)] if args.clients else [("rate", rate) for rate in args.rates]
+    print("| engine | load | tok/s | goodput req/s | short TTFT p50 / p99 | short e2e mean / p99 | "
+          "long e2e mean / p99 | ITL p50 / p99 | failed |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    results = []
+    for engine in args.engines:
+        port = free_port()
+        server = start_server(engine, port, args)
+        try:
+            wait_ready(port, "/v1/models" if engine == "llama-cpp" else "/health", server, 600)
+            if args.soak:
+                results.append({"engine": engine, **soak(port, server.pid, args.soak, args.clients or 8, text,
+                                                         args.timeout)})
+                print(json.dumps(results[-1]), flush=True)
+                continue
+            for kind, load in loads:
+                jobs = workload(text, args.requests, args.long_share, load if kind == "rate" else 0, args.seed)
+                wall = (run_open_loop(port, jobs, args.timeout) if kind == "rate"
+                        else run_closed_loop(port, jobs, load, args.timeout))
+                figures = {"engine": engine, kind: load, **summary(jobs, wall, args.slo_ttft, args.slo_tpot)}
+                results.append(figures)
+                f = figures
+                print(f"| {engine} | {kind} {load:g} | {f['tokens_per_s']:.1f} | {f['goodput_per_s']:.2f} | "
+                      f"{f['short_ttft_p50']:.2f} / {f['short_ttft_p99']:.2f} | "
+                      f"{f['short_e2e_mean']:.2f} / {f['short_e2e_p99']:.2f} | "
+                      f"{f['long_e2e_mean']:.2f} / {f['long_e2e_p99']:.2f} | "
+                      f"{f['short_itl_p50']:.3f} / {f['short_itl_p99']:.3f} | {f['failed']} |", flush=True)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
