@@ -115,11 +115,14 @@ class KVCache(nn.Module):
         # k, v: (batch, n_kv_heads, seq, head_dim), written at cache slots input_pos: (seq,), the same for
         # every row, or (batch, seq), each row at its own (a server's rows, each a sequence of its own).
         # The batch's rows are the cache's rows from cache_row on (a server prefills one row at a time).
-        rows = slice(cache_row, cache_row + k.shape[0])
-        slots = input_pos.view(-1, 1, k.shape[2], 1).expand_as(k)
-        self.k_cache[rows].scatter_(2, slots, k)
-        self.v_cache[rows].scatter_(2, slots, v)
-        return self.k_cache[rows], self.v_cache[rows]
+        # Written by indexing the whole buffer (an index_put_ that torch.compile keeps in place; a scatter into a
+        # slice of it had the compiled step copy the whole cache every step)
+        batch, seq = k.shape[0], k.shape[2]
+        rows = torch.arange(cache_row, cache_row + batch, device=k.device).unsqueeze(1)  # (batch, 1)
+        slots = input_pos.view(-1, seq)  # (1 or batch, seq)
+        self.k_cache[rows, :, slots] = k.transpose(1, 2)  # indexed: (batch, seq, n_kv_heads, head_dim)
+        self.v_cache[rows, :, slots] = v.transpose(1, 2)
+        return self.k_cache[cache_row:cache_row + batch], self.v_cache[cache_row:cache_row + batch]
 
 
 class RMSNorm(nn.Module):
