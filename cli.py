@@ -23,6 +23,12 @@ def fail(message: str) -> int:
     return 2
 
 
+def checkpoint_error(error: Exception, checkpoint_path) -> UsageError:
+    """A checkpoint that cannot be loaded, as bad input; for the default one, how to make it."""
+    hint = " (run: bash scripts/setup.sh)" if Path(checkpoint_path) == DEFAULT_CHECKPOINT else ""
+    return UsageError(f"{error}{hint}")
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         if torch.cuda.is_available():

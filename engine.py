@@ -69,14 +69,19 @@ class Request:
     saved_kv: Optional[list] = None  # while preempted: each layer's (keys, values) of its tokens
     last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
 
+    @property
+    def decoding(self) -> bool:
+        """Whether its prompt is all in the cache (it decodes from now on)."""
+        return self.prefilled == len(self.prompt)
+
     def cancel(self, reason: str = "cancelled"):
         """End the request at the engine's next iteration, freeing its slot; reason: its outcome in /metrics."""
         self.cancelled = reason
 
 
 def decode_logits(model: Transformer, tokens: Tensor, input_pos: Tensor, attended_slots: int) -> Tensor:
-    """One decode step over every slot: tokens (slots, 1), each row at its own cache slot input_pos
-    (slots, 1). A function of its own so that --compile can compile it (static shapes: the slot count)."""
+    """One decode step over the slots: tokens (rows, 1), each row at its own cache slot input_pos (rows, 1).
+    A function of its own so that --compile can compile it (static shapes: every slot, each step)."""
     return model(tokens, input_pos, attended_slots=attended_slots)[:, -1]
 
 
@@ -149,9 +154,7 @@ class Engine:
         with self.condition:
             for request in self.scheduler.waiting(now):
                 if request.cancelled:
-                    self.scheduler.remove(request)
-                    self.counts[f"requests_{request.cancelled}"] += 1
-                    request.events.put(request.cancelled)
+                    self.end(request, request.cancelled)
             for slot, request in enumerate(self.slots):
                 if request is not None and request.cancelled:
                     self.finish(slot, request.cancelled)
@@ -161,11 +164,10 @@ class Engine:
         for request in join:
             self.place(request)
         running = list(filter(None, self.slots))
-        prefilling = [slot for slot, request in enumerate(self.slots)
-                      if request is not None and request.prefilled < len(request.prompt)]
+        prefilling = [slot for slot, request in enumerate(self.slots) if request is not None and not request.decoding]
         if prefilling:
             self.prefill(prefilling[0])
-        if any(request is not None and request.prefilled == len(request.prompt) for request in self.slots):
+        if any(request is not None and request.decoding for request in self.slots):
             self.decode_step()
         with self.condition:
             self.scheduler.charge([r for r in running if id(r) in self.scheduler.jobs], time.perf_counter() - now,
@@ -230,7 +232,7 @@ class Engine:
                             logits_from=-1, cache_row=slot)
         request.prefilled = request.position = end
         self.counts["prompt_tokens"] += len(chunk)
-        if end == len(request.prompt):
+        if request.decoding:
             self.emit(slot, sample(logits[:, -1], request.sampling, request.generator).item())
 
     def decode_step(self):
@@ -240,7 +242,7 @@ class Engine:
         prompt leaves room for at least one new token) and which a sequence that gets there writes itself
         before reading."""
         last = self.max_seq_length - 1
-        decoding = [request is not None and request.prefilled == len(request.prompt) for request in self.slots]
+        decoding = [request is not None and request.decoding for request in self.slots]
         if not self.static_rows:
             decoding = decoding[:max(slot for slot, live in enumerate(decoding) if live) + 1]
         tokens = [request.next_token if live else 0 for request, live in zip(self.slots, decoding)]
@@ -272,11 +274,15 @@ class Engine:
             self.finish(slot, "length")
 
     def finish(self, slot: int, reason: str):
-        with self.condition:
-            self.scheduler.remove(self.slots[slot])
-        self.counts[f"requests_{reason}"] += 1
-        self.slots[slot].events.put(reason)
+        self.end(self.slots[slot], reason)
         self.slots[slot] = None
+
+    def end(self, request: Request, reason: str):
+        """A request is over (running or waiting): the scheduler forgets it, its client hears why."""
+        with self.condition:
+            self.scheduler.remove(request)
+        self.counts[f"requests_{reason}"] += 1
+        request.events.put(reason)
 
 
 class TextStream:

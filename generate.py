@@ -24,8 +24,8 @@ import offload
 import tp
 from aot_step import AheadOfTimeDecode, default_cache_dir
 from checkpoint import load_model, parameter_count, random_model, stored_weights
-from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, fail, peak_memory_gb, pick_device,
-                 pick_dtype, read_text)
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, checkpoint_error, fail,
+                 peak_memory_gb, pick_device, pick_dtype, read_text)
 from generation import (Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, slots_to_attend,
                         weights_bytes)
 from model import ModelArgs, Transformer
@@ -143,8 +143,7 @@ def checkpoint_tokenizer(args) -> Tokenizer:
     try:
         return load_tokenizer(args.checkpoint_path)
     except (FileNotFoundError, ValueError) as error:
-        hint = " (run: bash scripts/setup.sh)" if args.checkpoint_path == DEFAULT_CHECKPOINT else ""
-        raise UsageError(f"{error}{hint}") from None
+        raise checkpoint_error(error, args.checkpoint_path) from None
 
 
 def load(args, device: str, dtype: torch.dtype, tokenizer: Tokenizer) -> Transformer:

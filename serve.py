@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model, stored_weights
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, fail, pick_device, pick_dtype
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, checkpoint_error, fail, pick_device, pick_dtype
 from engine import Busy, Engine, Histogram, Request, TextStream, decode_logits
 from generation import compile_step, slots_to_attend
 from sampling import Sampling
@@ -346,7 +346,8 @@ def parse_args(argv=None):
     parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     parser.add_argument("--max_waiting", type=int, default=64, help="requests waiting for a slot before 429")
     parser.add_argument("--schedule", default="mlfq", choices=["mlfq", "fcfs"],
-                        help="who gets the slots: FastServe's skip-join MLFQ with preemption, or first come first served")
+                        help="who gets the slots: FastServe's skip-join MLFQ with preemption, or first come "
+                             "first served")
     parser.add_argument("--api_key", default=os.environ.get("BRISK_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $BRISK_API_KEY; none: open)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step (waits before serving)")
@@ -369,12 +370,10 @@ def build_engine(args) -> tuple:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, args.compile, stored_weights(args.checkpoint_path))
     try:
-        tokenizer = load_tokenizer(args.checkpoint_path if args.checkpoint_path.is_dir()
-                                   else args.checkpoint_path.parent)
+        tokenizer = load_tokenizer(args.checkpoint_path)
         model = load_model(args.checkpoint_path, device, dtype)
     except (FileNotFoundError, ValueError) as error:
-        hint = " (run: bash scripts/setup.sh)" if args.checkpoint_path == DEFAULT_CHECKPOINT else ""
-        raise UsageError(f"{error}{hint}") from None
+        raise checkpoint_error(error, args.checkpoint_path) from None
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
     engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,

@@ -213,7 +213,8 @@ def summary(jobs: list, wall_s: float, slo_ttft: float, slo_tpot: float) -> dict
         for name in ("ttft", "tpot", "e2e"):
             values = [r[name] for r in results]
             figures[f"{kind}_{name}_mean"] = statistics.fmean(values) if values else float("nan")
-            figures[f"{kind}_{name}_p50"], figures[f"{kind}_{name}_p99"] = percentile(values, 50), percentile(values, 99)
+            figures[f"{kind}_{name}_p50"] = percentile(values, 50)
+            figures[f"{kind}_{name}_p99"] = percentile(values, 99)
         itl = [gap for r in results for gap in r["itl"]]
         figures[f"{kind}_itl_p50"], figures[f"{kind}_itl_p99"] = percentile(itl, 50), percentile(itl, 99)
     return figures
