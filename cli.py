@@ -25,7 +25,8 @@ def fail(message: str) -> int:
 
 def checkpoint_error(error: Exception, checkpoint_path) -> UsageError:
     """A checkpoint that cannot be loaded, as bad input; for the default one, how to make it."""
-    hint = " (run: bash scripts/setup.sh)" if Path(checkpoint_path) == DEFAULT_CHECKPOINT else ""
+    missing = Path(checkpoint_path) == DEFAULT_CHECKPOINT and not DEFAULT_CHECKPOINT.exists()
+    hint = " (run: bash scripts/setup.sh)" if missing else ""
     return UsageError(f"{error}{hint}")
 
 

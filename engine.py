@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import tp
 from generation import slots_to_attend
 from model import Transformer
 from sampling import Sampling, sample
@@ -66,7 +67,7 @@ class Request:
     position: int = 0  # tokens in the cache
     generated: int = 0
     generator: Optional[torch.Generator] = None
-    saved_kv: Optional[list] = None  # while preempted: each layer's (keys, values) of its tokens
+    swapped: bool = False  # preempted: its KV rows wait in host memory (SlotModel.saved) for a slot
     last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
 
     @property
@@ -85,6 +86,63 @@ def decode_logits(model: Transformer, tokens: Tensor, input_pos: Tensor, attende
     return model(tokens, input_pos, attended_slots=attended_slots)[:, -1]
 
 
+class SlotModel:
+    """The model and its KV cache of `slots` rows, and what the engine does with them, asked for in plain data
+    (token ids, slots, positions) so that every tensor-parallel rank can do it alike. Under torchrun, rank 0's
+    engine calls `run`, which sends the call to the other ranks before making it; each of them sits in `follow`,
+    making every call it hears on its own share of the heads and of the cache (tp.py). Alone, `run` just calls.
+    Every rank computes the same logits; only rank 0's are sampled."""
+
+    def __init__(self, model: Transformer, slots: int, max_seq_length: int, decode: Callable = decode_logits):
+        model.setup_caches(slots, max_seq_length)
+        self.model, self.decode, self.device = model, decode, model.rope.device
+        self.saved = {}  # preempted requests' KV rows in host memory: key -> each layer's (keys, values)
+
+    def run(self, call: str, *args):
+        tp.on_rank_0(lambda: (call, args))  # under torchrun: the other ranks, in follow(), hear it
+        return getattr(self, call)(*args)
+
+    def follow(self):
+        """The other ranks' loop: make each call rank 0 makes, until it stops."""
+        call = None
+        while call != "stop":
+            call, args = tp.on_rank_0(lambda: None)
+            getattr(self, call)(*args)
+
+    def stop(self):
+        """The engine has stopped (the followers leave `follow`)."""
+
+    def decode_rows(self, tokens: list, positions: list, attended: int) -> Tensor:
+        """One decode step: row i feeds tokens[i] at cache slot positions[i]; the logits of every row."""
+        return self.decode(self.model, torch.tensor(tokens, device=self.device)[:, None],
+                           torch.tensor(positions, device=self.device)[:, None], attended)
+
+    def prefill(self, row: int, tokens: list, start: int, attended: int) -> Tensor:
+        """Prompt tokens into the cache row from slot start on; the last one's logits."""
+        return self.model(torch.tensor([tokens], device=self.device),
+                          torch.arange(start, start + len(tokens), device=self.device),
+                          attended_slots=attended, logits_from=-1, cache_row=row)[:, -1]
+
+    def swap_out(self, row: int, length: int, key: int):
+        """Copy the first `length` slots of a cache row to host memory, kept under key. On CUDA the copy goes to
+        pinned memory without waiting: the stream orders it before any later write to the row."""
+        pinned = self.device.type == "cuda"
+        self.saved[key] = [tuple(torch.empty_like(cache[row, :, :length], device="cpu", pin_memory=pinned)
+                                 .copy_(cache[row, :, :length], non_blocking=pinned)
+                                 for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache))
+                           for layer in self.model.layers]
+
+    def swap_in(self, row: int, length: int, key: int):
+        """The KV slots kept under key back into a cache row (any row: positions are slots, not rows)."""
+        for layer, (keys, values) in zip(self.model.layers, self.saved.pop(key)):
+            layer.attention.kv_cache.k_cache[row, :, :length].copy_(keys, non_blocking=True)
+            layer.attention.kv_cache.v_cache[row, :, :length].copy_(values, non_blocking=True)
+
+    def forget(self, key: int):
+        """A preempted request ended before it got a slot back: its kept rows go."""
+        del self.saved[key]
+
+
 class Engine:
     """Slots, the scheduler that holds the waiting requests, and the loop that runs them (`run`, on a thread of
     its own).
@@ -96,9 +154,8 @@ class Engine:
 
     def __init__(self, model: Transformer, slots: int, max_seq_length: int, prefill_chunk: int = 256,
                  max_waiting: int = 64, decode: Callable = decode_logits, scheduler=None, static_rows: bool = False):
-        model.setup_caches(slots, max_seq_length)
-        self.model, self.decode, self.prefill_chunk, self.max_waiting = model, decode, prefill_chunk, max_waiting
-        self.static_rows = static_rows
+        self.slot_model = SlotModel(model, slots, max_seq_length, decode)
+        self.prefill_chunk, self.max_waiting, self.static_rows = prefill_chunk, max_waiting, static_rows
         self.scheduler = scheduler or FirstComeFirstServed()
         self.device = model.rope.device
         self.slots: list = [None] * slots  # the request in each slot, None where it is free
@@ -109,7 +166,7 @@ class Engine:
 
     @property
     def max_seq_length(self) -> int:
-        return self.model.max_seq_length
+        return self.slot_model.model.max_seq_length
 
     def submit(self, request: Request):
         """Queue a request (its prompt plus max_tokens must fit the cache: serve.py checks before)."""
@@ -147,6 +204,7 @@ class Engine:
             self.iteration()
         for job in list(self.scheduler.jobs.values()):
             job.request.events.put("cancelled")
+        self.slot_model.run("stop")
 
     def iteration(self):
         """Leave, preempt and join as the scheduler says, one prefill chunk, one decode step."""
@@ -190,34 +248,26 @@ class Engine:
         """A decode step on dummy rows at the cache's last slot (which no prompt reaches), attending over
         `attended` slots (the fewest by default): what a compiled step is warmed up with."""
         slots, last = len(self.slots), self.max_seq_length - 1
-        self.decode(self.model, torch.zeros(slots, 1, dtype=torch.long, device=self.device),
-                    torch.full((slots, 1), last, device=self.device),
-                    attended or slots_to_attend(1, self.max_seq_length))
+        self.slot_model.run("decode_rows", [0] * slots, [last] * slots, attended or slots_to_attend(1, self.max_seq_length))
 
     def dummy_chunk(self):
         length = min(self.prefill_chunk, self.max_seq_length - 1)
-        self.model(torch.zeros(1, length, dtype=torch.long, device=self.device),
-                   torch.arange(length, device=self.device), logits_from=-1,
-                   attended_slots=slots_to_attend(length, self.max_seq_length))
+        self.slot_model.run("prefill", 0, [0] * length, 0, slots_to_attend(length, self.max_seq_length))
 
     def swap_out(self, request: Request):
         """Preempt a running request: its KV rows are copied out (to host memory) and its slot is freed."""
         slot = self.slots.index(request)
-        request.saved_kv = [(layer.attention.kv_cache.k_cache[slot, :, :request.position].to("cpu", copy=True),
-                             layer.attention.kv_cache.v_cache[slot, :, :request.position].to("cpu", copy=True))
-                            for layer in self.model.layers]
-        self.slots[slot] = None
+        self.slot_model.run("swap_out", slot, request.position, id(request))
+        request.swapped, self.slots[slot] = True, None
         self.counts["preemptions"] += 1
 
     def place(self, request: Request):
         """A joining request takes a free slot; a preempted one gets its KV rows back there."""
         slot = self.slots.index(None)
         self.slots[slot] = request
-        if request.saved_kv is not None:
-            for layer, (k, v) in zip(self.model.layers, request.saved_kv):
-                layer.attention.kv_cache.k_cache[slot, :, :request.position].copy_(k)
-                layer.attention.kv_cache.v_cache[slot, :, :request.position].copy_(v)
-            request.saved_kv = None
+        if request.swapped:
+            self.slot_model.run("swap_in", slot, request.position, id(request))
+            request.swapped = False
             self.counts["swaps_in"] += 1
 
     def prefill(self, slot: int):
@@ -226,14 +276,11 @@ class Engine:
         start = request.prefilled
         chunk = request.prompt[start:start + self.prefill_chunk]
         end = start + len(chunk)
-        tokens = torch.tensor([chunk], device=self.device)
-        input_pos = torch.arange(start, end, device=self.device)
-        logits = self.model(tokens, input_pos, attended_slots=slots_to_attend(end, self.max_seq_length),
-                            logits_from=-1, cache_row=slot)
+        logits = self.slot_model.run("prefill", slot, chunk, start, slots_to_attend(end, self.max_seq_length))
         request.prefilled = request.position = end
         self.counts["prompt_tokens"] += len(chunk)
         if request.decoding:
-            self.emit(slot, sample(logits[:, -1], request.sampling, request.generator).item())
+            self.emit(slot, sample(logits, request.sampling, request.generator).item())
 
     def decode_step(self):
         """One step over the slots: every slot in a compiled step (static shapes), else the slots up to the last
@@ -248,8 +295,7 @@ class Engine:
         tokens = [request.next_token if live else 0 for request, live in zip(self.slots, decoding)]
         positions = [request.position if live else last for request, live in zip(self.slots, decoding)]
         attended = slots_to_attend(max(p for p, live in zip(positions, decoding) if live) + 1, self.max_seq_length)
-        logits = self.decode(self.model, torch.tensor(tokens, device=self.device)[:, None],
-                             torch.tensor(positions, device=self.device)[:, None], attended)
+        logits = self.slot_model.run("decode_rows", tokens, positions, attended)
         self.counts["decode_steps"] += 1
         for slot, live in enumerate(decoding):
             if live:
@@ -281,6 +327,8 @@ class Engine:
         """A request is over (running or waiting): the scheduler forgets it, its client hears why."""
         with self.condition:
             self.scheduler.remove(request)
+        if request.swapped:
+            self.slot_model.run("forget", id(request))
         self.counts[f"requests_{reason}"] += 1
         request.events.put(reason)
 

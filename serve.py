@@ -2,31 +2,36 @@
 
     python serve.py                                   # the embedded SmolLM2 on http://127.0.0.1:8000
     python serve.py --slots 8 --api_key secret --compile
+    torchrun --nproc_per_node=3 serve.py              # tensor parallel: 3 processes share each step (tp.py)
 
 Endpoints: POST /v1/chat/completions (through the checkpoint's chat template) and /v1/completions, streamed
 as server-sent events or not; GET /v1/models, /health (503 until the model is loaded and warm), /metrics
 (Prometheus text). Errors are JSON, {"error": {"message", "type", "param", "code"}}, with the HTTP status
 that names them. HTTP comes from the standard library (ThreadingHTTPServer: one thread per connection,
 which only parses, waits on its request's queue and writes): no dependency, and all the work that matters
-happens on the engine's one thread.
+happens on the engine's one thread. Under torchrun, rank 0 serves HTTP and runs the engine and its scheduler,
+and every other rank makes the same model calls on its share of the weights and of the KV cache (follow).
 """
 import argparse
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
 
+import tp
 from checkpoint import load_model, stored_weights
 from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, checkpoint_error, fail, pick_device, pick_dtype
-from engine import Busy, Engine, Histogram, Request, TextStream, decode_logits
+from engine import Busy, Engine, Histogram, Request, SlotModel, TextStream, decode_logits
 from generation import compile_step, slots_to_attend
 from sampling import Sampling
 from scheduler import SkipJoinMLFQ
@@ -365,17 +370,23 @@ def check_args(args):
         raise UsageError(f"--port must be from 0 to 65535, not {args.port}")
 
 
-def build_engine(args) -> tuple:
-    """The tokenizer and a warm engine (a compiled step compiled for every attention length it will use)."""
+def load(args) -> tuple:
+    """The tokenizer, the model (this rank's share of it under torchrun), its decode step and the context."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, args.compile, stored_weights(args.checkpoint_path))
     try:
         tokenizer = load_tokenizer(args.checkpoint_path)
-        model = load_model(args.checkpoint_path, device, dtype)
+        model = load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
     except (FileNotFoundError, ValueError) as error:
         raise checkpoint_error(error, args.checkpoint_path) from None
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
+    return tokenizer, model, decode, max_seq_length
+
+
+def build_engine(args) -> tuple:
+    """The tokenizer and a warm engine (a compiled step compiled for every attention length it will use)."""
+    tokenizer, model, decode, max_seq_length = load(args)
     engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,
                     static_rows=args.compile)
     if args.compile:
@@ -434,13 +445,28 @@ def serve(args) -> int:
     return 0
 
 
+def follow(args) -> int:
+    """A rank other than 0 under torchrun: no HTTP, no scheduler; it makes each model call rank 0's engine makes
+    (warm-up and measurement included), on its share, until rank 0 stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 says when to stop
+    _, model, decode, max_seq_length = load(args)
+    SlotModel(model, args.slots, max_seq_length, decode).follow()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        return serve(args)
-    except UsageError as error:
+        # the other ranks wait in a collective for rank 0's next call as long as the server is idle: no timeout
+        tp.init(pick_device(args.device), timeout=timedelta(days=365))
+        if tp.rank() > 0:  # rank 0 speaks for all (an error every rank meets is printed once)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+        status = serve(args) if tp.rank() == 0 else follow(args)
+    except UsageError as error:  # a rank that fails exits; torchrun then stops the others
         return fail(str(error))
+    tp.finish()
+    return status
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import ctypes
 import functools
 import mmap
 import os
+from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,13 +48,14 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def init(device: str):
-    """Join the process group torchrun describes in the environment; a no-op for a single process."""
+def init(device: str, timeout: Optional[timedelta] = None):
+    """Join the process group torchrun describes in the environment; a no-op for a single process. timeout:
+    how long a collective may wait for the other ranks (torch's default when None: 30 minutes on gloo)."""
     if world_size() == 1 or dist.is_initialized():
         return
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout)
 
 
 def finish():

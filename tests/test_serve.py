@@ -3,6 +3,7 @@ it alone; the HTTP layer answers the official `openai` client, streams, stops, s
 with the status that names it. Every server listens on 127.0.0.1 and stops inside its test."""
 import http.client
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -306,18 +307,64 @@ def test_smollm2_chats_in_a_busy_server_equal_each_alone(smollm2_dir):
     assert [ids for ids, _ in results] == alone
 
 
+def start_server(*command) -> tuple:
+    """serve.py's command line run in a session of its own, on a free port: the process and its port."""
+    process = subprocess.Popen([*command, "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    # "serving tiny-llama on http://127.0.0.1:PORT/v1 (2 slots)", after whatever torchrun says first
+    while "serving" not in (line := process.stderr.readline()):
+        assert line, "the server exited before serving"
+    return process, int(line.split(":")[2].split("/")[0])
+
+
+def metrics(port: int) -> dict:
+    """The server's /metrics as {sample: value} ('brisk_waiting{queue="0"}': 0.0, ...)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def interrupt(process: subprocess.Popen) -> int:
+    """Ctrl-C, as a terminal sends it: SIGINT to every process of the session; the exit status."""
+    os.killpg(process.pid, signal.SIGINT)
+    return process.wait(timeout=60)
+
+
 @pytest.mark.slow
 def test_the_command_serves_with_mlfq_until_interrupted(tiny_dir):
-    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint_path", str(tiny_dir), "--port", "0",
-                                "--slots", "2"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process, port = start_server(sys.executable, "serve.py", "--checkpoint_path", tiny_dir, "--slots", "2")
     try:
-        line = process.stderr.readline()  # "serving tiny-llama on http://127.0.0.1:PORT/v1 (2 slots)"
-        port = int(line.split(":")[2].split("/")[0])
         answer = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                timeout=60).completions.create(model="m", prompt="the", max_tokens=3)
         assert answer.usage.completion_tokens <= 3
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read().decode()
-        assert 'brisk_waiting{queue="5"} 0' in metrics  # six queues: MLFQ is the default
+        assert metrics(port)['brisk_waiting{queue="5"}'] == 0  # six queues: MLFQ is the default
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        assert interrupt(process) == 0
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir):
+    """Two ranks under torchrun, one slot: a long completion streams, a short one preempts it (its KV rows are
+    swapped out and back on each rank, each holding its half of the heads), and both texts equal generate()'s
+    greedy ones in one process."""
+    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    long_ids, short_ids = tokenizer.encode("the"), tokenizer.encode("and so")
+    expected = [tokenizer.decode(greedy_alone(model, ids, n)) for ids, n in ((long_ids, 200), (short_ids, 8))]
+    process, port = start_server(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc_per_node=2", "serve.py", "--checkpoint_path", tiny_dir, "--slots", "1")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        stream = client.completions.create(model="m", prompt="the", max_tokens=200, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        for _ in range(400):  # until it has run 16 steps, and so left the top queues (bounded: 20 s)
+            if metrics(port)["brisk_completion_tokens_total"] >= 16:
+                break
+            time.sleep(0.05)
+        short = client.completions.create(model="m", prompt="and so", max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+        long_text = "".join(chunk.choices[0].text for chunk in stream)
+        counts = metrics(port)
+        assert (counts["brisk_preemptions_total"], counts["brisk_swaps_in_total"]) == (1, 1)
+        assert [long_text, short.choices[0].text] == expected
+    finally:
+        interrupt(process)  # torchrun itself exits 1 on SIGINT; its ranks stop cleanly, and together
+        assert "serve.py" not in process.stderr.read()  # a rank's traceback, or torchrun naming one that failed
