@@ -102,6 +102,7 @@ class SlotModel:
         tp.on_rank_0(lambda: (call, args))  # under torchrun: the other ranks, in follow(), hear it
         return getattr(self, call)(*args)
 
+    @torch.no_grad()
     def follow(self):
         """The other ranks' loop: make each call rank 0 makes, until it stops."""
         call = None
@@ -248,7 +249,8 @@ class Engine:
         """A decode step on dummy rows at the cache's last slot (which no prompt reaches), attending over
         `attended` slots (the fewest by default): what a compiled step is warmed up with."""
         slots, last = len(self.slots), self.max_seq_length - 1
-        self.slot_model.run("decode_rows", [0] * slots, [last] * slots, attended or slots_to_attend(1, self.max_seq_length))
+        attended = attended or slots_to_attend(1, self.max_seq_length)
+        self.slot_model.run("decode_rows", [0] * slots, [last] * slots, attended)
 
     def dummy_chunk(self):
         length = min(self.prefill_chunk, self.max_seq_length - 1)

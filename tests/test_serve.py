@@ -342,15 +342,16 @@ def test_the_command_serves_with_mlfq_until_interrupted(tiny_dir):
 
 
 @pytest.mark.slow
-def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir):
+@pytest.mark.parametrize("compile_flag", [[], ["--compile", "--dtype", "fp32"]], ids=["eager", "compiled"])
+def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir, compile_flag):
     """Two ranks under torchrun, one slot: a long completion streams, a short one preempts it (its KV rows are
     swapped out and back on each rank, each holding its half of the heads), and both texts equal generate()'s
-    greedy ones in one process."""
+    greedy ones in one process; the other rank compiles its steps as rank 0 does."""
     model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
     long_ids, short_ids = tokenizer.encode("the"), tokenizer.encode("and so")
     expected = [tokenizer.decode(greedy_alone(model, ids, n)) for ids, n in ((long_ids, 200), (short_ids, 8))]
-    process, port = start_server(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 "--nproc_per_node=2", "serve.py", "--checkpoint_path", tiny_dir, "--slots", "1")
+    process, port = start_server(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "serve.py", "--checkpoint_path", tiny_dir, "--slots", "1", *compile_flag)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
         stream = client.completions.create(model="m", prompt="the", max_tokens=200, temperature=0, stream=True,
