@@ -222,15 +222,25 @@ class Engine:
             self.swap_out(request)
         for request in join:
             self.place(request)
-        running = list(filter(None, self.slots))
+        # each request is charged the time of the work done for it: its prompt's chunk, or the decode step
         prefilling = [slot for slot, request in enumerate(self.slots) if request is not None and not request.decoding]
         if prefilling:
+            request, started = self.slots[prefilling[0]], time.perf_counter()
             self.prefill(prefilling[0])
-        if any(request is not None and request.decoding for request in self.slots):
+            self.charge([request], started)
+        decoding = [request for request in self.slots if request is not None and request.decoding]
+        if decoding:
+            started = time.perf_counter()
             self.decode_step()
+            self.charge(decoding, started)
+
+    def charge(self, requests: list, started: float):
+        """Tell the scheduler that the time since `started` went to these requests (those it still holds: not
+        the ones that have just finished)."""
         with self.condition:
-            self.scheduler.charge([r for r in running if id(r) in self.scheduler.jobs], time.perf_counter() - now,
-                                  time.perf_counter())
+            now, requests = time.perf_counter(), [r for r in requests if id(r) in self.scheduler.jobs]
+            if requests:
+                self.scheduler.charge(requests, now - started, now)
 
     @torch.no_grad()
     def measure(self) -> tuple:

@@ -14,7 +14,6 @@ and every other rank makes the same model calls on its share of the weights and 
 """
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -408,12 +407,10 @@ def warm_up(engine: Engine):
 
 
 def mlfq(engine: Engine) -> SkipJoinMLFQ:
-    """FastServe's scheduler with quanta from this machine: the smallest is one decode step; a prompt's
-    prefill takes its share of a full chunk's time, plus a decode step beside each of its chunks."""
+    """FastServe's scheduler with quanta from this machine: the smallest is one decode step over every slot; a
+    prompt's prefill takes its share of a full chunk's time (what the engine charges it while it prefills)."""
     step_seconds, chunk_seconds = engine.measure()
-    chunk = engine.prefill_chunk
-    return SkipJoinMLFQ(step_seconds, lambda length: length / chunk * chunk_seconds + math.ceil(
-        length / chunk) * step_seconds)
+    return SkipJoinMLFQ(step_seconds, lambda length: length / engine.prefill_chunk * chunk_seconds)
 
 
 def serve(args) -> int:

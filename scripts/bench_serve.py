@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -252,9 +253,11 @@ def start_server(engine: str, port: int, args) -> subprocess.Popen:
                    "--port", str(port), "--n_ctx", str(args.max_seq_length), "--n_threads", str(args.threads),
                    "--n_threads_batch", str(args.threads), "--interrupt_requests", "False"]
     else:
+        _, schedule, *chunk = engine.split("-")  # brisk-mlfq, or brisk-mlfq-64: prefill chunks of 64 tokens
         command = [sys.executable, "serve.py", "--port", str(port), "--slots", str(args.slots), "--schedule",
-                   engine.split("-")[1], "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
-                   "--checkpoint_path", str(args.checkpoint_path), *(["--compile"] if args.compile else [])]
+                   schedule, "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
+                   "--checkpoint_path", str(args.checkpoint_path), *(["--compile"] if args.compile else []),
+                   *(["--prefill_chunk", chunk[0]] if chunk else [])]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
 
@@ -274,10 +277,17 @@ def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float
     raise RuntimeError(f"the server on port {port} did not come up in {timeout_s:.0f} s")
 
 
+def engine_name(name: str) -> str:
+    if not re.fullmatch(r"brisk-(mlfq|fcfs)(-[1-9][0-9]*)?|llama-cpp", name):
+        raise argparse.ArgumentTypeError(f"{name}: use brisk-mlfq, brisk-fcfs (either with a prefill chunk: "
+                                         "brisk-mlfq-64) or llama-cpp")
+    return name
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-cpp"],
-                        choices=["brisk-mlfq", "brisk-fcfs", "llama-cpp"])
+    parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-cpp"], type=engine_name,
+                        help="brisk-mlfq, brisk-fcfs (a suffix sets brisk's --prefill_chunk: brisk-mlfq-64), llama-cpp")
     parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0], help="open loop: requests/s")
     parser.add_argument("--clients", type=int, help="closed loop with this many clients instead of --rates")
     parser.add_argument("--requests", type=int, default=40, help="requests per run")

@@ -20,7 +20,7 @@ from checkpoint import load_model
 from engine import Busy, Engine, Request, TextStream
 from generation import generate
 from sampling import Sampling
-from scheduler import SkipJoinMLFQ
+from scheduler import FirstComeFirstServed, SkipJoinMLFQ
 from tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -35,14 +35,14 @@ def greedy_alone(model, prompt: list, max_tokens: int) -> list:
 
 
 def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
-    """Submit every request, run the loop on its thread until each has finished, stop it: each request's
-    (token ids, finish reason)."""
+    """Submit every request, then run the loop on its thread until each has finished, and stop it: each
+    request's (token ids, finish reason)."""
+    for request in requests:
+        engine.submit(request)
     loop = threading.Thread(target=engine.run)
     loop.start()
     results = []
     try:
-        for request in requests:
-            engine.submit(request)
         for request in requests:
             ids = []
             while not isinstance(event := request.events.get(timeout=timeout_s), str):
@@ -113,6 +113,22 @@ def test_a_preempted_request_resumes_where_it_was_and_both_get_what_they_get_alo
         loop.join(60)
     assert results == [expected[1], expected[0]]
     assert engine.counts["preemptions"] >= 1 and engine.counts["swaps_in"] == engine.counts["preemptions"]
+
+
+def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
+    """What MLFQ's clock counts: a prompt's chunk is charged to that request alone, a decode step to the
+    requests it decoded, so a decoding request does not pay for another's prefill."""
+    charged = []  # the prompt lengths of the requests in each charge, in order
+
+    class Recording(FirstComeFirstServed):
+        def charge(self, running: list, seconds: float, now: float):
+            charged.append(sorted(len(request.prompt) for request in running))
+
+    engine = Engine(load_model(tiny_dir), slots=2, max_seq_length=256, prefill_chunk=16, scheduler=Recording())
+    run_engine(engine, [Request([5, 17, 33], 4), Request(list(range(40, 80)), 2)])
+    # A (3 tokens) is prefilled and decodes; B's 40 tokens go in 3 chunks, one per iteration beside A's steps;
+    # a request that has just made its last token is not charged (A in the 3rd step, B in the 4th)
+    assert charged == [[3], [3], [40], [3], [40], [40]]
 
 
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
