@@ -67,15 +67,16 @@ def unique_state_dict(model: nn.Module) -> dict:
 
 
 def layer_for(tensors: dict, prefix: str, in_features: int, out_features: int) -> nn.Module:
-    """The empty layer that holds a file's tensors prefix.weight (and .scales, .zeros): float weights
+    """The empty layer that holds a file's tensors prefix.weight (and .scales, .zeros, .bias): float weights
     make an nn.Linear, int8 an Int8Linear, packed uint8 an Int4Linear; groupsizes follow from the
     scales' shape. A file may mix them (a converted GGUF: int4 blocks, an int8 output head)."""
-    weight, scales = tensors[prefix + "weight"], tensors.get(prefix + "scales")
+    weight, scales, bias = tensors[prefix + "weight"], tensors.get(prefix + "scales"), prefix + "bias" in tensors
     if weight.dtype == torch.int8:
-        return Int8Linear(in_features, out_features, in_features // scales.shape[1] if scales.dim() == 2 else 0)
+        groupsize = in_features // scales.shape[1] if scales.dim() == 2 else 0
+        return Int8Linear(in_features, out_features, groupsize, bias=bias)
     if weight.dtype == torch.uint8:
-        return Int4Linear(in_features, out_features, 2 * weight.shape[1] // scales.shape[1])
-    return nn.Linear(in_features, out_features, bias=False)
+        return Int4Linear(in_features, out_features, 2 * weight.shape[1] // scales.shape[1], bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 def match_quantized(model: Transformer, tensors: dict, metadata: dict, weights_file):

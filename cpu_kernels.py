@@ -180,7 +180,7 @@ class Int8CPULinear(nn.Module):
             return out.to(x.dtype)
         wide = widened(x)
         if layer.out_features <= WIDEN_BLOCK_ROWS:
-            return layer(wide).to(x.dtype)
+            return layer.outputs(wide).to(x.dtype)
         return torch.cat([layer.outputs(wide, slice(start, start + WIDEN_BLOCK_ROWS))
                           for start in range(0, layer.out_features, WIDEN_BLOCK_ROWS)], dim=-1).to(x.dtype)
 
@@ -212,7 +212,7 @@ class Int4CPULinear(nn.Module):
         kernel = self.kernel_weight is not None and (
             rows <= INT4_KERNEL_MAX_ROWS_BF16 if bf16 else rows <= INT4_KERNEL_MAX_ROWS_FP32 and not compiling)
         if not kernel and not fused(x):
-            return layer(widened(x)).to(x.dtype)
+            return layer.outputs(widened(x)).to(x.dtype)
         flat = layer.padded(x.reshape(-1, layer.in_features))
         if kernel:
             out = int4_kernel(flat, self.kernel_weight, self.groupsize, self.scales_and_zeros)

@@ -5,7 +5,8 @@ One forward pass, top to bottom:
     tokens -> embedding -> N x [ x + attention(norm(x)) ; x + feed_forward(norm(x)) ] -> norm -> output head
 
 Everything here follows the Hugging Face `LlamaForCausalLM` layout (rotate-half RoPE, separate
-q/k/v projections), so Hugging Face checkpoints load without permuting any weight.
+q/k/v projections), so Hugging Face checkpoints load without permuting any weight. Qwen2 is the same
+model with a bias on the q/k/v projections (`ModelArgs.qkv_bias`).
 
 This file is the model and nothing else: plain `nn.Linear` layers and PyTorch's own attention. Faster
 forms for a device (cpu_kernels.py, cuda_kernels.py) and quantized layers (quantized_layers.py) are
@@ -37,6 +38,7 @@ class ModelArgs:
     rope_scaling: Optional[dict] = None  # Llama 3.1 style: factor, low/high_freq_factor, original length
     max_seq_length: int = 4096  # the longest context the model was trained for
     tie_embeddings: bool = False  # output head shares the token embedding (SmolLM2, Llama 3.2)
+    qkv_bias: bool = False  # the query, key and value projections add a learned bias (Qwen2)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -55,9 +57,14 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config) -> "ModelArgs":
-        """Read a Hugging Face Llama-like config.json (a path or an already-parsed dict)."""
+        """Read a Hugging Face Llama-like config.json (a path or an already-parsed dict): model_type "llama",
+        "mistral" or "qwen2" (a Llama with biases on the query, key and value projections)."""
         if not isinstance(config, dict):
             config = json.loads(Path(config).read_text())
+        if config.get("use_sliding_window"):
+            raise ValueError("sliding-window attention (use_sliding_window) is not supported")
+        if config.get("attention_bias") or config.get("mlp_bias"):  # Qwen2's q/k/v biases come with its type
+            raise ValueError("biases on every attention or feed-forward projection are not supported")
         # transformers 5 writes "rope_parameters" (with rope_theta inside); earlier versions "rope_scaling"
         rope_scaling = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_base = rope_scaling.get("rope_theta", config.get("rope_theta", 10000.0))
@@ -78,13 +85,14 @@ class ModelArgs:
             rope_scaling=rope_scaling if kind == "llama3" else None,
             max_seq_length=config.get("max_position_embeddings", 4096),
             tie_embeddings=config.get("tie_word_embeddings", False),
+            qkv_bias=config.get("model_type") == "qwen2",
         )
 
     def to_hf_config(self) -> dict:
         """The config.json written beside every converted checkpoint, readable by from_hf_config."""
         return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": ["Qwen2ForCausalLM" if self.qkv_bias else "LlamaForCausalLM"],
+            "model_type": "qwen2" if self.qkv_bias else "llama",
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -185,9 +193,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.sdpa = ScaledDotProductAttention()
         self.kv_cache: Optional[KVCache] = None
@@ -311,11 +319,26 @@ def block_layers(block: TransformerBlock) -> list:
             for name, _ in parent.named_children()]
 
 
+class BiasAfter(nn.Module):
+    """A layer's swapped-in form (which computes x times the weight only), then the layer's bias added."""
+
+    def __init__(self, form: nn.Module, bias: Tensor):
+        super().__init__()
+        self.form = form
+        self.register_buffer("bias", bias.detach())  # a named buffer, as --aot binds tensors by name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.form(x) + self.bias
+
+
 def swap_layers(model: Transformer, form) -> Transformer:
     """Replace every block's layers, and the output head, by form(layer) (form returns a layer as it is
-    where it has nothing to swap in)."""
+    where it has nothing to swap in); a layer with a bias (Qwen2's q/k/v) keeps it, added after its form."""
     for parent, name in [slot for block in model.layers for slot in block_layers(block)] + [(model, "output")]:
-        setattr(parent, name, form(getattr(parent, name)))
+        layer = getattr(parent, name)
+        swapped = form(layer)
+        has_bias = swapped is not layer and getattr(layer, "bias", None) is not None
+        setattr(parent, name, BiasAfter(swapped, layer.bias) if has_bias else swapped)
     return model
 
 
@@ -324,6 +347,7 @@ _LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_f
 _LLAMA32_ROPE = dict(_LLAMA31_ROPE, factor=32.0)
 _LLAMA3 = dict(vocab_size=128256, rope_base=500000.0, max_seq_length=8192)
 _LLAMA31 = dict(_LLAMA3, rope_scaling=_LLAMA31_ROPE, max_seq_length=131072)
+_QWEN25 = dict(vocab_size=151936, rope_base=1e6, norm_eps=1e-6, max_seq_length=32768, qkv_bias=True)
 _SMOLLM2 = dict(vocab_size=49152, rope_base=100000.0, max_seq_length=8192, tie_embeddings=True)
 
 # Shapes of well-known checkpoints, for benchmarks and random-weight runs. Converted checkpoints
@@ -356,6 +380,12 @@ KNOWN_MODELS = {
     "SmolLM2-360M": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
     "SmolLM2-1.7B": dict(_SMOLLM2, rope_base=130000.0, dim=2048, n_layers=24, n_heads=32,
                          intermediate_size=8192),
+    "Qwen2.5-0.5B": dict(_QWEN25, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, intermediate_size=4864,
+                         tie_embeddings=True),
+    "Qwen2.5-1.5B": dict(_QWEN25, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                         tie_embeddings=True),
+    "Qwen2.5-7B": dict(_QWEN25, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                       vocab_size=152064),
     # llama2.c's TinyStories models share the classifier with the embedding (15M parameters counted once)
     "stories15M": dict(dim=288, n_layers=6, n_heads=6, intermediate_size=768, max_seq_length=256,
                        tie_embeddings=True),

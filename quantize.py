@@ -48,6 +48,14 @@ def quantized_layer(linear: nn.Linear, mode: str, groupsize: int) -> nn.Module:
     return Int4Linear(linear.in_features, linear.out_features, groupsize)
 
 
+def with_bias(layer: nn.Module, linear: nn.Linear) -> nn.Module:
+    """The quantized layer given linear's bias, if it has one, as it is: a few floats per output, not worth
+    quantizing (Qwen2's q/k/v projections)."""
+    if linear.bias is not None:
+        layer.bias = linear.bias.detach().clone()
+    return layer
+
+
 def set_rtn(layer: nn.Module, weight: Tensor):
     """Fill a quantized layer by rounding weight to the nearest grid point (round-to-nearest, RTN)."""
     if isinstance(layer, Int8Linear):
@@ -148,7 +156,7 @@ def quantize_rtn(model: nn.Module, mode: str, groupsize: int, quantize_embedding
         linear = getattr(parent, name)
         layer = quantized_layer(linear, mode, groupsize)
         set_rtn(layer, linear.weight)
-        setattr(parent, name, layer)
+        setattr(parent, name, with_bias(layer, linear))
     if quantize_embedding:
         quantize_embedding_table(model, embedding, mode, groupsize)
     return model
@@ -185,8 +193,9 @@ def quantize_gptq(model: nn.Module, calibration: Tensor, groupsize: int, quantiz
         for hook in hooks:
             hook.remove()
         for (parent, name), accumulator in zip(targets, accumulators):
-            setattr(parent, name, gptq_layer(getattr(parent, name).weight, accumulator.hessian, groupsize,
-                                             blocksize, percdamp))
+            linear = getattr(parent, name)
+            layer = gptq_layer(linear.weight, accumulator.hessian, groupsize, blocksize, percdamp)
+            setattr(parent, name, with_bias(layer, linear))
         hidden = [block(x, rope, mask, input_pos) for x in hidden]
     if quantize_embedding:
         embedding = model.tok_embeddings.weight

@@ -65,20 +65,27 @@ def unpack_int4(packed: Tensor, groupsize: int) -> Tensor:
     return torch.cat([planes & 0xF, planes >> 4], dim=2).reshape(packed.shape[0], -1)
 
 
+def float_bias(out_features: int, bias: bool):
+    """A quantized layer's bias (Qwen2's q/k/v projections have one), kept in floating point; None without."""
+    return torch.empty(out_features) if bias else None
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights, scaled per output channel (groupsize 0) or per group of
-    columns. Its rows can also be looked up, so one table serves as a quantized embedding (and, tied,
-    as both embedding and output head)."""
+    columns, and a float bias if it has one. Its rows can also be looked up, so one table serves as a
+    quantized embedding (and, tied, as both embedding and output head)."""
 
-    def __init__(self, in_features: int, out_features: int, groupsize: int = 0):
+    def __init__(self, in_features: int, out_features: int, groupsize: int = 0, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, in_features // groupsize) if groupsize
                              else torch.empty(out_features))
+        self.register_buffer("bias", float_bias(out_features, bias))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.outputs(x)
+        out = self.outputs(x)
+        return out if self.bias is None else out + self.bias
 
     def outputs(self, x: Tensor, rows=slice(None)) -> Tensor:
         """x times the weight rows `rows` (all of them by default), transposed: those output features."""
@@ -103,21 +110,28 @@ class Int4Linear(nn.Module):
     """A linear layer with group-wise int4 weights: packed uint8 (out, padded_in / 2) plus scales and
     zeros (out, padded_in / groupsize). When groupsize does not divide in_features (SmolLM2's 576 and
     groups of 128), the weight gets zero columns up to a whole number of groups and the input zero
-    padding to match: the padding multiplies zeros, and every group, kernels included, stays full."""
+    padding to match: the padding multiplies zeros, and every group, kernels included, stays full. A bias,
+    if it has one, is kept in floating point."""
 
-    def __init__(self, in_features: int, out_features: int, groupsize: int):
+    def __init__(self, in_features: int, out_features: int, groupsize: int, bias: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.padded_in = -(-in_features // groupsize) * groupsize
         self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(out_features, self.padded_in // groupsize))
         self.register_buffer("zeros", torch.empty(out_features, self.padded_in // groupsize))
+        self.register_buffer("bias", float_bias(out_features, bias))
 
     def padded(self, weight: Tensor) -> Tensor:
         # no copy where no padding is needed (a pad of nothing still copies: 5-10 us per decode call)
         return F.pad(weight, (0, self.padded_in - self.in_features)) if self.padded_in > self.in_features else weight
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self.outputs(x)
+        return out if self.bias is None else out + self.bias
+
+    def outputs(self, x: Tensor) -> Tensor:
+        """x times the weight, transposed (the bias not added)."""
         flat = self.padded(x.reshape(-1, self.in_features))
         return F.linear(flat, self.dequantized().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
 

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 # Pre-tokenizer patterns: text is split by the pattern first, then each piece is BPE-merged.
@@ -49,6 +50,15 @@ class Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id is not None
         self.stop_ids = sorted({self.eos_id} - {None} | {special_tokens[t] for t in END_TOKENS if t in special_tokens})
         self.chat_template = chat_template or self._default_chat_template()
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, sorted(special_tokens, key=len)[::-1])) + ")")
+
+    def split_special(self, text: str):
+        """text as (piece, None) runs of plain text and (token, id) for each special token written in it."""
+        for piece in self._special_pattern.split(text) if self.special_tokens else [text]:
+            if piece in self.special_tokens:
+                yield piece, self.special_tokens[piece]
+            elif piece:
+                yield piece, None
 
     def encode(self, text: str, bos=None) -> list:
         """Token ids of text; special tokens written in the text (as a chat template writes them)
@@ -90,17 +100,11 @@ class SentencePieceTokenizer(Tokenizer):
                   "eos_token": self.processor.id_to_piece(self.processor.eos_id()),
                   "add_bos_token": True, **config}
         super().__init__(config, special, chat_template)
-        self._special_pattern = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len)[::-1])) + ")")
 
     def _encode(self, text):
-        # sentencepiece does not parse special tokens in text, so split them out first
-        ids = []
-        for piece in self._special_pattern.split(text):
-            if piece in self.special_tokens:
-                ids.append(self.special_tokens[piece])
-            elif piece:
-                ids.extend(self.processor.encode(piece))
-        return ids
+        # sentencepiece does not parse special tokens in text, so they are split out first
+        return [i for piece, id_ in self.split_special(text)
+                for i in ([id_] if id_ is not None else self.processor.encode(piece))]
 
     def decode(self, ids) -> str:
         return self.processor.decode(list(ids))
@@ -118,10 +122,20 @@ class TiktokenTokenizer(Tokenizer):
         special = {text: int(id_) for text, id_ in config.get("special_tokens", {}).items()}
         self.encoding = tiktoken.Encoding(
             name=Path(ranks_file).parent.name, pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        self.normalization = config.get("normalizer")  # "NFC" for Qwen2's vocabulary, else None
         super().__init__(config, special, chat_template)
 
     def _encode(self, text):
-        return self.encoding.encode(text, allowed_special="all")
+        if self.normalization is None:
+            return self.encoding.encode(text, allowed_special="all")
+        # the text between special tokens is normalized (Unicode NFC), as the tokenizers library does it
+        ids = []
+        for piece, id_ in self.split_special(text):
+            if id_ is not None:
+                ids.append(id_)
+            else:
+                ids += self.encoding.encode_ordinary(unicodedata.normalize(self.normalization, piece))
+        return ids
 
     def decode(self, ids) -> str:
         return self.encoding.decode(list(ids))

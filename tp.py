@@ -81,16 +81,17 @@ def check_world_size(args: ModelArgs, ranks: int):
 def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
     """An empty layer (on the meta device: no memory, no random init) of layer's kind, float, int8 or
     int4 with the same groupsize, in a new shape."""
+    bias = layer.bias is not None
     with torch.device("meta"):
         if isinstance(layer, nn.Linear):
-            return nn.Linear(in_features, out_features, bias=False)
-        return type(layer)(in_features, out_features, layer.groupsize)
+            return nn.Linear(in_features, out_features, bias=bias)
+        return type(layer)(in_features, out_features, layer.groupsize, bias=bias)
 
 
 def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
     """load_model's hook: shrink the (meta-device) model to this rank's share, and slice each tensor of
     the file to match. One rule covers float, int8 and int4 layers alike: a column-wise layer's tensors
-    (weight, scales, zeros) are split along dim 0; a row-wise layer's 2-D tensors along dim 1 (weight
+    (weight, scales, zeros, and Qwen2's q/k/v biases) are split along dim 0; a row-wise layer's 2-D tensors along dim 1 (weight
     columns, packed int4 half-groups, per-group scales), and per-channel scales stay whole."""
     check_world_size(model.args, ranks)
     for block in model.layers:

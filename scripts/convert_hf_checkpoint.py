@@ -1,4 +1,5 @@
-"""Convert a Hugging Face Llama-family model directory into a brisk checkpoint directory:
+"""Convert a Hugging Face Llama-family model directory (Llama, Mistral, Qwen2 / Qwen2.5) into a brisk checkpoint
+directory:
 
     checkpoints/NAME/model.safetensors   weights renamed to brisk's modules (no permutation needed)
     checkpoints/NAME/config.json         the source's shape, as brisk reads it
@@ -29,16 +30,16 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
-SUPPORTED_TYPES = ("llama", "mistral")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 
 
 def brisk_name(hf_name: str):
     """brisk's name for a Hugging Face tensor name, or None for tensors brisk recomputes (rotary tables)."""
     if hf_name in TOP_NAMES:
         return TOP_NAMES[hf_name]
-    found = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    found = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)  # biases: Qwen2's q/k/v
     if found and found.group(2) in LAYER_NAMES:
-        return f"layers.{found.group(1)}.{LAYER_NAMES[found.group(2)]}.weight"
+        return f"layers.{found.group(1)}.{LAYER_NAMES[found.group(2)]}.{found.group(3)}"
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     raise UsageError(f"unexpected tensor {hf_name!r}: this is not a plain Llama-family checkpoint")
@@ -116,10 +117,12 @@ def convert_tokenizer(hf_dir: Path, out_dir: Path):
     config = {**names, "special_tokens": special, "add_bos_token": adds_bos(tokenizer_json, tokenizer_config)}
     model = tokenizer_json["model"]
     pattern = bpe_pattern(tokenizer_json.get("pre_tokenizer"))
-    if model["type"] == "BPE" and pattern is not None:
+    # Unicode NFC before pre-tokenizing (Qwen2) is reproduced; another normalizer keeps tokenizer.json
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    if model["type"] == "BPE" and pattern is not None and normalizer in (None, "NFC"):
         try:
             save_tiktoken(out_dir, byte_level_ranks(model["vocab"], model["merges"], special),
-                          {"pattern": pattern, **config})
+                          {"pattern": pattern, **({"normalizer": normalizer} if normalizer else {}), **config})
             return
         except ValueError as error:
             print(f"note: {error}; keeping tokenizer.json", file=sys.stderr)

@@ -95,26 +95,46 @@ def train_byte_level_bpe(vocab_size: int, special_tokens: list):
     return tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-    """A random Llama (GQA, tied embeddings, Llama 3.1 rope scaling) saved by transformers, with a
-    byte-level BPE tokenizer.json and a ChatML template: what a Hugging Face model directory looks like."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY_HF_CONFIG))
+def save_random_hf_model(model, directory: Path) -> Path:
+    """A transformers model given random weights, saved with a byte-level BPE tokenizer.json and a ChatML
+    template: what a Hugging Face model directory looks like."""
     with torch.no_grad():  # larger than the default init, so that logits differ visibly between positions
         for parameter in model.parameters():
             parameter.normal_(0, 0.2) if parameter.dim() > 1 else parameter.uniform_(0.5, 1.5)
     model.save_pretrained(directory)
-    tokenizer = train_byte_level_bpe(TINY_HF_CONFIG["vocab_size"], ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = train_byte_level_bpe(model.config.vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
         "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}))
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """A random Llama (GQA, tied embeddings, Llama 3.1 rope scaling) saved by transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_HF_CONFIG))
+    return save_random_hf_model(model, tmp_path_factory.mktemp("hf") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_hf_dir(tmp_path_factory) -> Path:
+    """A random Qwen2 (GQA, untied embeddings, biases on q/k/v) saved by transformers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = {key: value for key, value in TINY_HF_CONFIG.items() if key != "rope_scaling"}
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**{**config, "tie_word_embeddings": False, "rope_theta": 1e6}))
+    return save_random_hf_model(model, tmp_path_factory.mktemp("hf") / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tiny_qwen2_hf_dir, tmp_path_factory) -> Path:
+    return convert_hf(tiny_qwen2_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2").parent
 
 
 @pytest.fixture(scope="session")

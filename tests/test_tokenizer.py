@@ -81,25 +81,58 @@ def test_converted_tokenizer_json_equals_tokenizers_library(tiny_dir, tiny_hf_di
     assert [ours.encode(line) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
 
 
-def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
-    from tokenizers import Regex, pre_tokenizers
-
-
-    reference = train_byte_level_bpe(400, ["<|begin_of_text|>", "<|eot_id|>"])
-    reference.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    source, out = tmp_path / "source", tmp_path / "out"
+def converted(reference, directory, tokenizer_config=None):
+    """A tokenizers-library tokenizer saved as a Hugging Face directory's tokenizer.json (with its
+    tokenizer_config.json, if given) and converted: the output directory."""
+    source, out = directory / "source", directory / "out"
     source.mkdir(), out.mkdir()
     reference.save(str(source / "tokenizer.json"))
-    (source / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "add_bos_token": True}))
+    if tokenizer_config:
+        (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     convert_tokenizer(source, out)
-    ours = load_tokenizer(out)
+    return out
+
+
+def split_then_byte_level(pattern: str):
+    """The pre-tokenizer of Llama 3 and Qwen2: an isolating regex split, then bytes without a regex."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
+    reference = train_byte_level_bpe(400, ["<|begin_of_text|>", "<|eot_id|>"])
+    reference.pre_tokenizer = split_then_byte_level(LLAMA3_PATTERN)
+    ours = load_tokenizer(converted(reference, tmp_path, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                                          "add_bos_token": True}))
     lines = shared_text("wikitext-2-raw-test.txt").split("\n")[:1000]
     assert [ours.encode(line, bos=False) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
     assert ours.encode("hi")[0] == ours.bos_id == 0
     assert "<|start_header_id|>" not in ours.special_tokens and ours.stop_ids == [1]
+
+
+# Qwen2's pre-tokenizer: Llama 3's regex with single digits
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+HARD_CASES = ["cafe\u0301 re\u0301sume\u0301", "\u0301<|im_end|>\u0301e\u0301", "Ａｍｅｌｉｅ ﬁne ½", "12345 1,000.5",
+              "北京欢迎你 🙂👍🏽", "a\r\nb \r\n\r\n  c", "it's THEY'RE  \t\tx", "<|im_start|>user\nhi<|im_end|>"]
+
+
+def test_qwen2_style_tokenizer_json_with_nfc_converts_to_tiktoken(tmp_path):
+    """Qwen2's vocabulary: NFC before a split-then-byte-level pre-tokenizer. The text between special tokens is
+    normalized as the tokenizers library does it (composed accents, but not across a special token)."""
+    from tokenizers import normalizers
+
+    reference = train_byte_level_bpe(400, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    reference.normalizer = normalizers.NFC()
+    reference.pre_tokenizer = split_then_byte_level(QWEN2_PATTERN)
+    out = converted(reference, tmp_path)
+    assert (out / "tokenizer.tiktoken").is_file()
+    ours = load_tokenizer(out)
+    lines = HARD_CASES + shared_text("wikitext-2-raw-test.txt").split("\n")[:500]
+    assert [ours.encode(line) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
+    assert ours.encode("e\u0301") == ours.encode("\u00e9") != ours.encode("e")
 
 
 def test_unsupported_pre_tokenizer_falls_back_to_the_tokenizers_library(tmp_path):
@@ -109,10 +142,7 @@ def test_unsupported_pre_tokenizer_falls_back_to_the_tokenizers_library(tmp_path
     reference = train_byte_level_bpe(300, ["<|endoftext|>"])
     reference.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    source, out = tmp_path / "source", tmp_path / "out"
-    source.mkdir(), out.mkdir()
-    reference.save(str(source / "tokenizer.json"))
-    convert_tokenizer(source, out)
+    out = converted(reference, tmp_path)
     assert not (out / "tokenizer.tiktoken").exists() and (out / "tokenizer.json").is_file()
     text = "Hello, world... it's 12:30!"
     assert load_tokenizer(out).encode(text) == reference.encode(text).ids
