@@ -39,6 +39,8 @@ class ModelArgs:
     max_seq_length: int = 4096  # the longest context the model was trained for
     tie_embeddings: bool = False  # output head shares the token embedding (SmolLM2, Llama 3.2)
     qkv_bias: bool = False  # the query, key and value projections add a learned bias (Qwen2)
+    n_experts: int = 0  # a mixture of this many feed-forward experts in every block (Mixtral); 0: one
+    experts_per_token: int = 2  # how many experts each token is routed to
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -86,13 +88,18 @@ class ModelArgs:
             max_seq_length=config.get("max_position_embeddings", 4096),
             tie_embeddings=config.get("tie_word_embeddings", False),
             qkv_bias=config.get("model_type") == "qwen2",
+            n_experts=config.get("num_local_experts", 0) if config.get("model_type") == "mixtral" else 0,
+            experts_per_token=config.get("num_experts_per_tok", 2),
         )
 
     def to_hf_config(self) -> dict:
         """The config.json written beside every converted checkpoint, readable by from_hf_config."""
+        model_type = "qwen2" if self.qkv_bias else "mixtral" if self.n_experts else "llama"
+        experts = {"num_local_experts": self.n_experts, "num_experts_per_tok": self.experts_per_token}
         return {
-            "architectures": ["Qwen2ForCausalLM" if self.qkv_bias else "LlamaForCausalLM"],
-            "model_type": "qwen2" if self.qkv_bias else "llama",
+            "architectures": [{"qwen2": "Qwen2", "mixtral": "Mixtral", "llama": "Llama"}[model_type] + "ForCausalLM"],
+            "model_type": model_type,
+            **(experts if self.n_experts else {}),
             "hidden_size": self.dim,
             "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads,
@@ -227,13 +234,75 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MoEFeedForward(nn.Module):
+    """A sparse mixture of SwiGLU experts (Jiang et al. 2024, "Mixtral of Experts", eq. 1-2): a router
+    scores every expert for each token, the top k run, and their outputs are summed, weighted by the
+    softmax of the k chosen scores. Each token runs k experts' worth of weights out of n."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)  # the router
+        self.experts = Experts(args.n_experts, args.dim, args.intermediate_size)
+        self.experts_per_token = args.experts_per_token
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        scores, chosen = self.gate(tokens).topk(self.experts_per_token, dim=-1)  # (tokens, k) each
+        weights = scores.float().softmax(dim=-1).to(x.dtype)
+        return self.experts(tokens, chosen, weights).reshape(x.shape)
+
+
+class Experts(nn.Module):
+    """n SwiGLU feed-forwards, their weights stacked: w1 (gate) and w3 (up) are (n, hidden, dim), w2
+    (down) is (n, dim, hidden). `weight(name, index)` is what run_experts reads: the quantized forms in
+    quantized_layers.py answer it from their own storage."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def weight(self, name: str, index) -> Tensor:
+        return getattr(self, name)[index]
+
+    def forward(self, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        return run_experts(self, tokens, chosen, weights)
+
+
+def run_experts(experts: nn.Module, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+    """sum over j of weights[t, j] * expert chosen[t, j] (tokens[t]), for tokens (T, dim) and chosen,
+    weights (T, k). Eagerly, each chosen expert runs over the tokens routed to it (the experts to run are
+    read on the host: free on a CPU). A compiled graph has static shapes, so there a few tokens gather
+    their experts' weights (a decode step reads only those), and more than that run every expert over
+    every token, each output weighted by how much that token chose the expert (zero if not at all)."""
+    out = torch.zeros_like(tokens)
+    if not torch.compiler.is_compiling():
+        for expert in chosen.unique().tolist():
+            rows, slot = torch.where(chosen == expert)
+            x = tokens[rows]
+            h = F.silu(F.linear(x, experts.weight("w1", expert))) * F.linear(x, experts.weight("w3", expert))
+            out.index_add_(0, rows, F.linear(h, experts.weight("w2", expert)) * weights[rows, slot, None])
+        return out
+    if chosen.numel() <= experts.n_experts:
+        w1, w3, w2 = (experts.weight(name, chosen) for name in ("w1", "w3", "w2"))  # (T, k, ...)
+        h = F.silu(torch.einsum("td,tkhd->tkh", tokens, w1)) * torch.einsum("td,tkhd->tkh", tokens, w3)
+        return (torch.einsum("tkh,tkdh->tkd", h, w2) * weights.unsqueeze(-1)).sum(1)
+    for expert in range(experts.n_experts):
+        share = (weights * (chosen == expert)).sum(-1, keepdim=True)  # (T, 1)
+        h = F.silu(F.linear(tokens, experts.weight("w1", expert))) * F.linear(tokens, experts.weight("w3", expert))
+        out += F.linear(h, experts.weight("w2", expert)) * share
+    return out
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     # torch.compile traces and compiles one block and reuses the code for all n_layers, which cuts the
     # compile time several-fold (README, Benchmark); eagerly it changes nothing.
@@ -342,11 +411,12 @@ def swap_layers(model: Transformer, form) -> Transformer:
     return model
 
 
-_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
-_LLAMA32_ROPE = dict(_LLAMA31_ROPE, factor=32.0)
+LLAMA32_ROPE = dict(LLAMA31_ROPE, factor=32.0)
 _LLAMA3 = dict(vocab_size=128256, rope_base=500000.0, max_seq_length=8192)
-_LLAMA31 = dict(_LLAMA3, rope_scaling=_LLAMA31_ROPE, max_seq_length=131072)
+_LLAMA31 = dict(_LLAMA3, rope_scaling=LLAMA31_ROPE, max_seq_length=131072)
+_MIXTRAL = dict(vocab_size=32000, rope_base=1e6, max_seq_length=32768, n_experts=8, experts_per_token=2)
 _QWEN25 = dict(vocab_size=151936, rope_base=1e6, norm_eps=1e-6, max_seq_length=32768, qkv_bias=True)
 _SMOLLM2 = dict(vocab_size=49152, rope_base=100000.0, max_seq_length=8192, tie_embeddings=True)
 
@@ -364,6 +434,7 @@ KNOWN_MODELS = {
     # v0.1; its 4096-token sliding window is not modelled (later versions come with their config.json)
     "Mistral-7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336,
                        max_seq_length=32768),
+    "Mixtral-8x7B": dict(_MIXTRAL, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336),
     "TinyLlama-1.1B": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, intermediate_size=5632,
                            max_seq_length=2048),
     "Llama-3-8B": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336),
@@ -372,9 +443,9 @@ KNOWN_MODELS = {
     "Llama-3.1-70B": dict(_LLAMA31, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
     "Llama-3.1-405B": dict(_LLAMA31, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
                            intermediate_size=53248),
-    "Llama-3.2-1B": dict(_LLAMA31, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True, dim=2048, n_layers=16,
+    "Llama-3.2-1B": dict(_LLAMA31, rope_scaling=LLAMA32_ROPE, tie_embeddings=True, dim=2048, n_layers=16,
                          n_heads=32, n_kv_heads=8, intermediate_size=8192),
-    "Llama-3.2-3B": dict(_LLAMA31, rope_scaling=_LLAMA32_ROPE, tie_embeddings=True, dim=3072, n_layers=28,
+    "Llama-3.2-3B": dict(_LLAMA31, rope_scaling=LLAMA32_ROPE, tie_embeddings=True, dim=3072, n_layers=28,
                          n_heads=24, n_kv_heads=8, intermediate_size=8192),
     "SmolLM2-135M": dict(_SMOLLM2, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, intermediate_size=1536),
     "SmolLM2-360M": dict(_SMOLLM2, dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),

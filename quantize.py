@@ -283,6 +283,9 @@ def run(args) -> int:
         tokenizer = load_tokenizer(checkpoint_dir) if args.mode == "int4-gptq" else None
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
+    if model.args.n_experts:
+        raise UsageError(f"{checkpoint_dir} is a mixture of experts, whose stacked experts have no int8 / int4 "
+                         "form yet: run it in fp32 or bf16 (--dtype)")
     if args.mode == "int4-gptq":
         try:
             calibration = calibration_tokens(model, tokenizer, text, args.calibration_samples,

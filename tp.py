@@ -9,7 +9,8 @@ feed-forward width:
     attention     wq, wk, wv split by output features (column-wise): rank r owns query heads
                   r*H/N ... (r+1)*H/N - 1 and the matching share of KV heads, and caches only those;
                   wo split by input features (row-wise): each rank's partial output sums to the whole.
-    feed-forward  w1 (gate) and w3 (up) column-wise, w2 (down) row-wise.
+    feed-forward  w1 (gate) and w3 (up) column-wise, w2 (down) row-wise; in a mixture of experts,
+                  every expert so, and the router whole on every rank (each routes alike).
 
 A column-wise layer needs no communication (heads, and feed-forward units, are independent); a
 row-wise layer leaves a partial sum on each rank, so each block does two all-reduces, after attention
@@ -33,10 +34,12 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import ModelArgs
+from model import Experts, ModelArgs, MoEFeedForward
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROW_WISE = ("attention.wo", "feed_forward.w2")
+# a mixture's stacked experts (n, hidden, dim) / (n, dim, hidden) are split along hidden; the router is whole
+EXPERT_SPLITS = {"experts.w1": 1, "experts.w3": 1, "experts.w2": 2}
 
 
 def world_size() -> int:
@@ -102,10 +105,16 @@ def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
             layer = getattr(attention, name)
             setattr(attention, name, resized(layer, layer.in_features, layer.out_features // ranks))
         attention.wo = resized(attention.wo, attention.wo.in_features // ranks, attention.wo.out_features)
-        for name in ("w1", "w3"):
-            layer = getattr(feed_forward, name)
-            setattr(feed_forward, name, resized(layer, layer.in_features, layer.out_features // ranks))
-        feed_forward.w2 = resized(feed_forward.w2, feed_forward.w2.in_features // ranks, feed_forward.w2.out_features)
+        if isinstance(feed_forward, MoEFeedForward):  # every expert split as the dense feed-forward is
+            n_experts, hidden, dim = feed_forward.experts.w1.shape
+            with torch.device("meta"):
+                feed_forward.experts = Experts(n_experts, dim, hidden // ranks)
+        else:
+            for name in ("w1", "w3"):
+                layer = getattr(feed_forward, name)
+                setattr(feed_forward, name, resized(layer, layer.in_features, layer.out_features // ranks))
+            feed_forward.w2 = resized(feed_forward.w2, feed_forward.w2.in_features // ranks,
+                                      feed_forward.w2.out_features)
         attention.register_forward_hook(all_reduce)
         feed_forward.register_forward_hook(all_reduce)
 
@@ -113,7 +122,10 @@ def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
     sharded = {}
     for name, tensor in tensors.items():
         layer_name = name.rpartition(".")[0]
-        if layer_name.endswith(COLUMN_WISE):
+        expert_split = next((dim for suffix, dim in EXPERT_SPLITS.items() if name.endswith(suffix)), None)
+        if expert_split is not None:
+            tensor = tensor.chunk(ranks, dim=expert_split)[rank]
+        elif layer_name.endswith(COLUMN_WISE):
             tensor = tensor.chunk(ranks, dim=0)[rank]
         elif layer_name.endswith(ROW_WISE) and tensor.dim() == 2:
             tensor = tensor.chunk(ranks, dim=1)[rank]

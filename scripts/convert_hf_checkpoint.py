@@ -1,5 +1,5 @@
-"""Convert a Hugging Face Llama-family model directory (Llama, Mistral, Qwen2 / Qwen2.5) into a brisk checkpoint
-directory:
+"""Convert a Hugging Face Llama-family model directory (Llama, Mistral, Qwen2 / Qwen2.5, Mixtral) into a brisk
+checkpoint directory:
 
     checkpoints/NAME/model.safetensors   weights renamed to brisk's modules (no permutation needed)
     checkpoints/NAME/config.json         the source's shape, as brisk reads it
@@ -27,22 +27,33 @@ LAYER_NAMES = {
     "input_layernorm": "attention_norm", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "post_attention_layernorm": "ffn_norm",
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+    "block_sparse_moe.gate": "feed_forward.gate",  # Mixtral's router
 }
+# Mixtral's experts, one tensor each, stacked into one per layer and projection (brisk's Experts)
+EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 
 
 def brisk_name(hf_name: str):
     """brisk's name for a Hugging Face tensor name, or None for tensors brisk recomputes (rotary tables)."""
     if hf_name in TOP_NAMES:
         return TOP_NAMES[hf_name]
+    expert = EXPERT_NAME.fullmatch(hf_name)
+    if expert:
+        return f"layers.{expert.group(1)}.feed_forward.experts.{expert.group(3)}"
     found = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)  # biases: Qwen2's q/k/v
     if found and found.group(2) in LAYER_NAMES:
         return f"layers.{found.group(1)}.{LAYER_NAMES[found.group(2)]}.{found.group(3)}"
     if hf_name.endswith("rotary_emb.inv_freq"):
         return None
     raise UsageError(f"unexpected tensor {hf_name!r}: this is not a plain Llama-family checkpoint")
+
+
+def expert_number(hf_name: str) -> int:
+    expert = EXPERT_NAME.fullmatch(hf_name)
+    return int(expert.group(2)) if expert else -1
 
 
 def source_tensors(hf_dir: Path) -> dict:
@@ -153,17 +164,24 @@ def convert(hf_dir, out_dir, dtype=None):
         raise UsageError(f"{hf_dir / 'config.json'}: {error}") from None
 
     loaders = source_tensors(hf_dir)
-    renamed = {brisk_name(name): name for name in loaders}
-    renamed.pop(None, None)
+    sources = {}  # brisk name -> its Hugging Face tensors: one, or a layer's experts in their order
+    for hf_name in sorted(loaders, key=expert_number):
+        sources.setdefault(brisk_name(hf_name), []).append(hf_name)
+    sources.pop(None, None)
     if args.tie_embeddings:
-        renamed.pop("output.weight", None)
-    metas = {name: loaders[hf_name]() for name, hf_name in renamed.items()}  # memory-mapped views
+        sources.pop("output.weight", None)
+
+    def tensor(name):  # a memory-mapped view, or a layer's experts stacked
+        views = [loaders[hf_name]() for hf_name in sources[name]]
+        return torch.stack(views) if ".experts." in name else views[0]
+
+    metas = {name: loaders[hf_names[0]]() for name, hf_names in sources.items()}
     dtype = dtype or next(iter(metas.values())).dtype
-    shapes = {name: (tuple(metas[name].shape), dtype if metas[name].is_floating_point() else metas[name].dtype)
-              for name in sorted(metas)}
+    shapes = {name: ((len(sources[name]), *metas[name].shape) if ".experts." in name else tuple(metas[name].shape),
+                     dtype if metas[name].is_floating_point() else metas[name].dtype) for name in sorted(metas)}
     out_dir.mkdir(parents=True, exist_ok=True)
     convert_tokenizer(hf_dir, out_dir)
-    converted = ((name, metas[name].to(shapes[name][1])) for name in tqdm(shapes, desc="converting", unit="tensor"))
+    converted = ((name, tensor(name).to(shapes[name][1])) for name in tqdm(shapes, desc="converting", unit="tensor"))
     save_safetensors(out_dir / "model.safetensors", shapes, converted, {"format": "pt", "source": hf_dir.name})
     save_config(args, out_dir)
     return out_dir / "model.safetensors"

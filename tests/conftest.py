@@ -95,6 +95,20 @@ def train_byte_level_bpe(vocab_size: int, special_tokens: list):
     return tokenizer
 
 
+def split_then_byte_level(pattern: str):
+    """The pre-tokenizer of Llama 3 and Qwen2: an isolating regex split, then bytes without a regex."""
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+# Text where pre-tokenizers and normalizers part ways
+HARD_CASES = ["cafe\u0301 re\u0301sume\u0301", "\u0301<|im_end|>\u0301e\u0301", "Ａｍｅｌｉｅ ﬁne ½", "12345 1,000.5",
+              "北京欢迎你 🙂👍🏽", "a\r\nb \r\n\r\n  c", "it's THEY'RE  \t\tx", "<|im_start|>user\nhi<|im_end|>",
+              "camelCaseHTTPServer a/b//c", "カタカナ ひらがな 한국어", "$100 + 2^10 = ~x; «ok»", "trailing   "]
+
+
 def save_random_hf_model(model, directory: Path) -> Path:
     """A transformers model given random weights, saved with a byte-level BPE tokenizer.json and a ChatML
     template: what a Hugging Face model directory looks like."""
@@ -133,8 +147,49 @@ def tiny_qwen2_hf_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral_hf_dir(tmp_path_factory) -> Path:
+    """A random Mixtral (GQA, 4 experts of which each token takes 2) saved by transformers."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = {key: value for key, value in TINY_HF_CONFIG.items() if key != "rope_scaling"}
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**{**config, "tie_word_embeddings": False, "num_local_experts": 4,
+                                                "num_experts_per_tok": 2}))
+    return save_random_hf_model(model, tmp_path_factory.mktemp("hf") / "tiny-mixtral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tiny_mixtral_hf_dir, tmp_path_factory) -> Path:
+    return convert_hf(tiny_mixtral_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-mixtral").parent
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_dir(tiny_qwen2_hf_dir, tmp_path_factory) -> Path:
     return convert_hf(tiny_qwen2_hf_dir, tmp_path_factory.mktemp("checkpoints") / "tiny-qwen2").parent
+
+
+@pytest.fixture(scope="session")
+def qwen2_reference(tiny_qwen2_hf_dir):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(tiny_qwen2_hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def mixtral_reference(tiny_mixtral_hf_dir):
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(tiny_mixtral_hf_dir, dtype=torch.float32).eval()
+
+
+IDS = list(range(3, 200, 3))  # a prompt of the tiny models' vocabulary
+
+
+def forward_logits(model, ids: list) -> torch.Tensor:
+    """One full forward of ids from position 0, on a fresh cache."""
+    model.setup_caches(1, 256)
+    with torch.no_grad():
+        return model(torch.tensor([ids]), torch.arange(len(ids)))[0]
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +202,73 @@ def tiny_reference(tiny_hf_dir):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+
+
+def llama_cpp_permute(weight, n_heads):
+    """What llama.cpp's converter does to Q and K rows, weights and biases (Hugging Face rotate-half ->
+    interleaved pairs)."""
+    rows = weight.shape[0]
+    columns = weight.reshape(rows, -1)
+    return columns.reshape(n_heads, 2, rows // n_heads // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+# Hugging Face Llama / Qwen2 tensor names -> llama.cpp's
+GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "block_sparse_moe.gate": "ffn_gate_inp"}
+# Mixtral's experts, which llama.cpp stacks into one tensor per layer and projection
+GGUF_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
+
+
+def save_hf_model_as_gguf(hf_dir: Path, path: Path, arch: str, pre: str, extra_tensors=None) -> Path:
+    """A transformers model directory written as llama.cpp's converter writes it: F32 tensors under GGUF
+    names (Q and K rows interleaved for the 'llama' architecture), the shape under `arch`, the byte-level
+    vocabulary with its pre-tokenizer's name."""
+    from gguf import GGUFWriter
+    from safetensors.torch import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    n_heads, n_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(config["num_hidden_layers"]), writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"]), writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_heads), writer.add_head_count_kv(n_kv_heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base((config.get("rope_parameters") or config)["rope_theta"])
+    vocab_json = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = vocab_json["model"]["vocab"]
+    special = {token["content"] for token in vocab_json["added_tokens"]}
+    writer.add_tokenizer_model("gpt2"), writer.add_tokenizer_pre(pre)
+    writer.add_token_list(sorted(vocab, key=vocab.get))
+    writer.add_token_types([3 if token in special else 1 for token in sorted(vocab, key=vocab.get)])
+    writer.add_token_merges([" ".join(merge) for merge in vocab_json["model"]["merges"]])
+    if config.get("num_local_experts"):
+        writer.add_expert_count(config["num_local_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+    tensors = load_file(hf_dir / "model.safetensors")
+    experts = {}
+    for name in [name for name in tensors if ".experts." in name]:
+        parts = name.split(".")  # model.layers.L.block_sparse_moe.experts.E.wX.weight
+        experts.setdefault(f"blk.{parts[2]}.{GGUF_EXPERT_NAMES[parts[6]]}.weight", {})[int(parts[5])] = tensors.pop(name)
+    for name, stacked in experts.items():
+        writer.add_tensor(name, torch.stack([stacked[i] for i in sorted(stacked)]).float().numpy())
+    for name, tensor in sorted(tensors.items()):
+        parts = name.split(".")
+        if parts[1] == "layers":
+            projection = GGUF_NAMES[".".join(parts[3:-1])]
+            heads = {"attn_q": n_heads, "attn_k": n_kv_heads}.get(projection) if arch == "llama" else None
+            tensor = llama_cpp_permute(tensor, heads) if heads else tensor
+            name = f"blk.{parts[2]}.{projection}.{parts[-1]}"
+        else:
+            name = f"{GGUF_NAMES[name.rsplit('.', 1)[0]]}.{parts[-1]}"
+        writer.add_tensor(name, tensor.float().numpy())
+    for name, tensor in (extra_tensors or {}).items():
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:

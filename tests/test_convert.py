@@ -1,5 +1,6 @@
 """Conversion writes exactly the source's tensors, in brisk's names and layout."""
 import json
+import math
 
 import pytest
 import torch
@@ -7,17 +8,11 @@ from safetensors import safe_open
 
 from checkpoint import load_model
 from cli import UsageError
-from conftest import ROOT, shared_text
+from conftest import ROOT, TINY_HF_CONFIG, llama_cpp_permute, save_hf_model_as_gguf, save_random_hf_model, shared_text
 from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import brisk_name, convert, unpermute
 from scripts.convert_hf_checkpoint import convert as convert_hf
 from tokenizer import load_tokenizer
-
-
-def llama_cpp_permute(weight, n_heads):
-    """What llama.cpp's converter does to Q and K rows (Hugging Face rotate-half -> interleaved pairs)."""
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def test_unpermute_inverts_llama_cpp_permutation():
@@ -70,6 +65,63 @@ def test_gguf_without_the_model_shape_is_one_clear_error(tmp_path):
     writer.close()
     with pytest.raises(UsageError, match="the GGUF has no 'llama.attention.head_count' metadata"):
         convert(tmp_path / "bare.gguf", tmp_path / "out")
+
+
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def llama_cpp_rope_factors(base: float, head_dim: int, scaling: dict) -> torch.Tensor:
+    """What llama.cpp's converter stores as rope_freqs.weight for Llama 3.1: the number each rotary
+    frequency is divided by (long wavelengths by `factor`, short ones by 1, a smooth band between)."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * base ** (i / head_dim)
+        if wavelength < scaling["original_max_position_embeddings"] / scaling["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelength > scaling["original_max_position_embeddings"] / scaling["low_freq_factor"]:
+            factors.append(scaling["factor"])
+        else:
+            smooth = ((scaling["original_max_position_embeddings"] / wavelength - scaling["low_freq_factor"])
+                      / (scaling["high_freq_factor"] - scaling["low_freq_factor"]))
+            factors.append(1 / ((1 - smooth) / scaling["factor"] + smooth))
+    return torch.tensor(factors)
+
+
+@pytest.fixture(scope="module")
+def llama31_hf_dir(tmp_path_factory):
+    """A random Llama with Llama 3.1's rope scaling and base, so that head_dim 16 has frequencies kept,
+    slowed eightfold and interpolated."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_HF_CONFIG, "rope_theta": 500000.0, "rope_scaling": dict(LLAMA31_SCALING)})
+    return save_random_hf_model(LlamaForCausalLM(config), tmp_path_factory.mktemp("hf") / "llama31")
+
+
+def test_llama31_gguf_rope_factors_convert_to_its_rope_scaling(llama31_hf_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    factors = llama_cpp_rope_factors(500000.0, 16, LLAMA31_SCALING)
+    assert 1.0 in factors.tolist() and 8.0 in factors.tolist() and len(set(factors.tolist())) == 3
+    gguf_path = save_hf_model_as_gguf(llama31_hf_dir, tmp_path / "l31.gguf", "llama", "llama-bpe",
+                                      {"rope_freqs.weight": factors})
+    out = convert(gguf_path, tmp_path / "out").parent
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == LLAMA31_SCALING
+    ids = list(range(3, 250, 3))
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(llama31_hf_dir, dtype=torch.float32)(torch.tensor([ids])).logits
+        model = load_model(out)
+        model.setup_caches(1, 256)
+        ours = model(torch.tensor([ids]), torch.arange(len(ids)))
+    assert (ours - expected).abs().max().item() <= 1e-4
+
+
+def test_rope_factors_of_an_unknown_scaling_are_refused_in_one_line(llama31_hf_dir, tmp_path):
+    gguf_path = save_hf_model_as_gguf(llama31_hf_dir, tmp_path / "odd.gguf", "llama", "llama-bpe",
+                                      {"rope_freqs.weight": torch.full((8,), 2.0)})
+    with pytest.raises(UsageError, match="match neither Llama 3.1's nor Llama 3.2's rope scaling"):
+        convert(gguf_path, tmp_path / "out")
 
 
 def test_file_that_is_not_gguf_is_one_clear_error(tmp_path):

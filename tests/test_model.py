@@ -175,7 +175,8 @@ def test_model_names_are_looked_up_exactly_ignoring_case():
 PUBLISHED_PARAMETERS = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "CodeLlama-7B": 6_738_546_688,
                         "Mistral-7B": 7_241_732_096, "TinyLlama-1.1B": 1_100_048_384, "Llama-3.1-8B": 8_030_261_248,
                         "Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824,
-                        "SmolLM2-135M": 134_515_008, "SmolLM2-360M": 361_821_120, "SmolLM2-1.7B": 1_711_376_384}
+                        "SmolLM2-135M": 134_515_008, "SmolLM2-360M": 361_821_120, "SmolLM2-1.7B": 1_711_376_384,
+                        "Mixtral-8x7B": 46_702_792_704}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from conftest import shared_text, train_byte_level_bpe
+from conftest import HARD_CASES, shared_text, split_then_byte_level, train_byte_level_bpe
 from scripts.convert_hf_checkpoint import convert_tokenizer
-from tokenizer import LLAMA3_PATTERN, StreamDecoder, byte_level_ranks, load_tokenizer
+from tokenizer import LLAMA3_PATTERN, QWEN2_PATTERN, StreamDecoder, byte_level_ranks, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,6 @@ def converted(reference, directory, tokenizer_config=None):
     return out
 
 
-def split_then_byte_level(pattern: str):
-    """The pre-tokenizer of Llama 3 and Qwen2: an isolating regex split, then bytes without a regex."""
-    from tokenizers import Regex, pre_tokenizers
-
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
 def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
     reference = train_byte_level_bpe(400, ["<|begin_of_text|>", "<|eot_id|>"])
     reference.pre_tokenizer = split_then_byte_level(LLAMA3_PATTERN)
@@ -110,13 +102,6 @@ def test_llama3_style_tokenizer_json_converts_to_tiktoken(tmp_path):
     assert [ours.encode(line, bos=False) for line in lines] == [e.ids for e in reference.encode_batch(lines)]
     assert ours.encode("hi")[0] == ours.bos_id == 0
     assert "<|start_header_id|>" not in ours.special_tokens and ours.stop_ids == [1]
-
-
-# Qwen2's pre-tokenizer: Llama 3's regex with single digits
-QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-HARD_CASES = ["cafe\u0301 re\u0301sume\u0301", "\u0301<|im_end|>\u0301e\u0301", "Ａｍｅｌｉｅ ﬁne ½", "12345 1,000.5",
-              "北京欢迎你 🙂👍🏽", "a\r\nb \r\n\r\n  c", "it's THEY'RE  \t\tx", "<|im_start|>user\nhi<|im_end|>"]
 
 
 def test_qwen2_style_tokenizer_json_with_nfc_converts_to_tiktoken(tmp_path):
