@@ -22,6 +22,9 @@ README (Benchmark).
   code by the CPU's vendor, and on AMD CPUs its GEMV reads half the bytes per second that Inductor's fused
   loop reads, so there fp32 layers take the fused loops in a compiled step too: the code that compiles the
   decode step swaps them in (swap_in(model, compiled_decode=True)); eagerly they stay plain nn.Linear.
+- A mixture's experts (model.Experts: each projection one layer holding n experts' rows) multiply by one
+  expert's rows at a time: through the int4 kernel over that expert's slice of its layout, or in a
+  compiled step through the fused loop over that expert's weight (CPUExperts).
 """
 import math
 
@@ -30,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import ScaledDotProductAttention, Transformer, swap_layers
+from model import Experts, ScaledDotProductAttention, Transformer, run_experts, swap_layers
 from quantized_layers import Int4Linear, Int8Linear, unpack_int4
 
 # Up to this many rows (batch x new tokens) a compiled step keeps the fused loops; from 32 rows the
@@ -233,6 +236,57 @@ class Int4CPULinear(nn.Module):
         return (x[:, :, :, 0] * low + x[:, :, :, 1] * high).sum((-1, -2))
 
 
+class CPUExperts(nn.Module):
+    """A mixture's Experts on the CPU, quantized or in a step being compiled. An expert's product with a few
+    rows of bf16 activations goes through PyTorch's int4 kernel over that expert's rows alone, eagerly or
+    compiled (int8 as nibble planes over the inputs taken twice, as Int8CPULinear does): the kernel's layout
+    keeps rows apart, so an expert's rows are a slice of it (gathered, for a compiled step's chosen expert),
+    and scales and zeros are kept expert by expert. Otherwise, in a compiled step, a few rows multiply the
+    expert's weight as a sum of products, which Inductor fuses with the reading (and widening) of its rows;
+    elsewhere the plain experts' product."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.layer, self.n_experts = experts, experts.n_experts
+        self.planes = {}  # projection name -> whether its kernel weight is int8's two nibble planes
+        for name in ("w1", "w3", "w2"):
+            layer = getattr(experts, name)
+            rows = layer.out_features // self.n_experts
+            kernel_tensors = (None, None, None)
+            if isinstance(layer, Int4Linear) and int4_kernel_takes(rows, layer.padded_in):
+                kernel_tensors = (int4_kernel_weight(layer.weight, lambda part: unpack_int4(part, layer.groupsize)),
+                                  torch.tensor([layer.groupsize]), layer.kernel_scales_and_zeros())
+            elif isinstance(layer, Int8Linear) and Int8CPULinear(layer).kernel_weight is not None:
+                kernel_tensors = int8_as_int4_planes(layer)
+                self.planes[name] = True
+            weight, groupsize, scales_and_zeros = kernel_tensors
+            if scales_and_zeros is not None:  # (groups, n * rows, 2) -> (n, groups, rows, 2)
+                scales_and_zeros = scales_and_zeros.unflatten(1, (self.n_experts, rows)).transpose(0, 1).contiguous()
+            for part, tensor in (("kernel_weight", weight), ("groupsize", groupsize),
+                                 ("scales_and_zeros", scales_and_zeros)):
+                self.register_buffer(f"{name}_{part}", tensor, persistent=False)
+
+    def project(self, name: str, x: Tensor, expert) -> Tensor:
+        kernel_weight, layer = getattr(self, f"{name}_kernel_weight"), getattr(self.layer, name)
+        if kernel_weight is not None and x.dtype == torch.bfloat16 and x.shape[0] <= INT4_KERNEL_MAX_ROWS_BF16:
+            rows = layer.out_features // self.n_experts
+            scales_and_zeros = getattr(self, f"{name}_scales_and_zeros")
+            if isinstance(expert, int):
+                expert_weight = kernel_weight[expert * rows:(expert + 1) * rows]
+                scales_and_zeros = scales_and_zeros[expert]
+            else:
+                expert_weight = kernel_weight[expert * rows + torch.arange(rows, device=x.device)]
+                scales_and_zeros = scales_and_zeros[expert.view(1)][0]
+            x = torch.cat([x, x], dim=-1) if self.planes.get(name) else layer.padded(x)
+            return int4_kernel(x, expert_weight, getattr(self, f"{name}_groupsize"), scales_and_zeros)
+        if fused(x):
+            return matvec(x, self.layer.weight(name, expert)).to(x.dtype)
+        return self.layer.project(name, x, expert)
+
+    def forward(self, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        return run_experts(self, tokens, chosen, weights)
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(head_dim), masked) v in fp32, for a few query rows. q: (batch, heads, seq,
     head_dim); k, v: (batch, kv heads, cache slots, head_dim); mask: (batch or 1, 1, seq, cache slots)."""
@@ -274,6 +328,8 @@ def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
         return Int4CPULinear(module)
     if isinstance(module, ScaledDotProductAttention):
         return DecodeAttention(module)
+    if isinstance(module, Experts) and (compiled_decode or not isinstance(module.w1, nn.Linear)):
+        return CPUExperts(module)
     return module
 
 

@@ -253,46 +253,62 @@ class MoEFeedForward(nn.Module):
 
 
 class Experts(nn.Module):
-    """n SwiGLU feed-forwards, their weights stacked: w1 (gate) and w3 (up) are (n, hidden, dim), w2
-    (down) is (n, dim, hidden). `weight(name, index)` is what run_experts reads: the quantized forms in
-    quantized_layers.py answer it from their own storage."""
+    """n SwiGLU feed-forwards. Each projection of all n is one linear layer of n times the rows: w1 (gate)
+    and w3 (up) have n * hidden rows of dim, w2 (down) n * dim rows of hidden, expert e's rows the e-th
+    n-th. Being plain layers, they quantize, load and split across ranks as any layer does; run_experts
+    multiplies by one expert's rows through `project` (which a device's form, cpu_kernels.CPUExperts, does
+    its own way)."""
 
     def __init__(self, n_experts: int, dim: int, hidden: int):
         super().__init__()
         self.n_experts = n_experts
-        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
-        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w1 = nn.Linear(dim, n_experts * hidden, bias=False)
+        self.w3 = nn.Linear(dim, n_experts * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, n_experts * dim, bias=False)
 
-    def weight(self, name: str, index) -> Tensor:
-        return getattr(self, name)[index]
+    def weight(self, name: str, expert) -> Tensor:
+        """Expert `expert`'s (out, in) weight of projection `name`. expert is an int, or a 0-d tensor (a
+        compiled step's choice, kept in the graph). An int8 / int4 layer (quantize.py) gives it dequantized."""
+        layer = getattr(self, name)
+        out = layer.out_features // self.n_experts
+        if not isinstance(layer, nn.Linear):
+            return layer.rows(expert * out + torch.arange(out, device=layer.weight.device))
+        weights = layer.weight.unflatten(0, (self.n_experts, out))
+        return weights[expert] if isinstance(expert, int) else weights[expert.view(1)][0]
+
+    def project(self, name: str, x: Tensor, expert) -> Tensor:
+        """x (rows, in) times that weight, transposed: (rows, out)."""
+        return F.linear(x, self.weight(name, expert).to(x.dtype))
 
     def forward(self, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
         return run_experts(self, tokens, chosen, weights)
 
 
+def run_expert(experts: nn.Module, x: Tensor, expert) -> Tensor:
+    """One expert's SwiGLU over the rows x."""
+    return experts.project("w2", F.silu(experts.project("w1", x, expert)) * experts.project("w3", x, expert), expert)
+
+
 def run_experts(experts: nn.Module, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
     """sum over j of weights[t, j] * expert chosen[t, j] (tokens[t]), for tokens (T, dim) and chosen,
-    weights (T, k). Eagerly, each chosen expert runs over the tokens routed to it (the experts to run are
-    read on the host: free on a CPU). A compiled graph has static shapes, so there a few tokens gather
-    their experts' weights (a decode step reads only those), and more than that run every expert over
-    every token, each output weighted by how much that token chose the expert (zero if not at all)."""
+    weights (T, k). A few tokens (decoding) run each of their own experts: a step reads only those. More
+    tokens run each chosen expert over the tokens routed to it, eagerly (which experts, read on the host:
+    free on a CPU); a compiled graph has static shapes, so there every expert runs over every token, each
+    output weighted by how much that token chose the expert (zero if not at all)."""
+    compiling = torch.compiler.is_compiling()
+    if chosen.numel() <= experts.n_experts:
+        picked = chosen if compiling else chosen.tolist()  # eagerly ints, which slice an expert's rows
+        return torch.cat([sum(run_expert(experts, tokens[t:t + 1], picked[t][j]) * weights[t, j]
+                              for j in range(chosen.shape[1])) for t in range(chosen.shape[0])])
     out = torch.zeros_like(tokens)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         for expert in chosen.unique().tolist():
             rows, slot = torch.where(chosen == expert)
-            x = tokens[rows]
-            h = F.silu(F.linear(x, experts.weight("w1", expert))) * F.linear(x, experts.weight("w3", expert))
-            out.index_add_(0, rows, F.linear(h, experts.weight("w2", expert)) * weights[rows, slot, None])
+            out.index_add_(0, rows, run_expert(experts, tokens[rows], expert) * weights[rows, slot, None])
         return out
-    if chosen.numel() <= experts.n_experts:
-        w1, w3, w2 = (experts.weight(name, chosen) for name in ("w1", "w3", "w2"))  # (T, k, ...)
-        h = F.silu(torch.einsum("td,tkhd->tkh", tokens, w1)) * torch.einsum("td,tkhd->tkh", tokens, w3)
-        return (torch.einsum("tkh,tkdh->tkd", h, w2) * weights.unsqueeze(-1)).sum(1)
     for expert in range(experts.n_experts):
         share = (weights * (chosen == expert)).sum(-1, keepdim=True)  # (T, 1)
-        h = F.silu(F.linear(tokens, experts.weight("w1", expert))) * F.linear(tokens, experts.weight("w3", expert))
-        out += F.linear(h, experts.weight("w2", expert)) * share
+        out += run_expert(experts, tokens, expert) * share
     return out
 
 

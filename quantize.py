@@ -31,9 +31,9 @@ from tqdm import tqdm
 from checkpoint import load_model, save_model
 from cli import UsageError, fail, peak_memory_gb, read_text
 from generation import generate
-from model import block_layers
+from model import Experts, MoEFeedForward, block_layers
 from quantized_layers import (Int4Linear, Int8Linear, QuantizedEmbedding, int4_group_params, int4_values, pack_int4,
-                              quantize_int8)
+                              quantize_int8, unpack_int4)
 from sampling import Sampling
 from tokenizer import load_tokenizer
 
@@ -135,9 +135,49 @@ class HessianAccumulator:
         self.rows = total
 
 
+class ExpertHessians:
+    """The Hessians of a mixture's experts, each from the tokens routed to it: its inputs (which w1 and w3
+    share) and its hidden activations (w2's input). Collected by a forward hook on the Experts module,
+    which hands its layers no input of their own."""
+
+    def __init__(self, experts: Experts):
+        self.inputs = [HessianAccumulator(experts.w1.in_features) for _ in range(experts.n_experts)]
+        self.hidden = [HessianAccumulator(experts.w2.in_features) for _ in range(experts.n_experts)]
+
+    def add(self, experts, inputs, output):
+        tokens, chosen, _ = inputs
+        for expert in chosen.unique().tolist():
+            x = tokens[(chosen == expert).any(-1)]
+            h = F.silu(experts.project("w1", x, expert)) * experts.project("w3", x, expert)
+            self.inputs[expert].add(None, (x,), None)
+            self.hidden[expert].add(None, (h,), None)
+
+    def quantized(self, experts: Experts, name: str, groupsize: int, blocksize: int, percdamp: float) -> Int4Linear:
+        """Projection `name` of every expert quantized by GPTQ with that expert's Hessian, the experts' rows
+        one layer again; an expert that no calibration token chose is rounded to nearest."""
+        linear, hessians = getattr(experts, name), self.hidden if name == "w2" else self.inputs
+        parts = []
+        for weight, accumulator in zip(linear.weight.unflatten(0, (experts.n_experts, -1)), hessians):
+            if accumulator.rows:
+                parts.append(gptq_layer(weight, accumulator.hessian, groupsize, blocksize, percdamp))
+            else:
+                parts.append(Int4Linear(weight.shape[1], weight.shape[0], groupsize))
+                set_rtn(parts[-1], weight)
+        layer = Int4Linear(linear.in_features, linear.out_features, groupsize)
+        set_int4(layer, *(torch.cat([unpack_int4(part.weight, groupsize) for part in parts]),
+                          torch.cat([part.scales for part in parts]), torch.cat([part.zeros for part in parts])))
+        return layer
+
+
 def block_linears(block: nn.Module) -> list:
-    """(parent module, attribute name) of each linear layer of a transformer block."""
-    return [(parent, name) for parent, name in block_layers(block) if isinstance(getattr(parent, name), nn.Linear)]
+    """(parent module, attribute name) of each linear layer of a transformer block: in a mixture of experts,
+    the experts' but not the router's (rounding it would change which experts run; llama.cpp keeps it too)."""
+    linears = [(parent, name) for parent, name in block_layers(block) if isinstance(getattr(parent, name), nn.Linear)]
+    if isinstance(block.feed_forward, MoEFeedForward):
+        experts = block.feed_forward.experts
+        linears = [(parent, name) for parent, name in linears if parent is not block.feed_forward]
+        linears += [(experts, name) for name in ("w1", "w3", "w2")]
+    return linears
 
 
 def quantized_linears(model: nn.Module, quantize_embedding: bool):
@@ -184,10 +224,14 @@ def quantize_gptq(model: nn.Module, calibration: Tensor, groupsize: int, quantiz
     rope, mask = model.rope_and_mask(input_pos)
     hidden = [model.tok_embeddings(batch) for batch in calibration.split(batch_size)]
     for block in tqdm(model.layers, desc="GPTQ", unit="layer"):
-        targets = block_linears(block)
+        experts = block.feed_forward.experts if isinstance(block.feed_forward, MoEFeedForward) else None
+        targets = [(parent, name) for parent, name in block_linears(block) if parent is not experts]
         accumulators = [HessianAccumulator(getattr(parent, name).in_features) for parent, name in targets]
         hooks = [getattr(parent, name).register_forward_hook(accumulator.add)
                  for (parent, name), accumulator in zip(targets, accumulators)]
+        if experts is not None:
+            expert_hessians = ExpertHessians(experts)
+            hooks.append(experts.register_forward_hook(expert_hessians.add))
         for x in hidden:
             block(x, rope, mask, input_pos)
         for hook in hooks:
@@ -196,6 +240,11 @@ def quantize_gptq(model: nn.Module, calibration: Tensor, groupsize: int, quantiz
             linear = getattr(parent, name)
             layer = gptq_layer(linear.weight, accumulator.hessian, groupsize, blocksize, percdamp)
             setattr(parent, name, with_bias(layer, linear))
+        if experts is not None:
+            quantized = {name: expert_hessians.quantized(experts, name, groupsize, blocksize, percdamp)
+                         for name in ("w1", "w3", "w2")}  # all from the float experts, then swapped in
+            for name, layer in quantized.items():
+                setattr(experts, name, layer)
         hidden = [block(x, rope, mask, input_pos) for x in hidden]
     if quantize_embedding:
         embedding = model.tok_embeddings.weight
@@ -283,9 +332,6 @@ def run(args) -> int:
         tokenizer = load_tokenizer(checkpoint_dir) if args.mode == "int4-gptq" else None
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
-    if model.args.n_experts:
-        raise UsageError(f"{checkpoint_dir} is a mixture of experts, whose stacked experts have no int8 / int4 "
-                         "form yet: run it in fp32 or bf16 (--dtype)")
     if args.mode == "int4-gptq":
         try:
             calibration = calibration_tokens(model, tokenizer, text, args.calibration_samples,

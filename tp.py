@@ -34,12 +34,12 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import Experts, ModelArgs, MoEFeedForward
+from model import ModelArgs, MoEFeedForward
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
-ROW_WISE = ("attention.wo", "feed_forward.w2")
-# a mixture's stacked experts (n, hidden, dim) / (n, dim, hidden) are split along hidden; the router is whole
-EXPERT_SPLITS = {"experts.w1": 1, "experts.w3": 1, "experts.w2": 2}
+ROW_WISE = ("attention.wo", "feed_forward.w2", "experts.w2")
+# a mixture's experts.w1 / w3 hold n experts' rows one after another: each expert's rows are split
+EXPERTS_COLUMN_WISE = ("experts.w1", "experts.w3")
 
 
 def world_size() -> int:
@@ -94,8 +94,9 @@ def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
 def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
     """load_model's hook: shrink the (meta-device) model to this rank's share, and slice each tensor of
     the file to match. One rule covers float, int8 and int4 layers alike: a column-wise layer's tensors
-    (weight, scales, zeros, and Qwen2's q/k/v biases) are split along dim 0; a row-wise layer's 2-D tensors along dim 1 (weight
-    columns, packed int4 half-groups, per-group scales), and per-channel scales stay whole."""
+    (weight, scales, zeros, and Qwen2's q/k/v biases) are split along dim 0 (a mixture's experts' layers
+    expert by expert); a row-wise layer's 2-D tensors along dim 1 (weight columns, packed int4
+    half-groups, per-group scales), and per-channel scales stay whole."""
     check_world_size(model.args, ranks)
     for block in model.layers:
         attention, feed_forward = block.attention, block.feed_forward
@@ -105,16 +106,12 @@ def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
             layer = getattr(attention, name)
             setattr(attention, name, resized(layer, layer.in_features, layer.out_features // ranks))
         attention.wo = resized(attention.wo, attention.wo.in_features // ranks, attention.wo.out_features)
-        if isinstance(feed_forward, MoEFeedForward):  # every expert split as the dense feed-forward is
-            n_experts, hidden, dim = feed_forward.experts.w1.shape
-            with torch.device("meta"):
-                feed_forward.experts = Experts(n_experts, dim, hidden // ranks)
-        else:
-            for name in ("w1", "w3"):
-                layer = getattr(feed_forward, name)
-                setattr(feed_forward, name, resized(layer, layer.in_features, layer.out_features // ranks))
-            feed_forward.w2 = resized(feed_forward.w2, feed_forward.w2.in_features // ranks,
-                                      feed_forward.w2.out_features)
+        # a mixture's experts are split as the dense feed-forward is, each expert's hidden width
+        projections = feed_forward.experts if isinstance(feed_forward, MoEFeedForward) else feed_forward
+        for name in ("w1", "w3"):
+            layer = getattr(projections, name)
+            setattr(projections, name, resized(layer, layer.in_features, layer.out_features // ranks))
+        projections.w2 = resized(projections.w2, projections.w2.in_features // ranks, projections.w2.out_features)
         attention.register_forward_hook(all_reduce)
         feed_forward.register_forward_hook(all_reduce)
 
@@ -122,9 +119,8 @@ def shard(model: nn.Module, tensors: dict, rank: int, ranks: int) -> dict:
     sharded = {}
     for name, tensor in tensors.items():
         layer_name = name.rpartition(".")[0]
-        expert_split = next((dim for suffix, dim in EXPERT_SPLITS.items() if name.endswith(suffix)), None)
-        if expert_split is not None:
-            tensor = tensor.chunk(ranks, dim=expert_split)[rank]
+        if layer_name.endswith(EXPERTS_COLUMN_WISE):  # each expert's share of rows, expert after expert
+            tensor = tensor.unflatten(0, (model.args.n_experts, -1)).chunk(ranks, dim=1)[rank].flatten(0, 1)
         elif layer_name.endswith(COLUMN_WISE):
             tensor = tensor.chunk(ranks, dim=0)[rank]
         elif layer_name.endswith(ROW_WISE) and tensor.dim() == 2:

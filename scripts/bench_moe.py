@@ -23,7 +23,7 @@ from checkpoint import random_model  # noqa: E402
 from cli import fail  # noqa: E402
 from generation import Steps, compile_steps, weights_bytes  # noqa: E402
 from model import ModelArgs  # noqa: E402
-from scripts.bench import at_precision, measure, precision_dtype  # noqa: E402
+from scripts.bench import PRECISIONS, at_precision, measure, precision_dtype  # noqa: E402
 
 
 def shapes(base: str, experts: int, per_token: int) -> dict:
@@ -36,9 +36,9 @@ def active_bytes(model) -> int:
     """Bytes a decode step reads: every weight, but of a mixture's experts only the chosen ones."""
     total = weights_bytes(model)
     for block in model.layers if model.args.n_experts else []:
-        experts = block.feed_forward.experts
-        stacked = sum(weight.numel() * weight.element_size() for weight in (experts.w1, experts.w2, experts.w3))
-        total -= stacked * (1 - model.args.experts_per_token / model.args.n_experts)
+        every_expert = sum(tensor.numel() * tensor.element_size()
+                           for tensor in block.feed_forward.experts.state_dict().values())
+        total -= every_expert * (1 - model.args.experts_per_token / model.args.n_experts)
     return round(total)
 
 
@@ -47,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--base", default="SmolLM2-135M", help="a known shape whose blocks the experts copy")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--per_token", type=int, default=2)
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="int8 / int4: round to nearest, groups of 32, the router kept in floating point")
     parser.add_argument("--max_new_tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved pairs; medians are reported")
     parser.add_argument("--no_compile", action="store_true", help="eager only")

@@ -29,11 +29,11 @@ TENSOR_NAMES = {
     "token_embd": "tok_embeddings", "output_norm": "norm", "output": "output",
     "attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
     "attn_output": "attention.wo", "ffn_norm": "ffn_norm", "ffn_gate": "feed_forward.w1",
-    "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2", "ffn_gate_inp": "feed_forward.gate",
+    "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+    # Mixtral's router, and its experts stacked (n_experts, out, in): brisk's one layer of n_experts * out rows
+    "ffn_gate_inp": "feed_forward.gate", "ffn_gate_exps": "feed_forward.experts.w1",
+    "ffn_up_exps": "feed_forward.experts.w3", "ffn_down_exps": "feed_forward.experts.w2",
 }
-# Mixtral's experts, stacked (n_experts, out, in) in one tensor per layer as brisk stacks them
-EXPERT_NAMES = {"ffn_gate_exps": "feed_forward.experts.w1", "ffn_up_exps": "feed_forward.experts.w3",
-                "ffn_down_exps": "feed_forward.experts.w2"}
 ARCHITECTURES = ("llama", "qwen2")  # Llama and Mistral files both say "llama"
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -88,11 +88,15 @@ def rope_scaling(tensor, args: ModelArgs) -> dict:
 
 def brisk_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")  # e.g. blk.3.attn_q.weight, or output_norm.weight
-    if parts[0] == "blk" and parts[2] in EXPERT_NAMES:  # brisk's stacked experts are parameters, not layers
-        return f"layers.{parts[1]}.{EXPERT_NAMES[parts[2]]}"
     if parts[0] == "blk":
         return f"layers.{parts[1]}.{TENSOR_NAMES[parts[2]]}.{parts[3]}"
     return f"{TENSOR_NAMES[parts[0]]}.{parts[1]}"
+
+
+def brisk_shape(tensor) -> tuple:
+    """GGUF lists dimensions innermost first; stacked experts (n, out, in) become one layer's (n * out, in)."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    return (shape[0] * shape[1], shape[2]) if len(shape) == 3 else shape
 
 
 def unpermute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -194,13 +198,13 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
         if tensor.name in kept:
             shapes.update({f"{layer_of(tensor)}.{part}": shape for part, shape in kept_shapes(tensor).items()})
         else:
-            shapes[brisk_name(tensor.name)] = (tuple(int(n) for n in reversed(tensor.shape)), dtype)
+            shapes[brisk_name(tensor.name)] = (brisk_shape(tensor), dtype)
 
     def converted():
         for tensor in tqdm(tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
             heads = interleaved_heads(tensor.name, args, arch)
             if tensor.name not in kept:
-                yield brisk_name(tensor.name), dequantized(tensor, heads).to(dtype)
+                yield brisk_name(tensor.name), dequantized(tensor, heads).to(dtype).reshape(brisk_shape(tensor))
                 continue
             for part, value in kept_blocks(tensor, heads).items():
                 yield f"{layer_of(tensor)}.{part}", value

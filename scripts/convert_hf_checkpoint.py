@@ -29,7 +29,7 @@ LAYER_NAMES = {
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
     "block_sparse_moe.gate": "feed_forward.gate",  # Mixtral's router
 }
-# Mixtral's experts, one tensor each, stacked into one per layer and projection (brisk's Experts)
+# Mixtral's experts, one tensor each, concatenated into one layer per block and projection (brisk's Experts)
 EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}
@@ -42,7 +42,7 @@ def brisk_name(hf_name: str):
         return TOP_NAMES[hf_name]
     expert = EXPERT_NAME.fullmatch(hf_name)
     if expert:
-        return f"layers.{expert.group(1)}.feed_forward.experts.{expert.group(3)}"
+        return f"layers.{expert.group(1)}.feed_forward.experts.{expert.group(3)}.weight"
     found = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)  # biases: Qwen2's q/k/v
     if found and found.group(2) in LAYER_NAMES:
         return f"layers.{found.group(1)}.{LAYER_NAMES[found.group(2)]}.{found.group(3)}"
@@ -171,13 +171,13 @@ def convert(hf_dir, out_dir, dtype=None):
     if args.tie_embeddings:
         sources.pop("output.weight", None)
 
-    def tensor(name):  # a memory-mapped view, or a layer's experts stacked
+    def tensor(name):  # a memory-mapped view, or a layer's experts one after another
         views = [loaders[hf_name]() for hf_name in sources[name]]
-        return torch.stack(views) if ".experts." in name else views[0]
+        return torch.cat(views) if len(views) > 1 else views[0]
 
     metas = {name: loaders[hf_names[0]]() for name, hf_names in sources.items()}
     dtype = dtype or next(iter(metas.values())).dtype
-    shapes = {name: ((len(sources[name]), *metas[name].shape) if ".experts." in name else tuple(metas[name].shape),
+    shapes = {name: ((len(sources[name]) * metas[name].shape[0], *metas[name].shape[1:]),
                      dtype if metas[name].is_floating_point() else metas[name].dtype) for name in sorted(metas)}
     out_dir.mkdir(parents=True, exist_ok=True)
     convert_tokenizer(hf_dir, out_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -153,8 +154,9 @@ def tiny_mixtral_hf_dir(tmp_path_factory) -> Path:
 
     config = {key: value for key, value in TINY_HF_CONFIG.items() if key != "rope_scaling"}
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**{**config, "tie_word_embeddings": False, "num_local_experts": 4,
-                                                "num_experts_per_tok": 2}))
+    # experts 128 wide, so that each of two ranks holds whole int4 groups of 32
+    model = MixtralForCausalLM(MixtralConfig(**{**config, "tie_word_embeddings": False, "intermediate_size": 128,
+                                                "num_local_experts": 4, "num_experts_per_tok": 2}))
     return save_random_hf_model(model, tmp_path_factory.mktemp("hf") / "tiny-mixtral")
 
 
@@ -202,6 +204,21 @@ def tiny_reference(tiny_hf_dir):
     from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+
+
+def dequantized_twin(float_model, quantized):
+    """The float model given the quantized model's weights, dequantized (biases kept as they are): what the
+    quantized model should compute, whatever kernels it runs. Layers the quantized model keeps in floating
+    point (a mixture's router) stay as they are."""
+    for name, linear in float_model.named_modules():
+        form = quantized
+        for part in filter(None, name.split(".")):  # through device forms, which hold the plain module as .layer
+            form = getattr(form, part) if hasattr(form, part) else getattr(form.layer, part)
+        if isinstance(linear, nn.Linear) and name != "output" and not isinstance(form, nn.Linear):
+            layer = getattr(form, "form", form)  # model.BiasAfter holds the form, the form the layer
+            layer = getattr(layer, "layer", layer)
+            linear.weight.data = layer.dequantized()[:, :linear.in_features].float()
+    return float_model
 
 
 def llama_cpp_permute(weight, n_heads):

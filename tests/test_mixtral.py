@@ -1,64 +1,86 @@
 """Mixtral-style mixture of experts: a tiny random MixtralForCausalLM saved by transformers, converted (its
 experts stacked per layer), computes what transformers computes, and a token runs only the experts it chose."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoint import load_model
-from conftest import IDS, forward_logits, save_hf_model_as_gguf
+from cpu_kernels import CPUExperts
+from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
 from generation import compile_steps, generate
 from model import ModelArgs, run_experts
+from quantize import ExpertHessians, set_rtn
+from quantized_layers import Int4Linear, Int8Linear
 from sampling import Sampling
 
 
-def test_the_converted_checkpoint_stacks_each_layers_experts(tiny_mixtral_dir):
+def test_the_converted_checkpoint_holds_each_projections_experts_as_one_layer(tiny_mixtral_dir):
     from safetensors import safe_open
 
     args = ModelArgs.from_hf_config(tiny_mixtral_dir / "config.json")
     assert (args.n_experts, args.experts_per_token) == (4, 2)
     assert json.loads((tiny_mixtral_dir / "config.json").read_text())["model_type"] == "mixtral"
     with safe_open(tiny_mixtral_dir / "model.safetensors", framework="pt") as converted:
-        assert converted.get_slice("layers.1.feed_forward.experts.w1").get_shape() == [4, 160, 64]
-        assert converted.get_slice("layers.1.feed_forward.experts.w2").get_shape() == [4, 64, 160]
+        assert converted.get_slice("layers.1.feed_forward.experts.w1.weight").get_shape() == [4 * 128, 64]
+        assert converted.get_slice("layers.1.feed_forward.experts.w2.weight").get_shape() == [4 * 64, 128]
         assert converted.get_slice("layers.1.feed_forward.gate.weight").get_shape() == [4, 64]
 
 
 def spied_experts(model):
-    """The first block's experts, recording which experts each weight lookup asks for."""
+    """The first block's experts, recording which expert each product is asked of."""
     experts = model.layers[0].feed_forward.experts
-    asked, weight = [], experts.weight
-    experts.weight = lambda name, index: asked.append(torch.as_tensor(index).flatten().tolist()) or weight(name, index)
+    asked, project = [], experts.project
+    experts.project = lambda name, x, expert: asked.append(int(expert)) or project(name, x, expert)
     return experts, asked
 
 
 @pytest.mark.parametrize("compiling", [False, True])
 def test_a_decode_step_reads_only_the_chosen_experts(tiny_mixtral_dir, monkeypatch, compiling):
-    """Eagerly each chosen expert runs over its tokens; in a compiled step (is_compiling), one token gathers
-    its chosen experts' weights. Either way a decode step of one token reads 2 experts of 4, no more."""
+    """Eagerly each chosen expert runs over its tokens; in a compiled step (is_compiling), one token runs each
+    of its chosen experts. Either way a decode step of one token multiplies by 2 experts of 4, no more."""
     model = load_model(tiny_mixtral_dir)
     forward_logits(model, IDS[:5])
     experts, asked = spied_experts(model)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     with torch.no_grad():
         model(torch.tensor([[IDS[5]]]), torch.tensor([5]))
-    read = {expert for experts_asked in asked for expert in experts_asked}
-    assert len(asked) == 3 * (1 if compiling else 2) and len(read) == 2
+    assert len(asked) == 3 * 2 and len(set(asked)) == 2
 
 
+def by_definition(experts, x, chosen, weights):
+    """Each token's chosen experts one at a time, from their (dequantized) weights: eq. 1-2 of the paper."""
+    plain = getattr(experts, "layer", experts)  # the plain experts, under a device's form
+    outputs = []
+    for t in range(x.shape[0]):
+        total = torch.zeros(x.shape[1])
+        for j, expert in enumerate(chosen[t].tolist()):
+            w1, w3, w2 = (plain.weight(name, expert).float() for name in ("w1", "w3", "w2"))
+            total += weights[t, j] * ((F.silu(x[t] @ w1.T) * (x[t] @ w3.T)) @ w2.T)
+        outputs.append(total)
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("weights_in", ["fp32", "int4"])
+@pytest.mark.parametrize("compiling", [False, True])
 @pytest.mark.parametrize("tokens", [1, 2, 9])
-def test_the_ways_of_running_experts_agree(tiny_mixtral_dir, monkeypatch, tokens):
-    """Each expert over its own tokens (eager) equals the compiled step's forms: gathered weights for a few
-    tokens (1 or 2 tokens, 2 or 4 experts chosen), every expert over every token, weighted, for more (9)."""
-    experts = load_model(tiny_mixtral_dir).layers[1].feed_forward.experts
+def test_every_way_of_running_experts_computes_the_definition(tiny_mixtral_dir, int4_mixtral, monkeypatch, tokens,
+                                                              compiling, weights_in):
+    """A few tokens (1 or 2: 2 or 4 experts chosen of 4) run their own experts, by int eagerly and by tensor
+    in a compiled step; more (9) run each chosen expert over its tokens eagerly, and every expert over every
+    token, weighted, compiled (is_compiling); float experts and int4 ones alike."""
+    model = int4_mixtral if weights_in == "int4" else load_model(tiny_mixtral_dir)
+    experts = model.layers[1].feed_forward.experts
     torch.manual_seed(0)
     x, chosen = torch.randn(tokens, 64), torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])
     weights = torch.rand(tokens, 2).softmax(-1)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     with torch.no_grad():
-        eager = run_experts(experts, x, chosen, weights)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        static = run_experts(experts, x, chosen, weights)
-    assert torch.allclose(eager, static, atol=1e-5)
+        assert torch.allclose(run_experts(experts, x, chosen, weights), by_definition(experts, x, chosen, weights),
+                              atol=1e-5)
 
 
 @pytest.mark.slow
@@ -101,10 +123,103 @@ def test_a_mixtral_gguf_with_stacked_experts_converts_to_the_logits_of_transform
     assert (forward_logits(load_model(out), IDS) - expected).abs().max().item() <= 1e-4
 
 
-def test_quantizing_a_mixture_is_refused_in_one_line(tiny_mixtral_dir, tmp_path, capsys):
-    import quantize
+@pytest.fixture(scope="module")
+def int4_mixtral(tiny_mixtral_dir, tmp_path_factory):
+    return load_model(quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4",
+                                     "--groupsize", "32"))
 
-    output = tmp_path / "q.safetensors"
-    assert quantize.main(["--checkpoint_path", str(tiny_mixtral_dir), "--mode", "int8", "--output", str(output)]) == 2
-    error = capsys.readouterr().err.strip()
-    assert "is a mixture of experts" in error and len(error.splitlines()) == 1 and not output.exists()
+
+@pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
+def test_quantized_experts_compute_with_their_dequantized_weights(tiny_mixtral_dir, tmp_path, mode, layer_type):
+    """Every expert's projections are quantized, the router is not (rounding it would change the routing),
+    and the quantized model gives the logits of the float model with the dequantized weights."""
+    quantized = load_model(quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32"))
+    feed_forward = quantized.layers[0].feed_forward
+    assert isinstance(feed_forward.experts, CPUExperts)  # the CPU's form, holding the plain experts
+    assert all(isinstance(getattr(feed_forward.experts.layer, name), layer_type) for name in ("w1", "w2", "w3"))
+    assert isinstance(feed_forward.gate, torch.nn.Linear)
+    expected = forward_logits(dequantized_twin(load_model(tiny_mixtral_dir), quantized), IDS)
+    assert (forward_logits(quantized, IDS) - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_cpu_kernel_multiplies_by_one_experts_rows(tiny_mixtral_dir, tmp_path, mode):
+    """With bf16 activations an int4 (or int8, as nibble planes) expert's product runs PyTorch's int4 kernel
+    over that expert's rows and scales alone, picked by an int (eagerly) or a 0-d tensor (compiled): it
+    equals the plain experts' product, dequantized rows times the rows x, to bf16's rounding."""
+    path = quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
+    experts = load_model(path, "cpu", torch.bfloat16).layers[1].feed_forward.experts
+    assert all(getattr(experts, f"{name}_kernel_weight") is not None for name in ("w1", "w3", "w2"))
+    torch.manual_seed(0)
+    for name, width in (("w1", 64), ("w2", 128)):
+        x = torch.randn(3, width, dtype=torch.bfloat16)
+        for expert in (2, torch.tensor(2), 3):
+            expected = experts.layer.project(name, x, expert).float()
+            ours = experts.project(name, x, expert).float()
+            assert (ours - expected).abs().max() <= 0.02 * expected.abs().max(), (name, expert)
+
+
+def routed_through_first_experts(model):
+    """The first block's experts, their Hessians gathered over three prompts, and what those prompts routed."""
+    experts = model.layers[0].feed_forward.experts
+    hessians, seen = ExpertHessians(experts), []
+    hooks = [experts.register_forward_hook(hessians.add),
+             experts.register_forward_hook(lambda module, inputs, output: seen.append(inputs[:2]))]
+    model.setup_caches(3, 64)
+    with torch.no_grad():
+        model(torch.tensor([IDS[:60], IDS[5:65], IDS[2:62]]), torch.arange(60))
+    for hook in hooks:
+        hook.remove()
+    return experts, hessians, seen[0]
+
+
+def test_gptq_quantizes_each_expert_for_the_tokens_routed_to_it(tiny_mixtral_dir):
+    """Each expert's rows are quantized with the Hessian of its own tokens: on those tokens, GPTQ's output
+    error is below rounding to nearest, expert by expert, for the shared-input w1 and the hidden-input w2."""
+    experts, hessians, (tokens, chosen) = routed_through_first_experts(load_model(tiny_mixtral_dir))
+    for name in ("w1", "w2"):
+        gptq = hessians.quantized(experts, name, 32, 128, 0.01)
+        rtn = Int4Linear(gptq.in_features, gptq.out_features, 32)
+        set_rtn(rtn, getattr(experts, name).weight)
+        rows = gptq.out_features // 4
+        for expert in range(4):
+            x = tokens[(chosen == expert).any(-1)]
+            if name == "w2":
+                x = F.silu(experts.project("w1", x, expert)) * experts.project("w3", x, expert)
+            weight = getattr(experts, name).weight[expert * rows:(expert + 1) * rows]
+            errors = [(x @ (weight - layer.dequantized()[expert * rows:(expert + 1) * rows]).T).pow(2).mean()
+                      for layer in (gptq, rtn)]
+            assert errors[0] < 0.9 * errors[1], (name, expert, errors)
+
+
+def test_an_expert_no_calibration_token_chose_is_rounded_to_nearest(tiny_mixtral_dir):
+    experts = load_model(tiny_mixtral_dir).layers[0].feed_forward.experts
+    hessians = ExpertHessians(experts)
+    tokens = torch.randn(100, 64)
+    hessians.add(experts, (tokens, torch.tensor([[0, 1]] * 100), torch.full((100, 2), 0.5)), None)
+    gptq = hessians.quantized(experts, "w3", 32, 128, 0.01)
+    rtn = Int4Linear(64, 4 * 128, 32)
+    set_rtn(rtn, experts.w3.weight)
+    assert torch.equal(gptq.weight[256:], rtn.weight[256:]) and not torch.equal(gptq.weight[:256], rtn.weight[:256])
+
+
+@pytest.mark.slow
+def test_a_gptq_file_of_a_mixture_computes_with_its_dequantized_weights(tiny_mixtral_dir, tmp_path):
+    quantized = load_model(quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", "int4-gptq", "--groupsize", "32",
+                                          "--calibration_samples", "4", "--calibration_seq_length", "64"))
+    assert isinstance(quantized.layers[1].feed_forward.experts.layer.w2, Int4Linear)
+    expected = forward_logits(dequantized_twin(load_model(tiny_mixtral_dir), quantized), IDS)
+    assert (forward_logits(quantized, IDS) - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_two_ranks_of_a_quantized_mixture_equal_one_process(tiny_mixtral_dir, tmp_path, mode):
+    """Each rank takes its share of every expert's quantized rows (int4: whole groups of 32) and columns."""
+    quantized = quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "scripts/check_tp.py", "--checkpoint_path", str(quantized), "--json"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["tokens"] == result["expected_tokens"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_model, parameter_count
-from conftest import IDS, ROOT, forward_logits, quantized_copy, save_hf_model_as_gguf
+from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
 from model import BiasAfter, ModelArgs
 from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import convert as convert_gguf
@@ -30,17 +30,6 @@ def test_a_qwen2_gguf_converts_to_the_logits_of_transformers(tiny_qwen2_hf_dir, 
     with torch.no_grad():
         expected = qwen2_reference(torch.tensor([IDS])).logits[0]
     assert (forward_logits(load_model(out), IDS) - expected).abs().max().item() <= 1e-4
-
-
-def dequantized_twin(float_model, quantized):
-    """The float model given the quantized model's weights, dequantized (biases kept as they are): what the
-    quantized model should compute, whatever kernels it runs."""
-    for name, linear in float_model.named_modules():
-        if isinstance(linear, torch.nn.Linear) and name != "output":
-            form = quantized.get_submodule(name)
-            layer = (form.form if isinstance(form, BiasAfter) else form).layer
-            linear.weight.data = layer.dequantized()[:, :linear.in_features].float()
-    return float_model
 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
