@@ -123,10 +123,15 @@ def compile_steps(device: str, decode: bool = True, prefill_too: bool = False) -
 
 
 def weights_bytes(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every weight once, as stored (int8 and int4 weights
-    with their scales), except that an untied input embedding is only looked up (one row per token)."""
-    return sum(tensor.numel() * tensor.element_size() for name, tensor in unique_state_dict(model).items()
-               if model.args.tie_embeddings or not name.startswith("tok_embeddings."))
+    """Bytes of weights one decode step of one sequence reads: every weight once, as stored (int8 and int4
+    weights with their scales), except that an untied input embedding is only looked up (one row per
+    token), and of a mixture's experts only the experts_per_token of n_experts that the token chose."""
+    args, total = model.args, 0
+    for name, tensor in unique_state_dict(model).items():
+        share = args.experts_per_token / args.n_experts if ".experts." in name else 1
+        if args.tie_embeddings or not name.startswith("tok_embeddings."):
+            total += tensor.numel() * tensor.element_size() * share
+    return round(total)
 
 
 def kv_cache_bytes(model: Transformer, batch: int, slots: float) -> int:

@@ -32,16 +32,6 @@ def shapes(base: str, experts: int, per_token: int) -> dict:
             "moe": dataclasses.replace(args, n_experts=experts, experts_per_token=per_token)}
 
 
-def active_bytes(model) -> int:
-    """Bytes a decode step reads: every weight, but of a mixture's experts only the chosen ones."""
-    total = weights_bytes(model)
-    for block in model.layers if model.args.n_experts else []:
-        every_expert = sum(tensor.numel() * tensor.element_size()
-                           for tensor in block.feed_forward.experts.state_dict().values())
-        total -= every_expert * (1 - model.args.experts_per_token / model.args.n_experts)
-    return round(total)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="SmolLM2-135M", help="a known shape whose blocks the experts copy")
@@ -73,7 +63,7 @@ def main(argv=None):
                     speeds[kind].append(result["decode_tokens_per_s"])
             row = {"precision": precision, "mode": mode,
                    **{f"{kind}_tokens_per_s": statistics.median(speed) for kind, speed in speeds.items()},
-                   **{f"{kind}_active_mb": active_bytes(model) / 1e6 for kind, model in models.items()}}
+                   **{f"{kind}_active_mb": weights_bytes(model) / 1e6 for kind, model in models.items()}}
             row["moe_time_over_dense"] = row["dense_tokens_per_s"] / row["moe_tokens_per_s"]
             rows.append(row)
             print(f"{precision} {mode}: dense {row['dense_tokens_per_s']:.1f}, moe {row['moe_tokens_per_s']:.1f} "

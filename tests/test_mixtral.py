@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from checkpoint import load_model
 from cpu_kernels import CPUExperts
 from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
-from generation import compile_steps, generate
+from generation import compile_steps, generate, weights_bytes
 from model import ModelArgs, run_experts
 from quantize import ExpertHessians, set_rtn
 from quantized_layers import Int4Linear, Int8Linear
@@ -223,3 +223,11 @@ def test_two_ranks_of_a_quantized_mixture_equal_one_process(tiny_mixtral_dir, tm
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["max_abs_logit_diff"] <= 1e-4 and result["tokens"] == result["expected_tokens"]
+
+
+def test_the_bandwidth_report_counts_only_the_experts_a_token_chose(tiny_mixtral_dir):
+    """A decode step of one sequence reads 2 of the 4 experts (and looks up one row of the untied embedding)."""
+    tensors = load_model(tiny_mixtral_dir).state_dict()
+    read = sum(tensor.numel() * 4 for name, tensor in tensors.items() if not name.startswith("tok_embeddings."))
+    experts = sum(tensor.numel() * 4 for name, tensor in tensors.items() if ".experts." in name)
+    assert weights_bytes(load_model(tiny_mixtral_dir)) == read - experts // 2
