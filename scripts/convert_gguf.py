@@ -88,6 +88,11 @@ def rope_scaling(tensor, args: ModelArgs) -> dict:
 
 def brisk_name(gguf_name: str) -> str:
     parts = gguf_name.split(".")  # e.g. blk.3.attn_q.weight, or output_norm.weight
+    layer = parts[2] if parts[0] == "blk" else parts[0]
+    if layer not in TENSOR_NAMES or len(parts) != (4 if parts[0] == "blk" else 2):
+        # e.g. blk.0.ffn_gate.3.weight: Mixtral files from before llama.cpp stacked the experts
+        raise UsageError(f"unexpected GGUF tensor {gguf_name!r}: brisk reads llama.cpp's current Llama-family "
+                         "tensors (experts stacked in ffn_*_exps); convert the Hugging Face directory instead")
     if parts[0] == "blk":
         return f"layers.{parts[1]}.{TENSOR_NAMES[parts[2]]}.{parts[3]}"
     return f"{TENSOR_NAMES[parts[0]]}.{parts[1]}"
@@ -185,6 +190,9 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
     kept = {tensor.name for tensor in reader.tensors if keep_quantized and keepable(tensor)}
     if keep_quantized and not kept:
         raise UsageError(f"--keep_quantized: {gguf_path.name} has no Q8_0, Q4_0 or Q4_1 tensors to keep")
+    tensors = [tensor for tensor in reader.tensors if tensor.name != "rope_freqs.weight"]  # (read as rope_scaling)
+    for tensor in tensors:
+        brisk_name(tensor.name)  # an unexpected tensor is refused before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_files(reader, out_dir)
 
@@ -192,7 +200,7 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
         name = brisk_name(tensor.name).rsplit(".", 1)[0]
         return "tok_embeddings.table" if name == "tok_embeddings" and tensor.name in kept else name
 
-    tensors = sorted((tensor for tensor in reader.tensors if tensor.name != "rope_freqs.weight"), key=layer_of)
+    tensors = sorted(tensors, key=layer_of)
     shapes = {}
     for tensor in tensors:
         if tensor.name in kept:

@@ -123,7 +123,7 @@ def byte_level_tokenizer(reader, out_dir: Path):
     if pre not in PRE_TOKENIZER_PATTERNS and pre not in PRE_TOKENIZER_SPLITS:
         known = sorted([*PRE_TOKENIZER_PATTERNS, *PRE_TOKENIZER_SPLITS])
         raise UsageError(f"GGUF pre-tokenizer {pre!r} is not known; known: {', '.join(known)}")
-    tokens, merges = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.merges")
+    tokens, merges = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.merges") or []
     token_types = field(reader, "tokenizer.ggml.token_type")
     bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
     # control and user-defined tokens are matched whole in text, never BPE-merged

@@ -123,6 +123,26 @@ def test_a_mixtral_gguf_with_stacked_experts_converts_to_the_logits_of_transform
     assert (forward_logits(load_model(out), IDS) - expected).abs().max().item() <= 1e-4
 
 
+def test_a_gguf_with_one_tensor_per_expert_is_refused_in_one_line(tmp_path):
+    """llama.cpp's Mixtral files of before December 2023 kept blk.N.ffn_gate.E.weight, one per expert."""
+    from gguf import GGUFWriter
+
+    from cli import UsageError
+    from scripts.convert_gguf import convert as convert_gguf
+
+    writer = GGUFWriter(tmp_path / "old.gguf", "llama")
+    writer.add_block_count(1), writer.add_embedding_length(64), writer.add_feed_forward_length(128)
+    writer.add_head_count(4), writer.add_expert_count(4), writer.add_expert_used_count(2)
+    writer.add_tokenizer_model("gpt2"), writer.add_token_list(["a", "b"]), writer.add_token_merges([])
+    writer.add_token_types([1, 1])
+    writer.add_tensor("blk.0.ffn_gate.3.weight", torch.zeros(128, 64).numpy())
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(UsageError, match="unexpected GGUF tensor 'blk.0.ffn_gate.3.weight'.*ffn_\\*_exps"):
+        convert_gguf(tmp_path / "old.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def int4_mixtral(tiny_mixtral_dir, tmp_path_factory):
     return load_model(quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4",
