@@ -248,20 +248,17 @@ class CPUExperts(nn.Module):
     def __init__(self, experts: Experts):
         super().__init__()
         self.layer, self.n_experts = experts, experts.n_experts
-        self.planes = {}  # projection name -> whether its kernel weight is int8's two nibble planes
         for name in ("w1", "w3", "w2"):
             layer = getattr(experts, name)
             rows = layer.out_features // self.n_experts
-            kernel_tensors = (None, None, None)
-            if isinstance(layer, Int4Linear) and int4_kernel_takes(rows, layer.padded_in):
-                kernel_tensors = (int4_kernel_weight(layer.weight, lambda part: unpack_int4(part, layer.groupsize)),
-                                  torch.tensor([layer.groupsize]), layer.kernel_scales_and_zeros())
-            elif isinstance(layer, Int8Linear) and Int8CPULinear(layer).kernel_weight is not None:
-                kernel_tensors = int8_as_int4_planes(layer)
-                self.planes[name] = True
-            weight, groupsize, scales_and_zeros = kernel_tensors
-            if scales_and_zeros is not None:  # (groups, n * rows, 2) -> (n, groups, rows, 2)
-                scales_and_zeros = scales_and_zeros.unflatten(1, (self.n_experts, rows)).transpose(0, 1).contiguous()
+            weight, groupsize, scales_and_zeros = None, None, None
+            if isinstance(layer, (Int4Linear, Int8Linear)):  # the whole layer's kernel tensors, as its form builds them
+                form = Int4CPULinear(layer) if isinstance(layer, Int4Linear) else Int8CPULinear(layer)
+                if form.kernel_weight is not None and rows % 16 == 0:  # an expert's slice: whole 16-row tiles
+                    weight, groupsize = form.kernel_weight, form.groupsize
+                    # (groups, n * rows, 2) -> (n, groups, rows, 2): each expert's own, contiguous
+                    scales_and_zeros = form.scales_and_zeros.unflatten(1, (self.n_experts, rows)).transpose(0, 1)
+                    scales_and_zeros = scales_and_zeros.contiguous()
             for part, tensor in (("kernel_weight", weight), ("groupsize", groupsize),
                                  ("scales_and_zeros", scales_and_zeros)):
                 self.register_buffer(f"{name}_{part}", tensor, persistent=False)
@@ -277,7 +274,7 @@ class CPUExperts(nn.Module):
             else:
                 expert_weight = kernel_weight[expert * rows + torch.arange(rows, device=x.device)]
                 scales_and_zeros = scales_and_zeros[expert.view(1)][0]
-            x = torch.cat([x, x], dim=-1) if self.planes.get(name) else layer.padded(x)
+            x = torch.cat([x, x], dim=-1) if isinstance(layer, Int8Linear) else layer.padded(x)  # int8: two planes
             return int4_kernel(x, expert_weight, getattr(self, f"{name}_groupsize"), scales_and_zeros)
         if fused(x):
             return matvec(x, self.layer.weight(name, expert)).to(x.dtype)

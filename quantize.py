@@ -33,7 +33,7 @@ from cli import UsageError, fail, peak_memory_gb, read_text
 from generation import generate
 from model import Experts, MoEFeedForward, block_layers
 from quantized_layers import (Int4Linear, Int8Linear, QuantizedEmbedding, int4_group_params, int4_values, pack_int4,
-                              quantize_int8, unpack_int4)
+                              quantize_int8)
 from sampling import Sampling
 from tokenizer import load_tokenizer
 
@@ -164,8 +164,8 @@ class ExpertHessians:
                 parts.append(Int4Linear(weight.shape[1], weight.shape[0], groupsize))
                 set_rtn(parts[-1], weight)
         layer = Int4Linear(linear.in_features, linear.out_features, groupsize)
-        set_int4(layer, *(torch.cat([unpack_int4(part.weight, groupsize) for part in parts]),
-                          torch.cat([part.scales for part in parts]), torch.cat([part.zeros for part in parts])))
+        for tensor in ("weight", "scales", "zeros"):  # rows are packed, scaled and zeroed each on its own
+            setattr(layer, tensor, torch.cat([getattr(part, tensor) for part in parts]))
         return layer
 
 
@@ -240,11 +240,8 @@ def quantize_gptq(model: nn.Module, calibration: Tensor, groupsize: int, quantiz
             linear = getattr(parent, name)
             layer = gptq_layer(linear.weight, accumulator.hessian, groupsize, blocksize, percdamp)
             setattr(parent, name, with_bias(layer, linear))
-        if experts is not None:
-            quantized = {name: expert_hessians.quantized(experts, name, groupsize, blocksize, percdamp)
-                         for name in ("w1", "w3", "w2")}  # all from the float experts, then swapped in
-            for name, layer in quantized.items():
-                setattr(experts, name, layer)
+        for name in ("w1", "w3", "w2") if experts is not None else ():
+            setattr(experts, name, expert_hessians.quantized(experts, name, groupsize, blocksize, percdamp))
         hidden = [block(x, rope, mask, input_pos) for x in hidden]
     if quantize_embedding:
         embedding = model.tok_embeddings.weight

@@ -191,13 +191,12 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
     if keep_quantized and not kept:
         raise UsageError(f"--keep_quantized: {gguf_path.name} has no Q8_0, Q4_0 or Q4_1 tensors to keep")
     tensors = [tensor for tensor in reader.tensors if tensor.name != "rope_freqs.weight"]  # (read as rope_scaling)
-    for tensor in tensors:
-        brisk_name(tensor.name)  # an unexpected tensor is refused before anything is written
+    names = {tensor.name: brisk_name(tensor.name) for tensor in tensors}  # an unexpected one is refused here
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_files(reader, out_dir)
 
     def layer_of(tensor):  # a kept embedding is a quantized table, looked up row by row
-        name = brisk_name(tensor.name).rsplit(".", 1)[0]
+        name = names[tensor.name].rsplit(".", 1)[0]
         return "tok_embeddings.table" if name == "tok_embeddings" and tensor.name in kept else name
 
     tensors = sorted(tensors, key=layer_of)
@@ -206,13 +205,13 @@ def convert(gguf_path, out_dir, dtype=None, keep_quantized=False):
         if tensor.name in kept:
             shapes.update({f"{layer_of(tensor)}.{part}": shape for part, shape in kept_shapes(tensor).items()})
         else:
-            shapes[brisk_name(tensor.name)] = (brisk_shape(tensor), dtype)
+            shapes[names[tensor.name]] = (brisk_shape(tensor), dtype)
 
     def converted():
         for tensor in tqdm(tensors, desc=f"converting {gguf_path.name}", unit="tensor"):
             heads = interleaved_heads(tensor.name, args, arch)
             if tensor.name not in kept:
-                yield brisk_name(tensor.name), dequantized(tensor, heads).to(dtype).reshape(brisk_shape(tensor))
+                yield names[tensor.name], dequantized(tensor, heads).to(dtype).reshape(brisk_shape(tensor))
                 continue
             for part, value in kept_blocks(tensor, heads).items():
                 yield f"{layer_of(tensor)}.{part}", value
