@@ -2,7 +2,7 @@
 and the config.json that gives the model's shape.
 
 Loading builds the model on the meta device (no memory, no random init), gives it the layer types the
-file's tensors call for (int8 / int4 layers where quantize.py wrote them), assigns the tensors of the
+file's tensors call for (int8 / int4 / NF4 layers where quantize.py wrote them), assigns the tensors of the
 memory-mapped file, so the weights sit in RAM once, and finally swaps in the device's faster layer forms
 (cpu_kernels.py, cuda_kernels.py). Writing streams one tensor at a time under a temporary name, so a
 checkpoint larger than RAM can be written and no half-written file is ever left under the final name.
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import cpu_kernels
 import cuda_kernels
 from model import ModelArgs, Transformer
-from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, QuantizedEmbedding
+from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
@@ -67,15 +67,20 @@ def unique_state_dict(model: nn.Module) -> dict:
 
 
 def layer_for(tensors: dict, prefix: str, in_features: int, out_features: int) -> nn.Module:
-    """The empty layer that holds a file's tensors prefix.weight (and .scales, .zeros, .bias): float weights
-    make an nn.Linear, int8 an Int8Linear, packed uint8 an Int4Linear; groupsizes follow from the
-    scales' shape. A file may mix them (a converted GGUF: int4 blocks, an int8 output head)."""
+    """The empty layer that holds a file's tensors prefix.weight (and .scales, .zeros, .absmax..., .bias):
+    float weights make an nn.Linear, int8 an Int8Linear, packed uint8 with zeros an Int4Linear, packed uint8
+    with absmaxes an NF4Linear; groupsizes follow from the scales' (absmaxes') shape. A file may mix them (a
+    converted GGUF: int4 blocks, an int8 output head)."""
     weight, scales, bias = tensors[prefix + "weight"], tensors.get(prefix + "scales"), prefix + "bias" in tensors
     if weight.dtype == torch.int8:
         groupsize = in_features // scales.shape[1] if scales.dim() == 2 else 0
         return Int8Linear(in_features, out_features, groupsize, bias=bias)
-    if weight.dtype == torch.uint8:
+    if weight.dtype == torch.uint8 and scales is not None:
         return Int4Linear(in_features, out_features, 2 * weight.shape[1] // scales.shape[1], bias=bias)
+    if weight.dtype == torch.uint8:
+        double_quant = prefix + "absmax_codes" in tensors
+        absmax = tensors[prefix + ("absmax_codes" if double_quant else "absmax")]
+        return NF4Linear(in_features, out_features, 2 * weight.shape[1] // absmax.shape[1], double_quant, bias=bias)
     return nn.Linear(in_features, out_features, bias=bias)
 
 

@@ -1,8 +1,9 @@
-"""Weight-only quantization: int8, int4 (group-wise) and GPTQ int4.
+"""Weight-only quantization: int8, int4 (group-wise), GPTQ int4 and NF4.
 
     python quantize.py --mode int8
     python quantize.py --mode int4 --groupsize 64
     python quantize.py --mode int4-gptq --groupsize 128 --calibration_file notes.txt
+    python quantize.py --mode nf4 --groupsize 64
 
 Decoding reads every weight once per token, so fewer bytes per weight is more tokens per second.
 Activations stay in floating point; only the weights of the linear layers (and, with
@@ -12,8 +13,11 @@ quantized_layers.py:
 - int4: asymmetric, one scale and zero per group of `groupsize` input columns, rounded to nearest.
 - int4-gptq: the same format, with the rounding chosen by GPTQ (Frantar et al. 2022) to minimise each
   layer's output error on calibration text.
+- nf4: QLoRA's 4-bit NormalFloat (Dettmers et al. 2023), bitsandbytes' "load in 4 bit": w = NF4[q] * absmax,
+  one absmax per group of `groupsize` columns, the absmaxes double-quantized to 8 bits (--no_double_quant:
+  kept as floats).
 
-The file (checkpoints/NAME/model_int8.safetensors, model_int4.g64.safetensors, ...) is portable:
+The file (checkpoints/NAME/model_int8.safetensors, model_int4.g64.safetensors, model_nf4.g64.safetensors, ...) is portable:
 int4 values are packed two per byte (GGUF's Q4 layout); a device kernel's own layout is built when the
 file is loaded, on whatever device that is.
 """
@@ -32,19 +36,21 @@ from checkpoint import load_model, save_model
 from cli import UsageError, fail, peak_memory_gb, read_text
 from generation import generate
 from model import Experts, MoEFeedForward, block_layers
-from quantized_layers import (Int4Linear, Int8Linear, QuantizedEmbedding, int4_group_params, int4_values, pack_int4,
-                              quantize_int8)
+from quantized_layers import (Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding, double_quantize,
+                              int4_group_params, int4_values, pack_int4, quantize_int8, quantize_nf4)
 from sampling import Sampling
 from tokenizer import load_tokenizer
 
-MODES = ("int8", "int4", "int4-gptq")
+MODES = ("int8", "int4", "int4-gptq", "nf4")
 GROUPSIZES = (32, 64, 128, 256)
 
 
-def quantized_layer(linear: nn.Linear, mode: str, groupsize: int) -> nn.Module:
+def quantized_layer(linear: nn.Linear, mode: str, groupsize: int, double_quant: bool = True) -> nn.Module:
     """An empty (not yet filled) quantized layer of the same shape as linear."""
     if mode == "int8":
         return Int8Linear(linear.in_features, linear.out_features)
+    if mode == "nf4":
+        return NF4Linear(linear.in_features, linear.out_features, groupsize, double_quant)
     return Int4Linear(linear.in_features, linear.out_features, groupsize)
 
 
@@ -60,6 +66,8 @@ def set_rtn(layer: nn.Module, weight: Tensor):
     """Fill a quantized layer by rounding weight to the nearest grid point (round-to-nearest, RTN)."""
     if isinstance(layer, Int8Linear):
         layer.weight, layer.scales = quantize_int8(weight, layer.groupsize)
+    elif isinstance(layer, NF4Linear):
+        set_nf4(layer, *quantize_nf4(layer.padded(weight), layer.groupsize))
     else:
         weight = layer.padded(weight)
         scales, zeros = int4_group_params(weight, layer.groupsize)
@@ -68,6 +76,14 @@ def set_rtn(layer: nn.Module, weight: Tensor):
 
 def set_int4(layer: Int4Linear, values: Tensor, scales: Tensor, zeros: Tensor):
     layer.weight, layer.scales, layer.zeros = pack_int4(values, layer.groupsize), scales, zeros
+
+
+def set_nf4(layer: NF4Linear, codes: Tensor, absmax: Tensor):
+    layer.weight = pack_int4(codes, layer.groupsize)
+    if layer.double_quant:
+        layer.absmax_codes, layer.absmax_scales, layer.absmax_offset = double_quantize(absmax)
+    else:
+        layer.absmax = absmax
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, groupsize: int, blocksize: int = 128, percdamp: float = 0.01):
@@ -189,25 +205,27 @@ def quantized_linears(model: nn.Module, quantize_embedding: bool):
 
 
 @torch.no_grad()
-def quantize_rtn(model: nn.Module, mode: str, groupsize: int, quantize_embedding: bool):
-    """Round every weight to the nearest grid point: fast, no data needed."""
+def quantize_rtn(model: nn.Module, mode: str, groupsize: int, quantize_embedding: bool, double_quant: bool = True):
+    """Round every weight to the nearest grid point: fast, no data needed. double_quant: nf4's absmaxes in 8
+    bits."""
     embedding = model.tok_embeddings.weight
     for parent, name in list(quantized_linears(model, quantize_embedding)):
         linear = getattr(parent, name)
-        layer = quantized_layer(linear, mode, groupsize)
+        layer = quantized_layer(linear, mode, groupsize, double_quant)
         set_rtn(layer, linear.weight)
         setattr(parent, name, with_bias(layer, linear))
     if quantize_embedding:
-        quantize_embedding_table(model, embedding, mode, groupsize)
+        quantize_embedding_table(model, embedding, mode, groupsize, double_quant)
     return model
 
 
-def quantize_embedding_table(model, embedding: Tensor, mode: str, groupsize: int):
+def quantize_embedding_table(model, embedding: Tensor, mode: str, groupsize: int, double_quant: bool = True):
     """The input embedding: the output head's table when tied, else a table of its own."""
     if model.args.tie_embeddings:
         model.tok_embeddings = QuantizedEmbedding(model.output)
         return
-    table = quantized_layer(nn.Linear(embedding.shape[1], embedding.shape[0], device="meta"), mode, groupsize)
+    table = quantized_layer(nn.Linear(embedding.shape[1], embedding.shape[0], device="meta"), mode, groupsize,
+                            double_quant)
     set_rtn(table, embedding)
     model.tok_embeddings = QuantizedEmbedding(table)
 
@@ -276,9 +294,11 @@ def calibration_tokens(model, tokenizer, text, samples: int, length: int, seed: 
     return torch.tensor([(prompt + output)[:length] for prompt, output in zip(prompts, outputs)])
 
 
-def output_path(checkpoint_dir: Path, mode: str, groupsize: int) -> Path:
-    return checkpoint_dir / ("model_int8.safetensors" if mode == "int8" else
-                             f"model_{mode.replace('-', '_')}.g{groupsize}.safetensors")
+def output_path(checkpoint_dir: Path, mode: str, groupsize: int, double_quant: bool = True) -> Path:
+    if mode == "int8":
+        return checkpoint_dir / "model_int8.safetensors"
+    name = mode.replace("-", "_") + ("" if double_quant or mode != "nf4" else "_float_absmax")
+    return checkpoint_dir / f"model_{name}.g{groupsize}.safetensors"
 
 
 def main(argv=None):
@@ -286,9 +306,11 @@ def main(argv=None):
     parser.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/SmolLM2-135M-Instruct"),
                         help="a converted checkpoint directory (or its model.safetensors)")
     parser.add_argument("--mode", choices=MODES, required=True)
-    parser.add_argument("--groupsize", type=int, default=64, choices=GROUPSIZES, help="int4 modes: columns per group")
+    parser.add_argument("--groupsize", type=int, default=64, choices=GROUPSIZES, help="int4 and nf4: columns per group")
     parser.add_argument("--quantize_embedding", action="store_true",
                         help="also quantize the embedding / output head (a large share of a small model's bytes)")
+    parser.add_argument("--no_double_quant", dest="double_quant", action="store_false",
+                        help="nf4: keep each group's absmax as a float instead of in 8 bits (0.37 bits more a weight)")
     parser.add_argument("--calibration_file", type=Path, help="int4-gptq: plain text to calibrate on "
                         "(default: text the model generates itself)")
     parser.add_argument("--calibration_samples", type=int, default=32)
@@ -320,7 +342,7 @@ def run(args) -> int:
     check_args(args)
     checkpoint_dir = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
     text = read_text(args.calibration_file, "--calibration_file") if args.calibration_file else None
-    output = args.output or output_path(checkpoint_dir, args.mode, args.groupsize)
+    output = args.output or output_path(checkpoint_dir, args.mode, args.groupsize, args.double_quant)
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: there is no directory {output.parent}")
     started = time.perf_counter()
@@ -339,10 +361,12 @@ def run(args) -> int:
         print(f"calibrating on {calibration.numel()} tokens ({source})", file=sys.stderr)
         quantize_gptq(model, calibration, args.groupsize, args.quantize_embedding, args.blocksize, args.percdamp)
     else:
-        quantize_rtn(model, args.mode, args.groupsize, args.quantize_embedding)
+        quantize_rtn(model, args.mode, args.groupsize, args.quantize_embedding, args.double_quant)
 
     metadata = {"quantization": args.mode, "groupsize": args.groupsize if args.mode != "int8" else 0,
                 "quantize_embedding": args.quantize_embedding, "source": "model.safetensors"}
+    if args.mode == "nf4":
+        metadata.update(double_quant=args.double_quant)
     if args.mode == "int4-gptq":
         metadata.update(calibration=str(args.calibration_file or "self-generated"), percdamp=args.percdamp,
                         calibration_tokens=calibration.numel())

@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from model import ModelArgs, MoEFeedForward
+from quantized_layers import NF4Linear
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROW_WISE = ("attention.wo", "feed_forward.w2", "experts.w2")
@@ -82,12 +83,18 @@ def check_world_size(args: ModelArgs, ranks: int):
 
 
 def resized(layer: nn.Module, in_features: int, out_features: int) -> nn.Module:
-    """An empty layer (on the meta device: no memory, no random init) of layer's kind, float, int8 or
-    int4 with the same groupsize, in a new shape."""
+    """An empty layer (on the meta device: no memory, no random init) of layer's kind, float, int8, int4 or
+    NF4 with the same groupsize, in a new shape. NF4 absmaxes in 8 bits are refused: their blocks of 256 run
+    across rows and groups, so no share of rows or columns holds whole blocks in general."""
     bias = layer.bias is not None
     with torch.device("meta"):
         if isinstance(layer, nn.Linear):
             return nn.Linear(in_features, out_features, bias=bias)
+        if isinstance(layer, NF4Linear):
+            if layer.double_quant:
+                raise ValueError("NF4 weights with double-quantized absmaxes cannot be split across ranks: "
+                                 "quantize with --mode nf4 --no_double_quant for tensor parallelism")
+            return NF4Linear(in_features, out_features, layer.groupsize, double_quant=False, bias=bias)
         return type(layer)(in_features, out_features, layer.groupsize, bias=bias)
 
 

@@ -9,10 +9,10 @@ import cpu_kernels
 from checkpoint import load_model
 from conftest import filled, quantized_copy
 from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, FloatLinear, Int4CPULinear, Int8CPULinear,
-                         decode_attention)
+                         NF4CPULinear, decode_attention)
 from generation import decode_one_token
 from model import ScaledDotProductAttention
-from quantized_layers import Int4Linear, Int8Linear
+from quantized_layers import Int4Linear, Int8Linear, NF4Linear
 from sampling import Sampling
 
 
@@ -59,10 +59,11 @@ def cpu_layers(smollm2_weight):
             "int8": Int8CPULinear(filled(Int8Linear(576, 1536), smollm2_weight)),
             "int8-g32": Int8CPULinear(filled(Int8Linear(576, 1536, 32), smollm2_weight)),
             "int4-g32": Int4CPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight)),
-            "int4-g128": Int4CPULinear(filled(Int4Linear(576, 1536, 128), smollm2_weight))}
+            "int4-g128": Int4CPULinear(filled(Int4Linear(576, 1536, 128), smollm2_weight)),
+            "nf4-g64": NF4CPULinear(filled(NF4Linear(576, 1536, 64), smollm2_weight))}
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int8-g32", "int4-g32", "int4-g128", "nf4-g64"])
 def test_a_compiled_layer_over_a_few_rows_is_a_multiply_and_sum_not_a_matmul(smollm2_weight, kind):
     layer = cpu_layers(smollm2_weight)[kind]
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
@@ -216,7 +217,7 @@ def test_a_compiled_fp32_step_runs_fused_loops_where_mkls_gemv_is_slow(tiny_dir,
     assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention"}
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "nf4"])
 def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_dir, tmp_path, kind):
     if kind == "bf16":
         model = load_model(tiny_dir, "cpu", torch.bfloat16)

@@ -8,7 +8,8 @@ import torch
 
 from conftest import ROOT, quantized_copy
 from model import ModelArgs
-from tp import check_world_size
+from quantized_layers import NF4Linear
+from tp import check_world_size, resized
 
 
 def torchrun(ranks: int, *argv, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -49,6 +50,20 @@ def test_two_ranks_share_an_int8_checkpoint(tiny_int8):
     result = sharded_check(2, tiny_int8)
     assert result["max_abs_logit_diff"] <= 1e-4
     assert result["tokens"] == result["expected_tokens"]
+
+
+@pytest.mark.slow
+def test_three_ranks_share_an_nf4_checkpoint_with_float_absmaxes(smollm2_dir, tmp_path):
+    checkpoint = quantized_copy(smollm2_dir, tmp_path / "smollm2", "--mode", "nf4", "--no_double_quant")
+    result = sharded_check(3, checkpoint, max_new_tokens=8)
+    assert result["max_abs_logit_diff"] <= 1e-4
+    assert result["tokens"] == result["expected_tokens"]
+
+
+def test_nf4_absmaxes_in_8_bits_are_not_split():
+    """Their blocks of 256 run across rows and groups: no rank's share holds whole blocks in general."""
+    with pytest.raises(ValueError, match="quantize with --mode nf4 --no_double_quant for tensor parallelism"):
+        resized(NF4Linear(64, 64, 32), 64, 32)
 
 
 @pytest.mark.slow
