@@ -1,6 +1,7 @@
-"""What every command line shares (generate.py, quantize.py, eval.py, scripts/): the default checkpoint,
-dtype names, device and dtype choice, reading text files, the peak-memory figure, and the one way bad input
-is reported: a single line on stderr and exit status 2."""
+"""What every command line shares (generate.py, quantize.py, eval.py, serve.py, scripts/): the default
+checkpoint, dtype names, device and dtype choice, reading text files and sizes, the peak-memory figure, and the
+one way bad input is reported: a single line on stderr and exit status 2."""
+import re
 import resource
 import sys
 from pathlib import Path
@@ -72,6 +73,17 @@ def read_text(path: Path, flag: str) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): convert it to UTF-8") from None
+
+
+UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'150MB', '2GB', '1.5GiB' -> bytes."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in UNITS:
+        raise UsageError(f"--memory_budget {text!r} is not a size: write it like 150MB, 2GB or 1.5GiB")
+    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 def available_memory_bytes() -> int:

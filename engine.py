@@ -128,16 +128,16 @@ class SlotModel:
         """Copy the first `length` slots of a cache row to host memory, kept under key. On CUDA the copy goes to
         pinned memory without waiting: the stream orders it before any later write to the row."""
         pinned = self.device.type == "cuda"
-        self.saved[key] = [tuple(torch.empty_like(cache[row, :, :length], device="cpu", pin_memory=pinned)
-                                 .copy_(cache[row, :, :length], non_blocking=pinned)
-                                 for cache in (layer.attention.kv_cache.k_cache, layer.attention.kv_cache.v_cache))
+        self.saved[key] = [tuple(torch.empty_like(buffer[row, :, :length], device="cpu", pin_memory=pinned)
+                                 .copy_(buffer[row, :, :length], non_blocking=pinned)
+                                 for buffer in layer.attention.kv_cache.buffers())  # a quantized one's scales too
                            for layer in self.model.layers]
 
     def swap_in(self, row: int, length: int, key: int):
         """The KV slots kept under key back into a cache row (any row: positions are slots, not rows)."""
-        for layer, (keys, values) in zip(self.model.layers, self.saved.pop(key)):
-            layer.attention.kv_cache.k_cache[row, :, :length].copy_(keys, non_blocking=True)
-            layer.attention.kv_cache.v_cache[row, :, :length].copy_(values, non_blocking=True)
+        for layer, kept in zip(self.model.layers, self.saved.pop(key)):
+            for buffer, slots in zip(layer.attention.kv_cache.buffers(), kept):
+                buffer[row, :, :length].copy_(slots, non_blocking=True)
 
     def forget(self, key: int):
         """A preempted request ended before it got a slot back: its kept rows go."""

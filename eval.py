@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import quantized_kv_cache
 from checkpoint import load_model
 from cli import DTYPES, UsageError, fail, pick_device, read_text
 from generation import generate
@@ -161,6 +162,9 @@ def main(argv=None):
     parser.add_argument("--include_path", type=Path, help="--tasks: a folder of your own task YAML files")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
+                        help="the KV cache in the model's dtype, or quantized (int8, int4): attention reads every "
+                             "key and value back from it, so its error shows in the perplexity")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
@@ -198,7 +202,8 @@ def run(args) -> int:
     if not 0 < stride <= max_seq_length:
         raise UsageError(f"--stride must be in [1, --max_seq_length], got {stride}")
 
-    results = {"checkpoint": str(args.checkpoint_path)}
+    quantized_kv_cache.use(model, args.kv_cache)
+    results = {"checkpoint": str(args.checkpoint_path), "kv_cache": args.kv_cache}
     if text is not None:
         tokens = tokenizer.encode(text)[:args.limit_tokens]
         if len(tokens) < 2:

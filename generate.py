@@ -21,13 +21,14 @@ import torch
 
 import cpu_kernels
 import offload
+import quantized_kv_cache
 import tp
 from aot_step import AheadOfTimeDecode, default_cache_dir
 from checkpoint import load_model, parameter_count, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, checkpoint_error, fail,
-                 peak_memory_gb, pick_device, pick_dtype, read_text)
-from generation import (Steps, Timing, compile_step, compile_steps, generate, kv_cache_bytes, slots_to_attend,
-                        weights_bytes)
+                 parse_size, peak_memory_gb, pick_device, pick_dtype, read_text)
+from generation import (Steps, Timing, cache_bytes_per_slot, cache_rows_within, compile_step, compile_steps, generate,
+                        kv_cache_bytes, slots_to_attend, weights_bytes)
 from model import ModelArgs, Transformer
 from sampling import Sampling
 from speculative import (DraftModel, lookahead_generate, lookahead_logits, lookahead_rows, load_draft,
@@ -59,8 +60,12 @@ def parse_args(argv=None):
     parser.add_argument("--offload", default="none", choices=["none", "cpu", "disk"],
                         help="models larger than memory: keep the blocks on disk or in host memory and stream "
                              "each to the device as it runs (see offload.py)")
-    parser.add_argument("--memory_budget", help="with --offload: memory the weights may take, e.g. 150MB or 2GB "
-                        "(with disk on a CPU: the whole process); blocks beyond it stream")
+    parser.add_argument("--memory_budget", help="memory the KV cache may take, e.g. 150MB or 2GB: the largest "
+                        "--batch_size (--interactive: context) that fits is used; with --offload, memory the weights "
+                        "may take instead (with disk on a CPU: the whole process), blocks beyond it streaming")
+    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
+                        help="store the KV cache in the model's dtype, or quantized: int8 or int4 (more batch and "
+                             "context in the same memory)")
     parser.add_argument("--batch_size", type=int, help="with --prompt_file: prompts generated together "
                         "(default: all of them)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
@@ -109,8 +114,6 @@ def check_args(args):
     if args.aot and (args.compile or args.speculative or tp.world_size() > 1):
         raise UsageError("--aot compiles the plain decode step of one process: drop --compile / --speculative / "
                          "torchrun")
-    if args.memory_budget and args.offload == "none":
-        raise UsageError("--memory_budget applies to --offload cpu or disk: add --offload disk")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.profile and not args.profile.parent.is_dir():
@@ -163,7 +166,7 @@ def load(args, device: str, dtype: torch.dtype, tokenizer: Tokenizer) -> Transfo
                                  f"{available / 1e9:.1f} GB of memory available: pick a smaller shape or dtype")
             return random_model(model_args, device, dtype, shard=tp.sharded_loader())
         if args.offload != "none":
-            budget = offload.parse_size(args.memory_budget) if args.memory_budget else None
+            budget = parse_size(args.memory_budget) if args.memory_budget else None
             return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget)
         return load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
     except (FileNotFoundError, ValueError) as error:
@@ -216,6 +219,18 @@ def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):
     compile_announced(run, isinstance(setup.steps.decode, AheadOfTimeDecode))
 
 
+def cache_budget(args):
+    """--memory_budget in bytes when it budgets the KV cache (without --offload, where it budgets the weights);
+    None otherwise."""
+    return parse_size(args.memory_budget) if args.memory_budget and args.offload == "none" else None
+
+
+def announce_cache(model: Transformer, kind: str):
+    size = cache_bytes_per_slot(model) * model.max_batch_size * model.max_seq_length
+    print(f"KV cache ({kind}): {model.max_batch_size} rows x {model.max_seq_length} slots, {size / 1e6:.1f} MB",
+          file=sys.stderr)
+
+
 def report(timing: Timing, model: Transformer, batch: int, device: str, label: str):
     seconds = timing.decode_s or float("nan")
     tokens_per_s, steps_per_s = timing.decoded_tokens / seconds, timing.decode_steps / seconds
@@ -263,13 +278,23 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
     cache_length = max(map(len, prompts)) + args.max_new_tokens
     if args.aot:  # a package is built for one cache shape: round it up, so that other prompt lengths reuse it
         cache_length = slots_to_attend(cache_length, setup.model.args.max_seq_length)
+    budget = cache_budget(args)
+    if budget is not None:
+        fits = cache_rows_within(setup.model, budget, cache_length)
+        if fits < 1:
+            raise UsageError(f"--memory_budget {args.memory_budget} cannot hold one row of KV cache for "
+                             f"{cache_length} tokens ({cache_bytes_per_slot(setup.model) * cache_length / 1e6:.1f} MB "
+                             f"with --kv_cache {args.kv_cache}): raise it, or quantize the cache (--kv_cache)")
+        batch_size = min(batch_size, fits)
     setup.model.setup_caches(batch_size, cache_length)
+    announce_cache(setup.model, args.kv_cache)
     draft = None
     if args.speculative == "draft":
         try:
             # the draft's own activations (--dtype auto: bf16 for an int4 draft, whose kernel wants them)
             draft_dtype = pick_dtype(args.dtype, setup.device, weights=stored_weights(args.draft_checkpoint_path))
             draft = load_draft(args.draft_checkpoint_path, setup.tokenizer, setup.device, draft_dtype)
+            quantized_kv_cache.use(draft.model, args.kv_cache)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"--draft_checkpoint_path: {error}") from None
     verify_forward = compiled_verify_forward(args, setup.device) if args.speculative else None
@@ -352,8 +377,16 @@ def interactive(args, setup: Setup):
     """Multi-turn chat. The whole conversation is re-rendered through the chat template each turn,
     and only the tokens that differ from what the KV cache already holds are run through the model."""
     model, tokenizer = setup.model, setup.tokenizer
-    max_seq_length = min(args.max_seq_length or 2048, model.args.max_seq_length)
+    budget = cache_budget(args)
+    if budget is None:
+        max_seq_length = min(args.max_seq_length or 2048, model.args.max_seq_length)
+    else:  # the longest context that fits
+        max_seq_length = min(args.max_seq_length or model.args.max_seq_length, budget // cache_bytes_per_slot(model))
+        if max_seq_length < 2 + args.max_new_tokens:
+            raise UsageError(f"--memory_budget {args.memory_budget} holds a KV cache of {max_seq_length} tokens, "
+                             f"too few for --max_new_tokens {args.max_new_tokens}: raise it, or quantize the cache (--kv_cache)")
     model.setup_caches(1, max_seq_length)
+    announce_cache(model, args.kv_cache)
     warm_up(setup, [tokenizer.encode("Hello")])
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cached = []  # token ids whose keys and values are in the KV cache, in order
@@ -408,7 +441,7 @@ def main(argv=None):
         tokenizer = checkpoint_tokenizer(args)
         prompts = None if args.interactive else encode_prompts(args, tokenizer, texts)
         started = time.perf_counter()
-        model = load(args, device, dtype, tokenizer)
+        model = quantized_kv_cache.use(load(args, device, dtype, tokenizer), args.kv_cache)
         if device == "cpu" and (args.compile or args.aot):
             cpu_kernels.swap_in(model, compiled_decode=True)  # fp32 layers too, where MKL's GEMV is slow
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "

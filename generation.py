@@ -134,9 +134,22 @@ def weights_bytes(model: Transformer) -> int:
     return round(total)
 
 
+def cache_bytes_per_slot(model: Transformer) -> int:
+    """Bytes one slot of one row of the model's KV cache type takes: keys and values of every layer, a
+    quantized cache's scales included (measured on a one-slot cache of each layer's shape)."""
+    dtype = model.norm.weight.dtype
+    caches = [model.kv_cache_type(1, 1, layer.attention.n_kv_heads, model.args.head_dim, dtype)
+              for layer in model.layers]
+    return sum(buffer.numel() * buffer.element_size() for cache in caches for buffer in cache.buffers())
+
+
+def cache_rows_within(model: Transformer, budget: int, slots: int) -> int:
+    """How many rows of `slots` slots of the model's KV cache type fit in `budget` bytes (FlexGen's point:
+    a smaller cache buys a bigger batch)."""
+    return budget // (cache_bytes_per_slot(model) * slots)
+
+
 def kv_cache_bytes(model: Transformer, batch: int, slots: float) -> int:
     """Bytes of KV cache a decode step reads when its attention runs over `slots` slots of each row in use
-    (slots_to_attend: the sequence so far, rounded up; masked slots are read too)."""
-    cache = model.layers[0].attention.kv_cache
-    per_slot = cache.k_cache[0, :, 0].numel() * cache.k_cache.element_size() * 2
-    return round(per_slot * slots * batch * len(model.layers))
+    (slots_to_attend: the sequence so far, rounded up; masked slots are read too), as stored."""
+    return round(cache_bytes_per_slot(model) * slots * batch)

@@ -116,9 +116,24 @@ class ModelArgs:
         }
 
 
+def write_slots(buffer: Tensor, input_pos: Tensor, values: Tensor, cache_row: int = 0):
+    """values (batch, n_kv_heads, seq, ...) into a cache buffer (max_batch_size, n_kv_heads, max_seq_length,
+    ...) at cache slots input_pos: (seq,), the same for every row, or (batch, seq), each row at its own (a
+    server's rows, each a sequence of its own). The batch's rows are the cache's rows from cache_row on (a
+    server prefills one row at a time). Written by indexing the whole buffer (an index_put_ that
+    torch.compile keeps in place; a scatter into a slice of it had the compiled step copy the whole cache
+    every step)."""
+    batch, seq = values.shape[0], values.shape[2]
+    rows = torch.arange(cache_row, cache_row + batch, device=values.device).unsqueeze(1)  # (batch, 1)
+    slots = input_pos.view(-1, seq)  # (1 or batch, seq)
+    buffer[rows, :, slots] = values.transpose(1, 2)  # indexed: (batch, seq, n_kv_heads, ...)
+
+
 class KVCache(nn.Module):
     """Keys and values of every position seen so far, pre-allocated so shapes never change
-    (which is what lets torch.compile and CUDA graphs capture the decode step once)."""
+    (which is what lets torch.compile and CUDA graphs capture the decode step once). Every buffer of a
+    cache is indexed (row, head, slot, ...), which is how a server moves a row's slots (engine.py); caches
+    that store keys and values quantized (quantized_kv_cache.py) keep to that and to `update`."""
 
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
         super().__init__()
@@ -126,18 +141,13 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, cache_row: int = 0):
-        # k, v: (batch, n_kv_heads, seq, head_dim), written at cache slots input_pos: (seq,), the same for
-        # every row, or (batch, seq), each row at its own (a server's rows, each a sequence of its own).
-        # The batch's rows are the cache's rows from cache_row on (a server prefills one row at a time).
-        # Written by indexing the whole buffer (an index_put_ that torch.compile keeps in place; a scatter into a
-        # slice of it had the compiled step copy the whole cache every step)
-        batch, seq = k.shape[0], k.shape[2]
-        rows = torch.arange(cache_row, cache_row + batch, device=k.device).unsqueeze(1)  # (batch, 1)
-        slots = input_pos.view(-1, seq)  # (1 or batch, seq)
-        self.k_cache[rows, :, slots] = k.transpose(1, 2)  # indexed: (batch, seq, n_kv_heads, head_dim)
-        self.v_cache[rows, :, slots] = v.transpose(1, 2)
-        return self.k_cache[cache_row:cache_row + batch], self.v_cache[cache_row:cache_row + batch]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, cache_row: int = 0, slots: Optional[int] = None):
+        """Write k, v: (batch, n_kv_heads, seq, head_dim) at cache slots input_pos (write_slots); return the
+        keys and values attention reads: the batch's rows, their first `slots` slots (all by default)."""
+        write_slots(self.k_cache, input_pos, k, cache_row)
+        write_slots(self.v_cache, input_pos, v, cache_row)
+        rows = slice(cache_row, cache_row + k.shape[0])
+        return self.k_cache[rows, :, :slots], self.v_cache[rows, :, :slots]
 
 
 class RMSNorm(nn.Module):
@@ -214,9 +224,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        k, v = self.kv_cache.update(input_pos, k, v, cache_row)
-        slots = mask.shape[-1]  # attend over the cache slots the mask covers (Transformer.forward)
-        y = self.sdpa(q, k[:, :, :slots], v[:, :, :slots], mask)
+        # attend over the cache slots the mask covers (Transformer.forward)
+        k, v = self.kv_cache.update(input_pos, k, v, cache_row, slots=mask.shape[-1])
+        y = self.sdpa(q, k, v, mask)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.wo(y)
 
@@ -338,16 +348,18 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.kv_cache_type = KVCache  # what setup_caches allocates (quantized_kv_cache.py has others)
         self.max_batch_size = self.max_seq_length = -1
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and the RoPE table for batches up to max_batch_size rows and
         sequences (prompt + generated) up to max_seq_length tokens."""
-        if max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length:
+        allocated = type(self.layers[0].attention.kv_cache) is self.kv_cache_type
+        if allocated and max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length:
             return
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # the head may be quantized: ask the norm
         for layer in self.layers:  # a tensor-parallel rank (tp.py) caches only its own share of KV heads
-            layer.attention.kv_cache = KVCache(
+            layer.attention.kv_cache = self.kv_cache_type(
                 max_batch_size, max_seq_length, layer.attention.n_kv_heads, self.args.head_dim, dtype).to(device)
         # (length, 1, head_dim // 2, 2) in the model's dtype: indexed by positions, it broadcasts over heads as
         # it is, so a block's RoPE costs no reshaping or casting

@@ -24,7 +24,6 @@ a forward pre-hook gives each one its weights just before it runs (a forward hoo
 import ctypes
 import json
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -35,17 +34,6 @@ from checkpoint import SAFETENSORS_DTYPES, checkpoint_files, empty_model, unique
 from model import Transformer
 
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
-UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'150MB', '2GB', '1.5GiB' -> bytes."""
-    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in UNITS:
-        raise ValueError(f"--memory_budget {text!r} is not a size: write it like 150MB, 2GB or 1.5GiB")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
-
-
 class SafetensorsFile:
     """A safetensors file read tensor by tensor with pread, into buffers the caller owns."""
 

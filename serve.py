@@ -27,11 +27,13 @@ from pathlib import Path
 
 import torch
 
+import quantized_kv_cache
 import tp
 from checkpoint import load_model, stored_weights
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, checkpoint_error, fail, pick_device, pick_dtype
+from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, checkpoint_error, fail, parse_size, pick_device, pick_dtype
 from engine import Busy, Engine, Histogram, Request, SlotModel, TextStream, decode_logits
-from generation import compile_step, slots_to_attend
+from generation import cache_bytes_per_slot, cache_rows_within, compile_step, slots_to_attend
+from model import Transformer
 from sampling import Sampling
 from scheduler import SkipJoinMLFQ
 from tokenizer import load_tokenizer
@@ -345,7 +347,8 @@ def parse_args(argv=None):
                         help="a checkpoint directory or a .safetensors file in one (quantized files too)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--slots", type=int, default=4, help="sequences decoded together (rows of the KV cache)")
+    parser.add_argument("--slots", type=int, help="sequences decoded together (rows of the KV cache; default 4, or "
+                        "as many as --memory_budget holds)")
     parser.add_argument("--max_seq_length", type=int, default=2048, help="prompt + completion tokens per slot")
     parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
     parser.add_argument("--max_waiting", type=int, default=64, help="requests waiting for a slot before 429")
@@ -357,11 +360,16 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="compile the decode step (waits before serving)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
+                        help="store the KV cache in the model's dtype, or quantized: int8 or int4 (more slots in the "
+                             "same memory)")
+    parser.add_argument("--memory_budget", help="memory the KV cache may take (each rank's, under torchrun), e.g. "
+                        "500MB: as many slots of --max_seq_length as it holds (at most --slots, if given)")
     return parser.parse_args(argv)
 
 
 def check_args(args):
-    for flag, value, least in (("--slots", args.slots, 1), ("--max_seq_length", args.max_seq_length, 2),
+    for flag, value, least in (("--slots", args.slots or 1, 1), ("--max_seq_length", args.max_seq_length, 2),
                                ("--prefill_chunk", args.prefill_chunk, 1), ("--max_waiting", args.max_waiting, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, not {value}")
@@ -370,7 +378,8 @@ def check_args(args):
 
 
 def load(args) -> tuple:
-    """The tokenizer, the model (this rank's share of it under torchrun), its decode step and the context."""
+    """The tokenizer, the model (this rank's share of it under torchrun) with its KV cache type, its decode step,
+    the context and the number of slots."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, args.compile, stored_weights(args.checkpoint_path))
     try:
@@ -378,16 +387,32 @@ def load(args) -> tuple:
         model = load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
     except (FileNotFoundError, ValueError) as error:
         raise checkpoint_error(error, args.checkpoint_path) from None
+    quantized_kv_cache.use(model, args.kv_cache)
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
-    return tokenizer, model, decode, max_seq_length
+    return tokenizer, model, decode, max_seq_length, slots_within_budget(args, model, max_seq_length)
+
+
+def slots_within_budget(args, model: Transformer, max_seq_length: int) -> int:
+    """--slots, or with --memory_budget as many slots of max_seq_length as the KV cache may hold (at most --slots)."""
+    if not args.memory_budget:
+        return args.slots or 4
+    fits = cache_rows_within(model, parse_size(args.memory_budget), max_seq_length)
+    if fits < 1:
+        raise UsageError(f"--memory_budget {args.memory_budget} cannot hold one slot of {max_seq_length} tokens "
+                         f"({cache_bytes_per_slot(model) * max_seq_length / 1e6:.1f} MB with --kv_cache "
+                         f"{args.kv_cache}): raise it, lower --max_seq_length, or quantize the cache (--kv_cache)")
+    return min(fits, args.slots or fits)
 
 
 def build_engine(args) -> tuple:
     """The tokenizer and a warm engine (a compiled step compiled for every attention length it will use)."""
-    tokenizer, model, decode, max_seq_length = load(args)
-    engine = Engine(model, args.slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,
+    tokenizer, model, decode, max_seq_length, slots = load(args)
+    engine = Engine(model, slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,
                     static_rows=args.compile)
+    size = cache_bytes_per_slot(model) * slots * max_seq_length
+    print(f"KV cache ({args.kv_cache}): {slots} slots x {max_seq_length} tokens, {size / 1e6:.1f} MB",
+          file=sys.stderr, flush=True)
     if args.compile:
         warm_up(engine)
     if args.schedule == "mlfq":
@@ -430,7 +455,7 @@ def serve(args) -> int:
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
     server.engine = engine
-    print(f"serving {server.model_name} on http://{args.host}:{server.server_port}/v1 ({args.slots} slots)",
+    print(f"serving {server.model_name} on http://{args.host}:{server.server_port}/v1 ({len(engine.slots)} slots)",
           file=sys.stderr, flush=True)
     try:
         threading.Event().wait()
@@ -446,8 +471,8 @@ def follow(args) -> int:
     """A rank other than 0 under torchrun: no HTTP, no scheduler; it makes each model call rank 0's engine makes
     (warm-up and measurement included), on its share, until rank 0 stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 says when to stop
-    _, model, decode, max_seq_length = load(args)
-    SlotModel(model, args.slots, max_seq_length, decode).follow()
+    _, model, decode, max_seq_length, slots = load(args)
+    SlotModel(model, slots, max_seq_length, decode).follow()
     return 0
 
 

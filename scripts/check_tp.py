@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import quantized_kv_cache  # noqa: E402
 import tp  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from cli import DTYPES, UsageError, fail, peak_memory_gb, pick_device  # noqa: E402
@@ -36,6 +37,8 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
+                        help="the KV cache of both models, each rank's holding its own heads")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
     try:
@@ -43,13 +46,14 @@ def main(argv=None):
         tp.init(device)
         try:
             model = load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
+            quantized_kv_cache.use(model, args.kv_cache)
             prompt = load_tokenizer(args.checkpoint_path).encode(args.prompt)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(str(error)) from None
         logits, generated = prompt_logits_and_tokens(model, prompt, args.max_new_tokens, device)
         memory = tp.gathered(round(peak_memory_gb(), 3))
         if tp.rank() == 0:
-            whole = load_model(args.checkpoint_path, device, dtype)
+            whole = quantized_kv_cache.use(load_model(args.checkpoint_path, device, dtype), args.kv_cache)
             expected_logits, expected = prompt_logits_and_tokens(whole, prompt, args.max_new_tokens, device)
             result = dict(world_size=tp.world_size(), dtype=args.dtype, device=device,
                           max_abs_logit_diff=(logits - expected_logits).abs().max().item(),

@@ -11,10 +11,11 @@ import torch
 import offload
 import quantize
 from checkpoint import load_model
+from cli import UsageError, parse_size
 from conftest import ROOT
 from generate import main
 from generation import generate
-from offload import load_offloaded, parse_size, plan_blocks
+from offload import load_offloaded, plan_blocks
 from sampling import Sampling
 from scripts.random_checkpoint import write
 from tokenizer import load_tokenizer
@@ -88,7 +89,7 @@ def test_sizes_are_read_in_decimal_and_binary_units():
     assert parse_size("150MB") == 150_000_000
     assert parse_size("2GB") == 2_000_000_000
     assert parse_size("1.5GiB") == 3 * 2**29
-    with pytest.raises(ValueError, match="--memory_budget '2 potatoes' is not a size: write it like 150MB"):
+    with pytest.raises(UsageError, match="--memory_budget '2 potatoes' is not a size: write it like 150MB"):
         parse_size("2 potatoes")
 
 

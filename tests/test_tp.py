@@ -22,10 +22,10 @@ def torchrun(ranks: int, *argv, timeout: int = 600) -> subprocess.CompletedProce
 
 
 def sharded_check(ranks: int, checkpoint, dtype: str = "fp32", max_new_tokens: int = 16,
-                  prompt: str = "The capital of France is") -> dict:
+                  prompt: str = "The capital of France is", kv_cache: str = "float") -> dict:
     """scripts/check_tp.py: the sharded model's logits and greedy tokens against the whole model's."""
     run = torchrun(ranks, "scripts/check_tp.py", "--checkpoint_path", checkpoint, "--dtype", dtype, "--json",
-                   "--max_new_tokens", max_new_tokens, "--prompt", prompt)
+                   "--max_new_tokens", max_new_tokens, "--prompt", prompt, "--kv_cache", kv_cache)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
