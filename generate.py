@@ -287,7 +287,6 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
                              f"with --kv_cache {args.kv_cache}): raise it, or quantize the cache (--kv_cache)")
         batch_size = min(batch_size, fits)
     setup.model.setup_caches(batch_size, cache_length)
-    announce_cache(setup.model, args.kv_cache)
     draft = None
     if args.speculative == "draft":
         try:
@@ -297,6 +296,7 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
             quantized_kv_cache.use(draft.model, args.kv_cache)
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"--draft_checkpoint_path: {error}") from None
+    announce_cache(setup.model, args.kv_cache)
     verify_forward = compiled_verify_forward(args, setup.device) if args.speculative else None
     if not args.speculative:
         warm_up(setup, prompts[:batch_size], args.max_new_tokens)

@@ -349,13 +349,14 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.kv_cache_type = KVCache  # what setup_caches allocates (quantized_kv_cache.py has others)
+        self.allocated_kv_cache_type = None
         self.max_batch_size = self.max_seq_length = -1
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the KV cache and the RoPE table for batches up to max_batch_size rows and
         sequences (prompt + generated) up to max_seq_length tokens."""
-        allocated = type(self.layers[0].attention.kv_cache) is self.kv_cache_type
-        if allocated and max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length:
+        if (max_batch_size <= self.max_batch_size and max_seq_length == self.max_seq_length
+                and self.allocated_kv_cache_type is self.kv_cache_type):
             return
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # the head may be quantized: ask the norm
         for layer in self.layers:  # a tensor-parallel rank (tp.py) caches only its own share of KV heads
@@ -367,6 +368,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("slots", torch.arange(max_seq_length, device=device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.allocated_kv_cache_type = self.kv_cache_type
 
     def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
                 positions: Optional[Tensor] = None, mask: Optional[Tensor] = None,

@@ -8,12 +8,17 @@ tokens, more than its int4 weights. In the model's dtype, then, per head and slo
 - int4: asymmetric, one scale and minimum per group of 64 values along the head dimension (the whole head
   when it is not a multiple of 64): x = q * scale + min, q in [0, 15], scale = (max - min) / 15 (FlexGen's
   min/max groups). Two values a byte, packed as the int4 weights are (quantized_layers.py).
+- int4-g32, int4-g16: the same in groups of 32 or 16. Keys have a few channels far larger than the rest,
+  and a group that holds one rounds the others coarsely: on SmolLM2, whose heads are 64 wide, groups of 64
+  raise perplexity by 11%, of 16 by 2.3% (README, Quantization).
 
 Each is a drop-in for model.KVCache, chosen with `use(model, "int8")` before the caches are set up;
 `--kv_cache` on the command lines. Attention then reads the dequantized rows and slots it attends to:
 eagerly as one tensor per layer, and in a compiled decode step fused into the attention loop, which reads
 the quantized bytes (cpu_kernels.decode_attention).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch import Tensor
@@ -52,19 +57,16 @@ class Int8KVCache(nn.Module):
         return tuple(read)
 
 
-def int4_cache_groupsize(head_dim: int) -> int:
-    return 64 if head_dim % 64 == 0 else head_dim
-
-
 class Int4KVCache(nn.Module):
     """Keys and values in int4, packed two a byte, with a scale and a minimum per (row, head, slot, group of
-    int4_cache_groupsize values) in the model's dtype."""
+    `groupsize` values along the head dimension; the whole head where it is not a multiple) in the model's
+    dtype."""
 
-    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype, groupsize: int = 64):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"an int4 KV cache packs two values a byte: head_dim {head_dim} is odd")
-        self.head_dim, self.groupsize = head_dim, int4_cache_groupsize(head_dim)
+        self.head_dim, self.groupsize = head_dim, groupsize if head_dim % groupsize == 0 else head_dim
         shape, groups = (max_batch_size, n_kv_heads, max_seq_length), head_dim // self.groupsize
         for name in ("k", "v"):
             self.register_buffer(f"{name}_cache", torch.zeros(*shape, head_dim // 2, dtype=torch.uint8),
@@ -99,12 +101,13 @@ class Int4KVCache(nn.Module):
         return tuple(read)
 
 
-KV_CACHE_TYPES = {"float": KVCache, "int8": Int8KVCache, "int4": Int4KVCache}
+KV_CACHE_TYPES = {"float": KVCache, "int8": Int8KVCache, "int4": Int4KVCache,
+                  "int4-g32": partial(Int4KVCache, groupsize=32), "int4-g16": partial(Int4KVCache, groupsize=16)}
 
 
 def use(model: Transformer, kind: str) -> Transformer:
-    """Have model's caches store keys and values as `kind` ("float": the model's dtype, "int8", "int4") from
-    its next setup_caches on."""
+    """Have model's caches store keys and values as `kind` (a name of KV_CACHE_TYPES; "float": the model's
+    dtype) from its next setup_caches on."""
     model.kv_cache_type = KV_CACHE_TYPES[kind]
     return model
 

@@ -2,7 +2,9 @@
 import importlib.util
 import json
 
+import quantized_kv_cache
 from checkpoint import load_model
+from generation import cache_bytes_per_slot
 from model import ModelArgs
 from scripts.bench import main
 from scripts.bench_peers import main as bench_peers
@@ -95,3 +97,18 @@ def test_bench_serve_loads_a_server_and_reports_every_request(tiny_dir, tmp_path
     [run] = json.loads(output.read_text())["results"]
     assert (run["engine"], run["clients"], run["requests"], run["failed"]) == ("brisk-mlfq", 2, 3, 0)
     assert run["tokens_per_s"] > 0 and run["short_ttft_p50"] <= run["short_e2e_p50"]
+
+
+def test_bench_scaling_draws_each_cache_type_and_fills_a_budget(tiny_dir, tmp_path):
+    model = load_model(tiny_dir)
+    float_row, int4_row = (32 * cache_bytes_per_slot(quantized_kv_cache.use(model, kind)) for kind in ("float", "int4"))
+    budget = float_row + 1
+    assert bench_scaling(["--checkpoint_path", str(tiny_dir), "--contexts", "32", "64", "--batches", "--sizes",
+                          "--kv_caches", "float", "int4", "--memory_budget", f"{budget}B", "--context", "32",
+                          "--max_new_tokens", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    points = json.loads((tmp_path / "scaling_fp32_eager.json").read_text())["points"]
+    assert [(p["curve"], p["kv_cache"], p["context"]) for p in points if p["curve"] == "context"] == [
+        ("context", "float", 32), ("context", "float", 64), ("context", "int4", 32), ("context", "int4", 64)]
+    budget_rows = {p["kv_cache"]: p["batch"] for p in points if p["curve"] == "budget"}
+    assert budget_rows == {"float": 1, "int4": budget // int4_row} and budget // int4_row >= 4
+    assert all(p["peak_memory_gb"] > 0 and p["cache_mb"] > 0 for p in points)

@@ -39,10 +39,10 @@ def test_int8_keys_come_back_within_half_a_step_of_their_absmax_over_127():
     assert not torch.equal(read, x)
 
 
-@pytest.mark.parametrize("head_dim, groupsize", [(128, 64), (32, 32), (96, 96)])
-def test_int4_keys_come_back_within_half_a_step_of_their_group(head_dim, groupsize):
+@pytest.mark.parametrize("head_dim, asked, groupsize", [(128, 64, 64), (32, 64, 32), (96, 64, 96), (64, 16, 16)])
+def test_int4_keys_come_back_within_half_a_step_of_their_group(head_dim, asked, groupsize):
     x = torch.randn(1, 2, 5, head_dim) * 3 + 1
-    read = written(Int4KVCache(1, 16, 2, head_dim, torch.float32), x)
+    read = written(Int4KVCache(1, 16, 2, head_dim, torch.float32, asked), x)
     groups = x.unflatten(-1, (-1, groupsize))
     step = (groups.amax(-1) - groups.amin(-1)) / 15  # min / max per group along the head dimension
     error = (read - x).abs().unflatten(-1, (-1, groupsize))
@@ -61,7 +61,8 @@ def test_a_row_and_slots_not_written_stay_empty(cache_type):
 
 def test_cache_bytes_count_what_each_type_stores():
     model = Transformer(ModelArgs.from_name("SmolLM2-135M"))  # 30 layers, 3 KV heads of 64, fp32
-    per_head_and_slot = {"float": 64 * 4, "int8": 64 + 4, "int4": 64 // 2 + 2 * 4}  # values + scales (+ mins)
+    # values, scales (and minimums) of each head and slot
+    per_head_and_slot = {"float": 64 * 4, "int8": 64 + 4, "int4": 64 // 2 + 2 * 4, "int4-g16": 64 // 2 + 4 * 2 * 4}
     for kind, size in per_head_and_slot.items():
         quantized_kv_cache.use(model, kind)
         assert cache_bytes_per_slot(model) == 30 * 3 * 2 * size
