@@ -23,6 +23,7 @@ from torch import Tensor
 
 import cpu_kernels
 import model as model_source
+import quantized_kv_cache
 import quantized_layers
 from generation import CPU_COMPILE_OPTIONS
 from model import Transformer
@@ -65,7 +66,7 @@ def package_name(decode_pass: DecodePass, batch: int, padded: bool) -> str:
     for part in (torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
                  batch, padded, decode_pass.attended_slots, decode_pass.model.args):
         digest.update(repr(part).encode())
-    for module in (model_source, cpu_kernels, quantized_layers, sys.modules[__name__]):
+    for module in (model_source, cpu_kernels, quantized_layers, quantized_kv_cache, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     for name, tensor in sorted(named_tensors(decode_pass).items()):
         digest.update(repr((name, tuple(tensor.shape), tensor.dtype, tensor.stride())).encode())

@@ -369,7 +369,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    for flag, value, least in (("--slots", args.slots or 1, 1), ("--max_seq_length", args.max_seq_length, 2),
+    given_slots = 1 if args.slots is None else args.slots
+    for flag, value, least in (("--slots", given_slots, 1), ("--max_seq_length", args.max_seq_length, 2),
                                ("--prefill_chunk", args.prefill_chunk, 1), ("--max_waiting", args.max_waiting, 0)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, not {value}")

@@ -14,9 +14,10 @@ import urllib.request
 import pytest
 import torch
 
+import quantized_kv_cache
 import serve
-from conftest import ROOT
 from checkpoint import load_model
+from conftest import ROOT
 from engine import Busy, Engine, Request, TextStream
 from generation import generate
 from sampling import Sampling
@@ -54,9 +55,10 @@ def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
     return results
 
 
+@pytest.mark.parametrize("kv_cache", ["float", "int8", "int4"])
 @pytest.mark.parametrize("static_rows", [False, True])
-def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_rows):
-    model = load_model(tiny_dir)
+def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_rows, kv_cache):
+    model = quantized_kv_cache.use(load_model(tiny_dir), kv_cache)  # alone and sharing, with the same cache
     prompts = [[5, 17, 33], list(range(40, 140)), [9], [200, 3, 77, 12, 1, 60], list(range(100, 170))]
     lengths = [12, 7, 20, 3, 15]
     expected = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
