@@ -16,6 +16,7 @@ With --compile every point is a new shape, compiled afresh (minutes each). The p
 (requirements-bench.txt); without it the table and JSON are still written.
 """
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -40,9 +41,11 @@ RANDOM_SIZES = ("SmolLM2-360M", "SmolLM2-1.7B")
 
 
 def reset_peak_memory():
-    """Start this process's peak resident memory (VmHWM) again from what it holds now (Linux; elsewhere the
-    figures are peaks since the start)."""
+    """Start this process's peak resident memory (VmHWM) again from what it holds now, after handing the
+    memory earlier points freed back to the system (Linux with glibc; elsewhere the figures are peaks since
+    the start)."""
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError:
@@ -130,11 +133,13 @@ def plot(points: list, title: str, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 4, figsize=(17, 4))
-    for axis, curve, x, y, label in ((axes[0], "context", "context", "decode_tokens_per_s", "KV cache length (tokens)"),
-                                     (axes[1], "context", "context", "peak_memory_gb", "KV cache length (tokens)"),
-                                     (axes[2], "batch", "batch", "decode_tokens_per_s", "batch size (rows)"),
-                                     (axes[3], "size", "parameters", "decode_tokens_per_s", "parameters")):
+    panels = [(curve, x, y, label) for curve, x, y, label in (
+        ("context", "context", "decode_tokens_per_s", "KV cache length (tokens)"),
+        ("context", "context", "peak_memory_gb", "KV cache length (tokens)"),
+        ("batch", "batch", "decode_tokens_per_s", "batch size (rows)"),
+        ("size", "parameters", "decode_tokens_per_s", "parameters")) if any(p["curve"] == curve for p in points)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), squeeze=False)
+    for axis, (curve, x, y, label) in zip(axes[0], panels):
         for kv_cache in dict.fromkeys(p["kv_cache"] for p in points if p["curve"] == curve):
             chosen = [p for p in points if p["curve"] == curve and p["kv_cache"] == kv_cache]
             axis.plot([p[x] for p in chosen], [p[y] for p in chosen], marker="o", label=f"{kv_cache} KV cache")
