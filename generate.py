@@ -384,7 +384,8 @@ def interactive(args, setup: Setup):
         max_seq_length = min(args.max_seq_length or model.args.max_seq_length, budget // cache_bytes_per_slot(model))
         if max_seq_length < 2 + args.max_new_tokens:
             raise UsageError(f"--memory_budget {args.memory_budget} holds a KV cache of {max_seq_length} tokens, "
-                             f"too few for --max_new_tokens {args.max_new_tokens}: raise it, or quantize the cache (--kv_cache)")
+                             f"too few for --max_new_tokens {args.max_new_tokens}: raise it, or quantize the cache "
+                             "(--kv_cache)")
     model.setup_caches(1, max_seq_length)
     announce_cache(model, args.kv_cache)
     warm_up(setup, [tokenizer.encode("Hello")])

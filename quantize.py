@@ -17,9 +17,9 @@ quantized_layers.py:
   one absmax per group of `groupsize` columns, the absmaxes double-quantized to 8 bits (--no_double_quant:
   kept as floats).
 
-The file (checkpoints/NAME/model_int8.safetensors, model_int4.g64.safetensors, model_nf4.g64.safetensors, ...) is portable:
-int4 values are packed two per byte (GGUF's Q4 layout); a device kernel's own layout is built when the
-file is loaded, on whatever device that is.
+The file (checkpoints/NAME/model_int8.safetensors, model_int4.g64.safetensors, model_nf4.g64.safetensors,
+...) is portable: int4 values are packed two per byte (GGUF's Q4 layout); a device kernel's own layout is
+built when the file is loaded, on whatever device that is.
 """
 import argparse
 import sys

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quantized_kv_cache  # noqa: E402
 from checkpoint import parameter_count, random_model  # noqa: E402
 from cli import UsageError, fail, parse_size, peak_memory_gb  # noqa: E402
-from generation import Steps, cache_bytes_per_slot, cache_rows_within, compile_steps, generate, weights_bytes  # noqa: E402
+from generation import (Steps, cache_bytes_per_slot, cache_rows_within, compile_steps, generate,  # noqa: E402
+                        weights_bytes)
 from model import ModelArgs  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
@@ -117,10 +118,11 @@ def run(args) -> list:
 
 
 def markdown(points: list, title: str) -> str:
-    lines = [f"{title}", "", "| curve | model | batch | context | KV cache | cache MB | peak memory GB | decode tok/s |",
+    lines = [f"{title}", "",
+             "| curve | model | batch | context | KV cache | cache MB | peak memory GB | decode tok/s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {p['curve']} | {p['model']} | {p['batch']} | {p['context']} | {p['kv_cache']} | {p['cache_mb']:.1f} | "
-              f"{p['peak_memory_gb']:.2f} | {p['decode_tokens_per_s']:.1f} |" for p in points]
+    lines += [f"| {p['curve']} | {p['model']} | {p['batch']} | {p['context']} | {p['kv_cache']} | "
+              f"{p['cache_mb']:.1f} | {p['peak_memory_gb']:.2f} | {p['decode_tokens_per_s']:.1f} |" for p in points]
     return "\n".join(lines) + "\n"
 
 
