@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import cpu_kernels
 import cuda_kernels
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, swap_layers
 from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -159,20 +159,60 @@ def parameter_count(args: ModelArgs) -> int:
         return sum(tensor.numel() for tensor in unique_state_dict(Transformer(args)).values())
 
 
-def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
-    """Random weights (normal, std 0.02; norms 1) of a given shape, for speed checks; shard as in
-    load_model (with no tensors to slice)."""
+# How --random_weights stores its linear layers: as floats, or as quantize.py's int8 (a scale per output
+# channel) and int4 (groups of N) layers hold them
+RANDOM_WEIGHTS = ("float", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g256")
+
+
+def random_layer(layer: nn.Module, weights: str) -> nn.Module:
+    """An empty layer of a linear layer's shape storing its weight as `weights` (one of RANDOM_WEIGHTS);
+    other layers (attention) as they are."""
+    if isinstance(layer, nn.Linear) and weights == "int8":
+        return Int8Linear(layer.in_features, layer.out_features)
+    if isinstance(layer, nn.Linear) and weights.startswith("int4-g"):
+        return Int4Linear(layer.in_features, layer.out_features, int(weights.removeprefix("int4-g")))
+    return layer
+
+
+def empty_random_model(args: ModelArgs, dtype=torch.float32, shard=None, weights: str = "float") -> Transformer:
+    """The model of a shape on the meta device (no memory), in dtype, its linear layers (the output head
+    included, as quantize.py --quantize_embedding and llama.cpp's files hold it) stored as `weights`."""
     with torch.device("meta"):
         model = Transformer(args)
+        if weights != "float":
+            swap_layers(model, lambda layer: random_layer(layer, weights))
+            if args.tie_embeddings:
+                model.tok_embeddings = QuantizedEmbedding(model.output)
     if shard is not None:
         shard(model, {})
-    model = model.to_empty(device=device).to(dtype)
-    with torch.no_grad():
-        for name, parameter in unique_state_dict(model).items():
-            if name.endswith("norm.weight"):
-                parameter.fill_(1.0)
-            else:
-                parameter.normal_(0, 0.02)
+    return model.to(dtype)
+
+
+def model_bytes(model: Transformer) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in unique_state_dict(model).values())
+
+
+@torch.no_grad()
+def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None, weights: str = "float"):
+    """Random weights of a given shape, for speed checks: floats normal with std 0.02 (norms 1); int8 and
+    int4 codes uniform over their range, scaled to the same spread (the bytes a decode step reads are those
+    of a quantized checkpoint; the values do not matter). shard as in load_model (with no tensors to slice)."""
+    model = empty_random_model(args, dtype, shard, weights).to_empty(device=device)
+    if args.tie_embeddings and isinstance(model.output, nn.Linear):  # to_empty gave each its own tensor
+        model.output.weight = model.tok_embeddings.weight
+    for name, tensor in unique_state_dict(model).items():
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        elif tensor.is_floating_point() and not name.endswith((".scales", ".zeros")):
+            tensor.normal_(0, 0.02)
+    for layer in model.modules():
+        if isinstance(layer, Int8Linear):
+            layer.weight.random_(-127, 128)
+            layer.scales.fill_(0.02 / 73.6)  # 73.6: the standard deviation of integers uniform on [-127, 127]
+        elif isinstance(layer, Int4Linear):
+            layer.weight.random_(0, 256)  # two codes a byte, each uniform on [0, 15]: mean 7.5, deviation 4.61
+            layer.scales.fill_(0.02 / 4.61)
+            layer.zeros.fill_(0.5 * 0.02 / 4.61)  # (q - 8) * scale + zero averages 0
     return with_device_kernels(model.eval(), device)
 
 

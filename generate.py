@@ -24,7 +24,7 @@ import offload
 import quantized_kv_cache
 import tp
 from aot_step import AheadOfTimeDecode, default_cache_dir
-from checkpoint import load_model, parameter_count, random_model, stored_weights
+from checkpoint import RANDOM_WEIGHTS, empty_random_model, load_model, model_bytes, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, checkpoint_error, fail,
                  parse_size, peak_memory_gb, pick_device, pick_dtype, read_text)
 from generation import (Steps, Timing, cache_bytes_per_slot, cache_rows_within, compile_step, compile_steps, generate,
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--random_weights", metavar="NAME",
                         help="speed check only: random weights of a known shape (e.g. Llama-2-7B); "
                              "the checkpoint's tokenizer encodes the prompt, and no text is printed")
+    parser.add_argument("--random_format", default="float", choices=RANDOM_WEIGHTS,
+                        help="--random_weights: store the linear layers (output head too) as floats, int8 or int4 "
+                             "in groups of N, as quantize.py's files do")
     parser.add_argument("--max_seq_length", type=int, help="KV cache length for --interactive (default 2048)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
@@ -101,6 +104,8 @@ def check_args(args):
         raise UsageError(f"--max_seq_length must be >= 2, got {args.max_seq_length}")
     if args.interactive and (args.prompt is not None or args.prompt_file):
         raise UsageError("--interactive reads prompts from the terminal: drop --prompt / --prompt_file")
+    if args.random_format != "float" and not args.random_weights:
+        raise UsageError("--random_format stores random weights: add --random_weights NAME")
     if args.interactive and args.random_weights:
         raise UsageError("--random_weights produces no text to chat with: drop --interactive")
     if args.speculative == "draft" and args.draft_checkpoint_path is None:
@@ -142,6 +147,19 @@ def encode_prompts(args, tokenizer: Tokenizer, texts: list) -> list:
     return prompts
 
 
+def check_vocabulary(prompts: list, name: str):
+    """Random weights are read with another model's tokenizer (no text is shown): the prompts' ids must be
+    ids of the named shape's vocabulary; the tokenizer's own size does not matter."""
+    try:
+        vocab_size = ModelArgs.from_name(name).vocab_size
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    largest = max(max(prompt) for prompt in prompts)
+    if largest >= vocab_size:
+        raise UsageError(f"the prompt encodes to token id {largest}, outside {name}'s vocabulary of {vocab_size}: "
+                         "use plainer text or a --checkpoint_path with a smaller tokenizer")
+
+
 def checkpoint_tokenizer(args) -> Tokenizer:
     try:
         return load_tokenizer(args.checkpoint_path)
@@ -155,16 +173,14 @@ def load(args, device: str, dtype: torch.dtype, tokenizer: Tokenizer) -> Transfo
     try:
         if args.random_weights:
             model_args = ModelArgs.from_name(args.random_weights)
-            if tokenizer.vocab_size > model_args.vocab_size:
-                raise ValueError(f"the tokenizer at {args.checkpoint_path} has {tokenizer.vocab_size} tokens, more "
-                                 f"than {args.random_weights}'s {model_args.vocab_size}: pass a matching "
-                                 "--checkpoint_path")
-            needed = parameter_count(model_args) * dtype.itemsize // tp.world_size()
+            shard = tp.sharded_loader()
+            needed = model_bytes(empty_random_model(model_args, dtype, shard, args.random_format))
             available = available_memory_bytes()
             if device == "cpu" and needed > available:
-                raise ValueError(f"{args.random_weights} in {dtype} takes {needed / 1e9:.1f} GB, more than the "
-                                 f"{available / 1e9:.1f} GB of memory available: pick a smaller shape or dtype")
-            return random_model(model_args, device, dtype, shard=tp.sharded_loader())
+                raise ValueError(f"{args.random_weights} ({args.random_format}, {dtype}) takes {needed / 1e9:.1f} GB, "
+                                 f"more than the {available / 1e9:.1f} GB of memory available: pick a smaller shape, "
+                                 "dtype or --random_format")
+            return random_model(model_args, device, dtype, shard, args.random_format)
         if args.offload != "none":
             budget = parse_size(args.memory_budget) if args.memory_budget else None
             return offload.load_offloaded(args.checkpoint_path, device, dtype, args.offload, budget)
@@ -428,7 +444,7 @@ def main(argv=None):
         device = pick_device(args.device)
         if args.aot and device != "cpu":
             raise UsageError(f"--aot builds a CPU decode step: on {device} use --compile (CUDA graphs on CUDA)")
-        weights = "float" if args.random_weights else stored_weights(args.checkpoint_path)
+        weights = args.random_format.split("-")[0] if args.random_weights else stored_weights(args.checkpoint_path)
         # --aot over float weights keeps fp32: its package of a bf16 model ran at eager speed (README, Benchmark)
         compiled_decode = (args.compile or (args.aot and weights != "float")) and not args.speculative
         dtype = pick_dtype(args.dtype, device, compiled_decode, weights)
@@ -441,6 +457,8 @@ def main(argv=None):
         texts = None if args.interactive else read_prompts(args)
         tokenizer = checkpoint_tokenizer(args)
         prompts = None if args.interactive else encode_prompts(args, tokenizer, texts)
+        if args.random_weights:
+            check_vocabulary(prompts, args.random_weights)
         started = time.perf_counter()
         model = quantized_kv_cache.use(load(args, device, dtype, tokenizer), args.kv_cache)
         if device == "cpu" and (args.compile or args.aot):

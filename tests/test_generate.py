@@ -75,7 +75,8 @@ def test_interactive_chat_reusing_the_cache_equals_fresh_runs(capsys, monkeypatc
     (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
     (["--random_weights", "Llama-2"], "unknown model name 'Llama-2'; known names: Llama-2-7B"),
-    (["--random_weights", "Llama-3.1-405B"], "Llama-3.1-405B in torch.float32 takes 1623.4 GB, more than the"),
+    (["--random_weights", "Llama-3.1-405B"], "Llama-3.1-405B (float, torch.float32) takes 1623.4 GB, more than the"),
+    (["--random_format", "int8"], "--random_format stores random weights: add --random_weights NAME"),
 ])
 def test_bad_arguments_are_one_line_and_status_2(capsys, tiny_dir, argv, message):
     status, out, err = run_main(capsys, "--checkpoint_path", tiny_dir, *argv)
@@ -162,6 +163,32 @@ def test_prompt_longer_than_the_context(capsys, tiny_dir):
 def test_max_new_tokens_past_the_context(capsys, tiny_dir):
     status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--prompt", "hello", "--max_new_tokens", 300)
     assert status == 2 and "exceeds the model's context of 256: lower --max_new_tokens to" in err
+
+
+def test_random_weights_take_a_larger_tokenizer_whose_prompt_ids_fit_the_shape(capsys, smollm2_dir):
+    """SmolLM2's 49152-token tokenizer for stories15M's 32000-token shape: "Once upon a time" is ids < 6500."""
+    status, out, err = run_main(capsys, "--checkpoint_path", smollm2_dir, "--random_weights", "stories15M",
+                                "--max_new_tokens", 4)
+    assert status == 0 and out == "" and "loaded stories15M" in err and "tokens/s" in err
+
+
+def test_random_weights_refuse_a_prompt_id_outside_the_shapes_vocabulary(capsys, smollm2_dir):
+    status, out, err = run_main(capsys, "--checkpoint_path", smollm2_dir, "--random_weights", "stories15M",
+                                "--prompt", "photosynthesis")  # SmolLM2's ids 43042, 14870
+    assert status == 2 and out == ""
+    assert "the prompt encodes to token id 43042, outside stories15M's vocabulary of 32000" in err
+
+
+@pytest.mark.parametrize("random_format, bytes_per_weight", [("float", 4), ("int8", 1 + 4 / 288), ("int4-g32", 0.75)])
+def test_random_weights_stored_quantized_read_the_bytes_of_that_format(capsys, tiny_dir, random_format,
+                                                                       bytes_per_weight):
+    """stories15M: 15.19M weights, its tied embedding and output head counted once, nearly all in linear layers
+    (the head included); int8 adds an fp32 scale per output row of 288 weights, int4 an fp32 scale and zero per
+    group of 32 (with --dtype fp32)."""
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--random_weights", "stories15M", "--random_format",
+                              random_format, "--dtype", "fp32", "--max_new_tokens", 3)
+    weights_mb = float(err.split("(weights ")[1].split(" MB")[0])
+    assert status == 0 and weights_mb == pytest.approx(15.19 * bytes_per_weight, abs=0.6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -3,7 +3,7 @@ compilation change nothing."""
 import pytest
 import torch
 
-from checkpoint import load_model, parameter_count
+from checkpoint import load_model, parameter_count, random_model
 from generation import Steps, compile_steps, decode_one_token, generate, prefill, slots_to_attend
 from model import ModelArgs, Transformer
 from sampling import Sampling
@@ -187,6 +187,19 @@ def test_a_named_shape_has_its_published_parameter_count(name):
 @pytest.mark.parametrize("name, millions", [("stories15M", 15), ("stories42M", 42), ("stories110M", 110)])
 def test_llama2c_stories_shapes_share_the_classifier_as_their_names_count(name, millions):
     assert abs(parameter_count(ModelArgs.from_name(name)) / 1e6 - millions) < 0.03 * millions
+
+
+@pytest.mark.parametrize("weights", ["float", "int8", "int4-g64"])
+def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights):
+    layer = random_model(ModelArgs.from_name("stories15M"), weights=weights).layers[0].feed_forward.w1
+    layer = getattr(layer, "layer", layer)  # the plain layer inside its CPU form
+    values = layer.weight if weights == "float" else layer.dequantized()
+    assert abs(values.mean()) < 2e-4 and values.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_random_weights_keep_a_tied_embedding_one_tensor():
+    model = random_model(ModelArgs.from_name("stories15M"))
+    assert model.output.weight is model.tok_embeddings.weight
 
 
 def test_hf_config_round_trips():
