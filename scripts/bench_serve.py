@@ -97,11 +97,14 @@ def send(port: int, job: Job, timeout_s: float) -> dict:
             "tpot": (ended - times[0]) / max(tokens - 1, 1), "itl": [b - a for a, b in zip(times, times[1:])]}
 
 
-def run_open_loop(port: int, jobs: list, timeout_s: float) -> float:
-    """Send each job at its arrival time, each on a thread of its own; the run's wall time."""
+def run_open_loop(port: int, jobs: list, timeout_s: float, duration_s: float = float("inf")) -> float:
+    """Send each job at its arrival time, each on a thread of its own, none that arrives after duration_s;
+    the run's wall time."""
     started = time.perf_counter()
 
     def client(job):
+        if job.at > duration_s:
+            return
         time.sleep(max(0.0, started + job.at - time.perf_counter()))
         job.result = send(port, job, timeout_s)
 
@@ -113,14 +116,15 @@ def run_open_loop(port: int, jobs: list, timeout_s: float) -> float:
     return time.perf_counter() - started
 
 
-def run_closed_loop(port: int, jobs: list, clients: int, timeout_s: float) -> float:
-    """clients threads, each sending the next unsent job as soon as its last one is answered."""
+def run_closed_loop(port: int, jobs: list, clients: int, timeout_s: float, duration_s: float = float("inf")) -> float:
+    """clients threads, each sending the next unsent job as soon as its last one is answered, until the jobs
+    or duration_s run out."""
     pending, lock, started = list(jobs), threading.Lock(), time.perf_counter()
 
     def client():
         while True:
             with lock:
-                if not pending:
+                if not pending or time.perf_counter() - started > duration_s:
                     return
                 job = pending.pop(0)
             job.result = send(port, job, timeout_s)
@@ -205,9 +209,11 @@ def percentile(values: list, p: float) -> float:
 
 
 def summary(jobs: list, wall_s: float, slo_ttft: float, slo_tpot: float) -> dict:
-    done = [job.result for job in jobs if job.result.get("ok")]
+    """Figures of the jobs that were sent (all of them, unless --duration ended the run first)."""
+    sent = [job for job in jobs if job.result]
+    done = [job.result for job in sent if job.result.get("ok")]
     good = [r for r in done if r["ttft"] <= slo_ttft and r["tpot"] <= slo_tpot]
-    figures = {"requests": len(jobs), "failed": len(jobs) - len(done), "wall_s": wall_s,
+    figures = {"requests": len(sent), "failed": len(sent) - len(done), "wall_s": wall_s,
                "tokens_per_s": sum(r["tokens"] for r in done) / wall_s, "goodput_per_s": len(good) / wall_s}
     for kind in KINDS:
         results = [r for r in done if r["kind"] == kind]
@@ -256,7 +262,8 @@ def start_server(engine: str, port: int, args) -> subprocess.Popen:
         _, schedule, *chunk = engine.split("-")  # brisk-mlfq, or brisk-mlfq-64: prefill chunks of 64 tokens
         command = [sys.executable, "serve.py", "--port", str(port), "--slots", str(args.slots), "--schedule",
                    schedule, "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
-                   "--checkpoint_path", str(args.checkpoint_path), *(["--compile"] if args.compile else []),
+                   "--checkpoint_path", str(args.checkpoint_path), "--device", args.device,
+                   *(["--compile"] if args.compile else []),
                    *(["--prefill_chunk", chunk[0]] if chunk else [])]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -295,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--slots", type=int, default=8, help="brisk's --slots")
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                         help="brisk's checkpoint (llama-cpp-python runs the embedded GGUF)")
+    parser.add_argument("--duration", type=float, help="seconds after which a run sends no new request")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="brisk's --device")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="brisk's decode step compiled")
     parser.add_argument("--max_seq_length", type=int, default=2048)
@@ -325,8 +334,9 @@ def main(argv=None):
                 continue
             for kind, load in loads:
                 jobs = workload(text, args.requests, args.long_share, load if kind == "rate" else 0, args.seed)
-                wall = (run_open_loop(port, jobs, args.timeout) if kind == "rate"
-                        else run_closed_loop(port, jobs, load, args.timeout))
+                duration = args.duration or float("inf")
+                wall = (run_open_loop(port, jobs, args.timeout, duration) if kind == "rate"
+                        else run_closed_loop(port, jobs, load, args.timeout, duration))
                 figures = {"engine": engine, kind: load, **summary(jobs, wall, args.slo_ttft, args.slo_tpot)}
                 results.append(figures)
                 f = figures

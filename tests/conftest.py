@@ -4,6 +4,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import quantize  # noqa: E402
 from checkpoint import load_model  # noqa: E402
+from engine import Engine  # noqa: E402
+from generation import generate  # noqa: E402
+from sampling import Sampling  # noqa: E402
 from scripts.convert_gguf import convert as convert_gguf  # noqa: E402
 from scripts.convert_hf_checkpoint import convert as convert_hf  # noqa: E402
 from scripts.prepare_default import GGUF_NAME, embedded_gguf  # noqa: E402
@@ -317,3 +321,31 @@ def smollm2_int8(smollm2_dir, tmp_path_factory) -> Path:
 
 def has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
+
+
+def greedy_alone(model, prompt: list, max_tokens: int) -> list:
+    """What generate.py's loop gives one prompt alone, greedy, the model's stop ids left out (as a server
+    decodes past them here: ignore_eos)."""
+    model.setup_caches(1, model.args.max_seq_length)
+    ids, _ = generate(model, [prompt], max_tokens, Sampling(temperature=0.0))
+    return ids[0]
+
+
+def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
+    """Submit every request, then run the loop on its thread until each has finished, and stop it: each
+    request's (token ids, finish reason)."""
+    for request in requests:
+        engine.submit(request)
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    results = []
+    try:
+        for request in requests:
+            ids = []
+            while not isinstance(event := request.events.get(timeout=timeout_s), str):
+                ids.append(event)
+            results.append((ids, event))
+    finally:
+        engine.stop()
+        loop.join(timeout_s)
+    return results

@@ -1,12 +1,18 @@
 """scripts/bench.py runs end to end and reports every figure it promises (speed itself is never asserted)."""
 import importlib.util
 import json
+import subprocess
+
+import pytest
+import torch
 
 import quantized_kv_cache
 from checkpoint import load_model
 from generation import cache_bytes_per_slot
+from conftest import ROOT
 from model import ModelArgs
 from scripts.bench import main
+from scripts.bench_gpu import main as bench_gpu
 from scripts.bench_peers import main as bench_peers
 from scripts.bench_scaling import main as bench_scaling
 from scripts.bench_serve import main as bench_serve
@@ -112,3 +118,42 @@ def test_bench_scaling_draws_each_cache_type_and_fills_a_budget(tiny_dir, tmp_pa
     budget_rows = {p["kv_cache"]: p["batch"] for p in points if p["curve"] == "budget"}
     assert budget_rows == {"float": 1, "int4": budget // int4_row} and budget // int4_row >= 4
     assert all(p["peak_memory_gb"] > 0 and p["cache_mb"] > 0 for p in points)
+
+
+def test_bench_serve_with_a_duration_sends_no_request_after_it(tiny_dir, tmp_path):
+    output = tmp_path / "serve.json"
+    assert bench_serve(["--engines", "brisk-fcfs", "--checkpoint_path", str(tiny_dir), "--clients", "2", "--requests",
+                        "1000", "--long_share", "0", "--slots", "2", "--max_seq_length", "256", "--duration", "3",
+                        "--json", str(output)]) == 0
+    [run] = json.loads(output.read_text())["results"]
+    assert 2 <= run["requests"] < 1000 and run["failed"] == 0 and run["wall_s"] < 60
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="0"
+failures="1" skipped="2" tests="7"><testcase classname="tests.test_cuda" name="test_a"/><testcase
+classname="tests.test_cuda" name="test_b"><failure message="assert 1 == 2"/></testcase></testsuite></testsuites>"""
+
+
+def test_bench_gpu_dry_run_on_a_cpu_tables_the_tests_copy_and_decode_figures(tmp_path, smollm2_dir, capsys):
+    (tmp_path / "tests.xml").write_text(JUNIT)
+    output = tmp_path / "gpu.json"
+    assert bench_gpu(["--device", "cpu", "--parts", "copy", "decode", "--shapes", "stories15M", "--formats", "int4-g32",
+                      "--max_new_tokens", "4", "--samples", "1", "--copy_gb", "0.1", "--tokenizer_from",
+                      str(smollm2_dir), "--junit", str(tmp_path / "tests.xml"), "--json", str(output),
+                      "--markdown", str(tmp_path / "gpu.md")]) == 0
+    tests, copy, decode = json.loads(output.read_text())["rows"]
+    assert (tests["passed"], tests["failures"], tests["skipped"], tests["failed_tests"]) == (4, 1, 2, ["test_b"])
+    assert copy["gbs"] > 0 and decode["tokens_per_s"] > 0 and decode["weights_mb"] == 9  # 15.19M weights at 0.625 bytes (bf16 scales)
+    assert decode["share_of_copy_bandwidth"] == decode["bandwidth_gbs"] / copy["gbs"]
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| tests | pytest -m cuda | 4 passed, 1 failed, 2 skipped: test_b |" in table
+    assert "| decode | stories15M int4-g32, batch 1, compiled, bfloat16 activations" in table
+    assert table in capsys.readouterr().out + "\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path):
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: torch sees no CUDA device: run this on a machine with an NVIDIA GPU\n"

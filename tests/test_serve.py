@@ -12,47 +12,17 @@ import time
 import urllib.request
 
 import pytest
-import torch
 
 import quantized_kv_cache
 import serve
 from checkpoint import load_model
-from conftest import ROOT
+from conftest import ROOT, greedy_alone, run_engine
 from engine import Busy, Engine, Request, TextStream
-from generation import generate
 from sampling import Sampling
 from scheduler import FirstComeFirstServed, SkipJoinMLFQ
 from tokenizer import load_tokenizer
 
 openai = pytest.importorskip("openai")
-
-
-def greedy_alone(model, prompt: list, max_tokens: int) -> list:
-    """What generate.py's loop gives one prompt alone, greedy, the model's stop ids left out (as a server
-    decodes past them here: ignore_eos)."""
-    model.setup_caches(1, model.args.max_seq_length)
-    ids, _ = generate(model, [prompt], max_tokens, Sampling(temperature=0.0))
-    return ids[0]
-
-
-def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
-    """Submit every request, then run the loop on its thread until each has finished, and stop it: each
-    request's (token ids, finish reason)."""
-    for request in requests:
-        engine.submit(request)
-    loop = threading.Thread(target=engine.run)
-    loop.start()
-    results = []
-    try:
-        for request in requests:
-            ids = []
-            while not isinstance(event := request.events.get(timeout=timeout_s), str):
-                ids.append(event)
-            results.append((ids, event))
-    finally:
-        engine.stop()
-        loop.join(timeout_s)
-    return results
 
 
 @pytest.mark.parametrize("kv_cache", ["float", "int8", "int4"])

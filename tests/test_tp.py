@@ -158,6 +158,7 @@ def test_compiled_decode_under_torchrun(tiny_dir):
     assert sharded.stdout == alone.stdout
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA devices")
 def test_two_ranks_over_nccl_equal_one(tiny_dir):
     run = torchrun(2, "scripts/check_tp.py", "--checkpoint_path", tiny_dir, "--device", "cuda", "--json")
