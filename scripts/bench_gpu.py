@@ -106,9 +106,9 @@ def decode_row(args, shape: str, random_format: str) -> dict:
 
 
 def serve_checkpoint(args, scratch: Path) -> tuple:
-    """The checkpoint to serve and what it is: --serve_checkpoint, else random weights of SmolLM2's shape."""
-    if args.serve_checkpoint.exists():
-        return args.serve_checkpoint, args.serve_checkpoint.name
+    """The checkpoint to serve and what it is: --serve_checkpoint's file, else random weights of SmolLM2's shape."""
+    if args.serve_checkpoint.is_file():
+        return args.serve_checkpoint, args.serve_checkpoint.parent.name
     path = write_random_checkpoint(SERVE_SHAPE, scratch / f"random-{SERVE_SHAPE}", args.tokenizer_from, torch.float32)
     return path, f"random {SERVE_SHAPE} weights"
 
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--copy_gb", type=float, default=4.0)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--serve_seconds", type=float, default=120)
-    parser.add_argument("--serve_checkpoint", type=Path, default=DEFAULT_CHECKPOINT.parent)
+    parser.add_argument("--serve_checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the weights file to serve "
+                        "(default: the embedded SmolLM2's; where it is missing, random weights of its shape)")
     parser.add_argument("--tokenizer_from", type=Path, default=DEFAULT_CHECKPOINT.parent,
                         help="a checkpoint directory whose tokenizer encodes the prompt (its weights are not read)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one generate.py run (or the server's "
