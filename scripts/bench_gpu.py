@@ -99,10 +99,12 @@ def decode_row(args, shape: str, random_format: str) -> dict:
         return {**row, "error": failure(result)}
     loaded = re.search(r"\((torch\.\w+), \w+\) in", result.stderr)
     compiled = re.search(r"compiled in ([\d.]+) s", result.stderr)
-    return {**row, "dtype": loaded.group(1) if loaded else "?", "compile_s": float(compiled.group(1)) if compiled else None,
+    return {**row, "dtype": loaded.group(1) if loaded else "?",
+            "compile_s": float(compiled.group(1)) if compiled else None,
             "tokens_per_s": statistics.fmean(float(s[2]) for s in samples),
             "bandwidth_gbs": statistics.fmean(float(s[3]) for s in samples),
-            "weights_mb": int(samples[-1][4]), "kv_cache_mb": int(samples[-1][5]), "peak_memory_gb": float(samples[-1][6])}
+            "weights_mb": int(samples[-1][4]), "kv_cache_mb": int(samples[-1][5]),
+            "peak_memory_gb": float(samples[-1][6])}
 
 
 def serve_checkpoint(args, scratch: Path) -> tuple:
@@ -173,7 +175,8 @@ def table(rows: list, copy_gbs) -> list:
             target = f">= {TARGET_SHARE[row['format']]:.0%}" if row["format"] in TARGET_SHARE else "-"
             lines.append(f"| decode | {configuration}, {row['dtype'].removeprefix('torch.')} activations, "
                          f"{row['weights_mb']:,} MB of weights | {row['tokens_per_s']:.1f} | "
-                         f"{row['bandwidth_gbs']:.0f} | {share(row['bandwidth_gbs'], copy_gbs)} | {target} | {against} |")
+                         f"{row['bandwidth_gbs']:.0f} | {share(row['bandwidth_gbs'], copy_gbs)} | {target} | "
+                         f"{against} |")
         elif row["part"] == "serve":
             configuration = f"serve.py {row['model']}, {row['slots']} slots and clients, {row['seconds']:g} s"
             if "error" in row:

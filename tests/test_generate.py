@@ -185,8 +185,8 @@ def test_random_weights_stored_quantized_read_the_bytes_of_that_format(capsys, t
     """stories15M: 15.19M weights, its tied embedding and output head counted once, nearly all in linear layers
     (the head included); int8 adds an fp32 scale per output row of 288 weights, int4 an fp32 scale and zero per
     group of 32 (with --dtype fp32)."""
-    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--random_weights", "stories15M", "--random_format",
-                              random_format, "--dtype", "fp32", "--max_new_tokens", 3)
+    status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--random_weights", "stories15M",
+                              "--random_format", random_format, "--dtype", "fp32", "--max_new_tokens", 3)
     weights_mb = float(err.split("(weights ")[1].split(" MB")[0])
     assert status == 0 and weights_mb == pytest.approx(15.19 * bytes_per_weight, abs=0.6)
 
