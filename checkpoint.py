@@ -128,6 +128,14 @@ def with_device_kernels(model: Transformer, device: str) -> Transformer:
     return model
 
 
+def tied(model: Transformer) -> Transformer:
+    """A float output head tied to the embedding again, sharing its tensor: assigning a file's tensors, or
+    to_empty, gives each of the two a tensor of its own. (A quantized head is the embedding's table already.)"""
+    if model.args.tie_embeddings and isinstance(model.output, nn.Linear):
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
     """The model of a checkpoint, on device, floating-point tensors in dtype (integer weights keep their
     type). shard(model, tensors) -> tensors, given by tp.py, resizes the empty model to one rank's share
@@ -148,9 +156,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
     state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
                   for name, tensor in state_dict.items()}
     model.load_state_dict(state_dict, assign=True, strict=False)
-    if args.tie_embeddings and isinstance(model.output, nn.Linear):
-        model.output.weight = model.tok_embeddings.weight
-    return with_device_kernels(model.eval(), device)
+    return with_device_kernels(tied(model).eval(), device)
 
 
 def parameter_count(args: ModelArgs) -> int:
@@ -197,9 +203,7 @@ def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None,
     """Random weights of a given shape, for speed checks: floats normal with std 0.02 (norms 1); int8 and
     int4 codes uniform over their range, scaled to the same spread (the bytes a decode step reads are those
     of a quantized checkpoint; the values do not matter). shard as in load_model (with no tensors to slice)."""
-    model = empty_random_model(args, dtype, shard, weights).to_empty(device=device)
-    if args.tie_embeddings and isinstance(model.output, nn.Linear):  # to_empty gave each its own tensor
-        model.output.weight = model.tok_embeddings.weight
+    model = tied(empty_random_model(args, dtype, shard, weights).to_empty(device=device))
     for name, tensor in unique_state_dict(model).items():
         if name.endswith("norm.weight"):
             tensor.fill_(1.0)

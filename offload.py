@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from checkpoint import SAFETENSORS_DTYPES, checkpoint_files, empty_model, unique_state_dict
+from checkpoint import SAFETENSORS_DTYPES, checkpoint_files, empty_model, tied, unique_state_dict
 from model import Transformer
 
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
@@ -199,8 +199,7 @@ def load_offloaded(checkpoint_path, device: str, dtype: torch.dtype, offload: st
     for name in sizes:
         if not name.startswith("layers.") or int(name.split(".")[1]) < kept:
             set_tensor(model, name, load(name))
-    if args.tie_embeddings and isinstance(model.output, nn.Linear):
-        model.output.weight = model.tok_embeddings.weight
+    tied(model)
     streamed = list(range(kept, args.n_layers))
     if streamed:
         read_block = disk_reader(file, device) if offload == "disk" else host_reader(file, streamed, device)
