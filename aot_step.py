@@ -6,7 +6,7 @@ the checks Dynamo runs before a torch.compile'd step nor its Python wrapper (on 
 A package is built for one batch size, one attended length (generation.slots_to_attend) and one KV cache
 shape, and kept in a cache directory, so that the next run with the same shapes loads it in about two
 seconds instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors:
-it reads the weights, the kernels' layouts (cpu_kernels.register_kernel_buffers) and the KV cache where
+it reads the weights, the kernels' scales (cpu_kernels.QuantizedCPULinear) and the KV cache where
 the model keeps them ("user-managed constants"), which costs no memory and lets one package serve every
 checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named parameter or
 buffer of the model: a plain tensor attribute would be copied into the package under a made-up name.
@@ -60,14 +60,16 @@ def named_tensors(decode_pass: DecodePass) -> dict:
 
 def package_name(decode_pass: DecodePass, batch: int, padded: bool) -> str:
     """A name that changes with anything the compiled code depends on: torch, the CPU's instruction set and
-    thread count (Inductor writes both into the code), the source of the modules it traces, and the shape,
-    dtype and strides of every tensor it reads. Not the weights' values: the package reads those in place."""
+    thread count (Inductor writes both into the code), the source of the modules it traces and of brisk's
+    kernels, and the shape, dtype and strides of every tensor it reads. Not the weights' values: the package
+    reads those in place."""
     digest = hashlib.sha256()
     for part in (torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
                  batch, padded, decode_pass.attended_slots, decode_pass.model.args):
         digest.update(repr(part).encode())
     for module in (model_source, cpu_kernels, quantized_layers, quantized_kv_cache, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
+    digest.update(cpu_kernels.KERNEL_SOURCE.read_bytes())  # the ops the package calls
     for name, tensor in sorted(named_tensors(decode_pass).items()):
         digest.update(repr((name, tuple(tensor.shape), tensor.dtype, tensor.stride())).encode())
     return f"decode_b{batch}_s{decode_pass.attended_slots}{'_padded' if padded else ''}_{digest.hexdigest()[:16]}"

@@ -44,17 +44,12 @@ def pick_device(name: str) -> str:
 
 
 def pick_dtype(name: str, device: str, compiled_decode: bool = False, weights: str = "float") -> torch.dtype:
-    """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU (measured in the README, Quantization) it is fp32,
-    except bf16 where a faster kernel wants it: float weights in a compiled decode step (its fused loops read
-    bf16 weights faster than MKL reads fp32 ones), int4 weights always and int8 weights eagerly (PyTorch's
-    CPU int4 kernel, which cpu_kernels.py also runs int8 weights through, wants bf16 activations). A compiled
-    step over int8 weights is a little faster with fp32 activations on a CPU with AVX-512, through fused loops
-    that widen the integers; with AVX2 alone those loops are 3.5 times slower than the int4 kernel.
+    """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU it is fp32, except for float weights in a compiled
+    decode step, whose fused loops read bf16 weights faster than MKL reads fp32 ones (README, Benchmark).
+    Quantized weights take fp32 activations: brisk's kernels round them to int8 themselves (cpu_kernels.py).
     weights: "float", "int8" or "int4", what the checkpoint stores (checkpoint.stored_weights)."""
     if name == "auto":
-        int8_loops = compiled_decode and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-        cpu_bf16 = (weights == "int4" or (weights == "int8" and not int8_loops)
-                    or (weights == "float" and compiled_decode))
+        cpu_bf16 = weights == "float" and compiled_decode
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if cpu_bf16 else torch.float32)
     dtype = DTYPES[name]
     try:

@@ -306,7 +306,7 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
     draft = None
     if args.speculative == "draft":
         try:
-            # the draft's own activations (--dtype auto: bf16 for an int4 draft, whose kernel wants them)
+            # the draft's own activations (--dtype auto picks them by what its file stores)
             draft_dtype = pick_dtype(args.dtype, setup.device, weights=stored_weights(args.draft_checkpoint_path))
             draft = load_draft(args.draft_checkpoint_path, setup.tokenizer, setup.device, draft_dtype)
             quantized_kv_cache.use(draft.model, args.kv_cache)

@@ -10,9 +10,9 @@ Activations stay in floating point; only the weights of linear layers (and, opti
   columns; the absmaxes themselves stored in 8 bits ("double quantization") or as floats.
 
 The layers here compute by dequantizing and calling the float matmul, on any device. A device's faster
-forms (PyTorch's int4 kernels, fused decode loops) are swapped in after loading (cpu_kernels.py,
-cuda_kernels.py) and checked against these. quantize.py fills these layers; checkpoint.py reads and
-writes them.
+forms (brisk's CPU kernels, PyTorch's CUDA int4 kernel, fused decode loops) are swapped in after loading
+(cpu_kernels.py, cuda_kernels.py) and checked against these. quantize.py fills these layers; checkpoint.py
+reads and writes them.
 """
 import torch
 import torch.nn as nn
@@ -53,7 +53,7 @@ def dequantize_int4(values: Tensor, scales: Tensor, zeros: Tensor, groupsize: in
 
 # Byte j of a group holds its columns j (low nibble) and j + groupsize / 2 (high nibble), as GGUF's Q4
 # blocks do: each nibble plane is a run of columns, unpacked in place by vector shifts and masks
-# (cpu_kernels.py). Files say so in their metadata; files packed otherwise are refused.
+# (cpu_kernels.cpp). Files say so in their metadata; files packed otherwise are refused.
 INT4_PACKING = "group-halves"
 
 
@@ -132,25 +132,24 @@ class Int4Linear(nn.Module):
         out = self.outputs(x)
         return out if self.bias is None else out + self.bias
 
-    def outputs(self, x: Tensor) -> Tensor:
-        """x times the weight, transposed (the bias not added)."""
+    def outputs(self, x: Tensor, rows=slice(None)) -> Tensor:
+        """x times the weight rows `rows` (all of them by default), transposed (the bias not added)."""
         flat = self.padded(x.reshape(-1, self.in_features))
-        return F.linear(flat, self.dequantized().to(x.dtype)).reshape(*x.shape[:-1], self.out_features)
+        out = F.linear(flat, self.dequantized(rows).to(x.dtype))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def kernel_scales_and_zeros(self) -> Tensor:
-        """Scales and zeros as PyTorch's int4 kernels (CPU and CUDA) take them: (groups, out, 2)."""
+        """Scales and zeros as PyTorch's CUDA int4 kernel takes them: (groups, out, 2)."""
         return torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()
 
-    def dequantized(self) -> Tensor:
-        """The weight as floats, padding columns included: (out, padded_in)."""
-        values = unpack_int4(self.weight, self.groupsize)
-        return dequantize_int4(values, self.scales, self.zeros, self.groupsize).to(self.scales.dtype)
+    def dequantized(self, rows=slice(None)) -> Tensor:
+        """The weight (or its rows `rows`) as floats, padding columns included: (rows, padded_in)."""
+        values = unpack_int4(self.weight[rows], self.groupsize)
+        return dequantize_int4(values, self.scales[rows], self.zeros[rows], self.groupsize).to(self.scales.dtype)
 
     def rows(self, ids: Tensor) -> Tensor:
         flat = ids.reshape(-1)
-        values = unpack_int4(self.weight[flat], self.groupsize)
-        rows = dequantize_int4(values, self.scales[flat], self.zeros[flat], self.groupsize).to(self.scales.dtype)
-        return rows[:, :self.in_features].reshape(*ids.shape, self.in_features)
+        return self.dequantized(flat)[:, :self.in_features].reshape(*ids.shape, self.in_features)
 
 
 def quantile_midpoints(table: Tensor) -> Tensor:

@@ -11,3 +11,5 @@ if [ "${1:-}" = dev ]; then
     python -m pip install -q -r requirements-dev.txt
 fi
 python scripts/prepare_default.py
+# brisk's CPU kernels (cpu_kernels.cpp), built once into torch's extensions cache (about half a minute)
+python -c "import cpu_kernels; cpu_kernels.native_kernels()"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,6 +48,13 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     return convert_gguf(smollm2_gguf, tmp_path_factory.mktemp("checkpoints") / "SmolLM2-135M-Instruct").parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_kept(smollm2_gguf, smollm2_dir) -> Path:
+    """The embedded GGUF with its Q4_1 blocks and Q8_0 embedding kept as int4 / int8 layers
+    (model_q4_1.safetensors, the default checkpoint)."""
+    return convert_gguf(smollm2_gguf, smollm2_dir, keep_quantized=True)
 
 
 @pytest.fixture(scope="session")
@@ -305,6 +313,18 @@ def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:
 def smollm2_weight(smollm2_dir):
     """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
     return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
+
+
+class AtenCalls(TorchDispatchMode):
+    """The operators (aten's, and brisk's kernels) run eagerly inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
 
 
 def filled(layer, weight):

@@ -8,11 +8,13 @@ import torch
 
 import quantized_kv_cache
 from checkpoint import load_model
+from cpu_kernels import native_kernels
 from generation import cache_bytes_per_slot
 from conftest import ROOT
 from model import ModelArgs
 from scripts.bench import main
 from scripts.bench_gpu import main as bench_gpu
+from scripts.bench_kernels import main as bench_kernels
 from scripts.bench_peers import main as bench_peers
 from scripts.bench_scaling import main as bench_scaling
 from scripts.bench_serve import main as bench_serve
@@ -44,11 +46,24 @@ def test_bench_reports_each_precision_and_prefill_length(tiny_dir, tmp_path, cap
     args = ModelArgs.from_hf_config(tiny_dir / "config.json")
     fp32, int8 = report["results"]
     assert round(fp32["weights_mb"] * 1e6) == stored_bytes(args, 4, per_row_scale=False)
-    # the head quantized too; eagerly, bf16 activations (and so bf16 scales and norms) for the int4 kernel
-    assert round(int8["weights_mb"] * 1e6) == stored_bytes(args, 1, per_row_scale=True, float_bytes=2)
+    # the head quantized too; fp32 activations (and so fp32 scales and norms), which brisk's kernels round
+    assert round(int8["weights_mb"] * 1e6) == stored_bytes(args, 1, per_row_scale=True)
     for row in report["results"]:
         assert row["decode_tokens_per_s"] > 0 and row["prefill_32_tokens_per_s"] > 0 and row["bandwidth_gbs"] > 0
     assert "| int8 | eager |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not native_kernels(), reason="brisk's CPU kernels are unavailable here")
+def test_bench_kernels_reports_brisks_kernels_beside_pytorchs_int4_kernel(tmp_path, capsys):
+    output = tmp_path / "kernels.json"
+    assert bench_kernels(["--rows", "1", "3", "--repeats", "1", "--cycle_bytes", "1e6", "--json", str(output)]) == 0
+    rows = json.loads(output.read_text())
+    assert {(row["format"], row["engine"]) for row in rows} == {
+        ("int4-g32", "brisk"), ("int4-g32", "torch int4 (bf16)"), ("int8-g32", "brisk")}
+    assert {(tuple(row["shape"]), row["rows"]) for row in rows} == {
+        (shape, rows) for shape in ((1536, 576), (576, 1536), (49152, 576)) for rows in (1, 3)}
+    assert all(row["us_per_call"] > 0 and row["gb_per_s"] > 0 for row in rows)
+    assert "| 49152 x 576 | int8-g32 | 3 | brisk |" in capsys.readouterr().out
 
 
 def test_random_checkpoint_has_the_named_shape_and_loads(tiny_dir, tmp_path):

@@ -241,24 +241,18 @@ def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
     assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32
 
 
-def test_auto_dtype_on_cpu_for_quantized_weights_is_bf16_for_the_int4_kernel(monkeypatch):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert pick_dtype("auto", "cpu", weights="int4") == torch.bfloat16
-    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int4") == torch.bfloat16
-    assert pick_dtype("auto", "cpu", weights="int8") == torch.bfloat16
-    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.bfloat16
-    assert pick_dtype("fp32", "cpu", weights="int4") == torch.float32
+def test_auto_dtype_on_cpu_for_quantized_weights_is_fp32_which_the_kernels_round_themselves():
+    for weights in ("int4", "int8"):
+        assert pick_dtype("auto", "cpu", weights=weights) == torch.float32
+        assert pick_dtype("auto", "cpu", compiled_decode=True, weights=weights) == torch.float32
+    assert pick_dtype("bf16", "cpu", weights="int4") == torch.bfloat16
 
 
-def test_auto_dtype_for_a_compiled_int8_step_is_fp32_on_a_cpu_with_avx512(monkeypatch):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert pick_dtype("auto", "cpu", compiled_decode=True, weights="int8") == torch.float32
-    assert pick_dtype("auto", "cpu", weights="int8") == torch.bfloat16
-
-
-def test_an_int4_checkpoint_runs_with_bf16_activations_by_default(capsys, tiny_dir, tmp_path):
+def test_an_int4_checkpoint_runs_with_fp32_activations_by_default(capsys, tiny_dir, tmp_path):
     int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32)
     status, _, err = run_main(capsys, "--checkpoint_path", int4, "--max_new_tokens", 3)
+    assert status == 0 and "(torch.float32, cpu)" in err
+    status, _, err = run_main(capsys, "--checkpoint_path", int4, "--max_new_tokens", 3, "--dtype", "bf16")
     assert status == 0 and "(torch.bfloat16, cpu)" in err
     status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--max_new_tokens", 3)
     assert status == 0 and "(torch.float32, cpu)" in err
@@ -284,7 +278,7 @@ def test_a_compiled_runs_warm_up_compiles_every_attended_length_the_run_reaches(
     assert warmed == 2 and len(compiled_graphs) == warmed
 
 
-def test_an_int4_draft_runs_with_the_activations_its_kernel_wants_beside_an_fp32_target(
+def test_an_int4_draft_picks_its_own_activations_beside_a_float_target(
         capsys, tiny_dir, tmp_path, monkeypatch):
     int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32)
     draft_dtypes = []
@@ -296,4 +290,4 @@ def test_an_int4_draft_runs_with_the_activations_its_kernel_wants_beside_an_fp32
     monkeypatch.setattr(generate_command, "load_draft", recorded_load_draft)
     status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--speculative", "draft",
                               "--draft_checkpoint_path", int4, "--prompt", "hello", "--max_new_tokens", 6)
-    assert status == 0 and "(torch.float32, cpu)" in err and draft_dtypes == [torch.bfloat16]
+    assert status == 0 and "(torch.float32, cpu)" in err and draft_dtypes == [torch.float32]

@@ -96,7 +96,7 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
     loaded = load_model(renamed)
     tokens, positions = torch.tensor([[5, 60, 200, 7, 31]]), torch.arange(5)
     model.setup_caches(1, 16), loaded.setup_caches(1, 16)
-    cpu_kernels.swap_in(model)  # as loading does: the same int4 kernel on both sides
+    cpu_kernels.swap_in(model)  # as loading does: the same kernels on both sides
     with torch.no_grad():
         assert torch.allclose(loaded(tokens, positions), model(tokens, positions), atol=1e-5)
     assert isinstance(loaded.layers[1].attention.wk.layer, Int8Linear if mode == "int8" else Int4Linear)
