@@ -51,13 +51,6 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_kept(smollm2_gguf, smollm2_dir) -> Path:
-    """The embedded GGUF with its Q4_1 blocks and Q8_0 embedding kept as int4 / int8 layers
-    (model_q4_1.safetensors, the default checkpoint)."""
-    return convert_gguf(smollm2_gguf, smollm2_dir, keep_quantized=True)
-
-
-@pytest.fixture(scope="session")
 def smollm2_reference(smollm2_gguf):
     """transformers' own reading of the same GGUF: its own dequantization and Q/K un-permutation."""
     from transformers import AutoModelForCausalLM

@@ -258,6 +258,12 @@ def test_sentencepiece_vocabulary_from_gguf_encodes_like_the_original(sentencepi
     assert tokenizer.encode("hello")[0] == tokenizer.bos_id == processor.bos_id()
 
 
+@pytest.fixture(scope="module")
+def smollm2_kept(smollm2_gguf, smollm2_dir):
+    """The embedded GGUF with its Q4_1 blocks and Q8_0 embedding kept as int4 / int8 layers."""
+    return convert(smollm2_gguf, smollm2_dir, keep_quantized=True)
+
+
 def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
     from gguf import GGUFReader
     from gguf.quants import dequantize
