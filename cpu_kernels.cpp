@@ -19,8 +19,11 @@
 //         (brisk stores zero = min + 8 scale; cpu_kernels.py passes scale and min as fp16 pairs, which is
 //         exact for GGUF's Q4_0 / Q4_1 files, whose blocks store them in fp16). A group's bytes hold its
 //         columns j (low nibble) and j + groupsize / 2 (high nibble) in byte j.
-//         sum_j w_j x_j = scale * sum_j q_j x_j + min * sum_j x_j: the min multiplies the activations' plain
-//         sum over the group, which step 1 keeps beside each block (llama.cpp's Q8_1 keeps it too).
+//         sum_j w_j x_j = scale * sum_j q_j x_j + min * sum_j x_j: the min multiplies the activations' sum
+//         over the group, which step 1 keeps beside each block, as llama.cpp's Q8_1 does. It is the sum of
+//         the ROUNDED x: then the product is exactly w times the rounded x, whose error sum_j w_j e_j is
+//         small because w is centred near zero; the plain sum would leave scale * sum_j q_j e_j, whose
+//         q_j in [0, 15] are all positive, and cost several times the perplexity (docs/cpu_kernels.md).
 //   int8: w = q * scale, q in [-128, 127], a scale (fp16) per group of `groupsize` columns: 32 for GGUF's
 //         Q8_0, the whole row for a scale per output channel.
 //
@@ -51,7 +54,7 @@ struct Q8Rows {
   int64_t rows, blocks_per_row;
   std::vector<int8_t> values;  // (rows, in): x rounded to int8 within its block's scale
   std::vector<float> scales;   // (rows, in / 32): x ~ value * scale
-  std::vector<float> sums;     // (rows, in / 32): each block's plain sum of x (for int4's mins)
+  std::vector<float> sums;     // (rows, in / 32): each block's sum of its rounded x (for int4's mins)
 };
 
 // x: (rows, x_in) fp32, rounded into rows of `in` values (in >= x_in, a multiple of 32): the columns past
@@ -61,17 +64,18 @@ Q8Rows quantize_rows(const float* x, int64_t rows, int64_t x_in, int64_t in) {
            std::vector<float>(rows * in / BLOCK)};
   for (int64_t r = 0; r < rows; r++) {
     for (int64_t column = 0; column < in; column += BLOCK) {
-      float block[BLOCK] = {}, amax = 0, sum = 0;
+      float block[BLOCK] = {}, amax = 0;
       std::memcpy(block, x + r * x_in + column, sizeof(float) * std::clamp<int64_t>(x_in - column, 0, BLOCK));
-      for (int i = 0; i < BLOCK; i++) {
-        amax = std::max(amax, std::fabs(block[i]));
-        sum += block[i];
-      }
+      for (int i = 0; i < BLOCK; i++) amax = std::max(amax, std::fabs(block[i]));
       const float inverse = amax > 0 ? 127.0f / amax : 0.0f;
       const int64_t b = (r * in + column) / BLOCK;
-      for (int i = 0; i < BLOCK; i++) q.values[b * BLOCK + i] = (int8_t)std::nearbyint(block[i] * inverse);
+      int sum = 0;
+      for (int i = 0; i < BLOCK; i++) {
+        q.values[b * BLOCK + i] = (int8_t)std::nearbyint(block[i] * inverse);
+        sum += q.values[b * BLOCK + i];
+      }
       q.scales[b] = amax / 127.0f;
-      q.sums[b] = sum;
+      q.sums[b] = q.scales[b] * sum;
     }
   }
   return q;

@@ -32,6 +32,7 @@ docs/cpu_kernels.md.
 """
 import functools
 import math
+import os
 import platform
 import sys
 from pathlib import Path
@@ -60,8 +61,11 @@ KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 def native_kernels() -> bool:
     """Whether brisk's kernels (torch.ops.brisk, from cpu_kernels.cpp) are loaded. They are built into torch's
     extensions cache the first time (about half a minute; scripts/setup.sh does it, and a changed source is
-    built again) and loaded in milliseconds after that. Where they cannot be, one line on stderr says why."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+    built again) and loaded in milliseconds after that. Where they cannot be, or BRISK_CPU_KERNELS=off asks for
+    the plain layers' exact products, one line on stderr says why."""
+    if os.environ.get("BRISK_CPU_KERNELS", "").lower() == "off":
+        reason = "BRISK_CPU_KERNELS=off"
+    elif platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         reason = f"this CPU ({platform.machine()}, {torch.backends.cpu.get_cpu_capability()}) is not x86 with AVX2"
     else:
         try:
@@ -71,14 +75,14 @@ def native_kernels() -> bool:
             return True
         except Exception as error:  # no compiler, a failed build: brisk still runs, more slowly
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    print(f"brisk: the CPU kernels (cpu_kernels.cpp) are unavailable ({reason}); quantized layers dequantize, "
-          "then multiply (slower)", file=sys.stderr)
+    print(f"brisk: not using the CPU kernels (cpu_kernels.cpp): {reason}; quantized layers dequantize, then "
+          "multiply (slower)", file=sys.stderr)
     return False
 
 
 def widened(x: Tensor) -> Tensor:
     """x in fp32 on a CPU without bf16 arithmetic, for a layer over many rows or attention: there oneDNN and
-    PyTorch's attention kernel emulate bf16, well below fp32 speed (README, Benchmark). x itself otherwise
+    PyTorch's attention kernel emulate bf16, well below fp32 speed (docs/experiments.md). x itself otherwise
     (and wherever it is fp32 already)."""
     return x if CPU_HAS_BF16_ARITHMETIC else x.float()
 

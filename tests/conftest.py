@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+import cpu_kernels  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from engine import Engine  # noqa: E402
@@ -318,6 +319,13 @@ class AtenCalls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def plain_layers(monkeypatch):
+    """Quantized layers loaded in this test compute with their plain (dequantized) products, exactly, instead of
+    brisk's CPU kernels, which round the activations to int8 (as BRISK_CPU_KERNELS=off does for a process)."""
+    monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
 
 
 def filled(layer, weight):

@@ -286,7 +286,7 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
     assert model.tok_embeddings.table is model.output.layer
 
 
-def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept):
+def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept, plain_layers):
     tokens, positions = torch.tensor([[504, 3575, 282, 4649, 314]]), torch.arange(5)
     logits = []
     for path in (smollm2_dir / "model.safetensors", smollm2_kept):

@@ -233,11 +233,18 @@ def test_without_the_kernels_one_line_says_so_and_layers_stay_plain(monkeypatch,
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
     assert native_kernels.__wrapped__() is False  # the check itself, not the process's cached answer
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "CPU kernels (cpu_kernels.cpp) are unavailable (this CPU (aarch64" in lines[0]
+    assert len(lines) == 1 and "not using the CPU kernels (cpu_kernels.cpp): this CPU (aarch64" in lines[0]
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
     layer = QuantizedCPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
     x = torch.randn(1, 1, 576)
     assert layer.kernel_scales is None and torch.allclose(layer(x), layer.layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_brisk_cpu_kernels_off_asks_for_the_plain_layers_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("BRISK_CPU_KERNELS", "off")
+    assert native_kernels.__wrapped__() is False
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not using the CPU kernels (cpu_kernels.cpp): BRISK_CPU_KERNELS=off" in lines[0]
 
 
 @needs_kernels

@@ -33,9 +33,10 @@ def test_a_qwen2_gguf_converts_to_the_logits_of_transformers(tiny_qwen2_hf_dir, 
 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
-def test_quantized_layers_keep_their_biases(tiny_qwen2_dir, tmp_path, mode, layer_type):
-    """A quantized file keeps each q/k/v bias as it was, and the quantized model, its CPU kernels swapped in,
-    adds them: prefill and cached decode steps give the logits of the float model with the dequantized weights."""
+def test_quantized_layers_keep_their_biases(tiny_qwen2_dir, tmp_path, mode, layer_type, plain_layers):
+    """A quantized file keeps each q/k/v bias as it was, and the quantized model, its CPU forms swapped in,
+    adds them: prefill and cached decode steps give the logits of the float model with the dequantized weights
+    (the forms' plain products: brisk's kernels would round the activations)."""
     quantized = load_model(quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32"))
     wq = quantized.layers[0].attention.wq
     assert isinstance(wq, BiasAfter) and isinstance(wq.form.layer, layer_type)
