@@ -138,15 +138,13 @@ def kernel_scales(layer: nn.Module) -> Optional[Tensor]:
     per row where it has a scale per output channel. fp16 holds GGUF's Q4_0 / Q4_1 / Q8_0 scales exactly,
     as their blocks store them in fp16. None where the kernels are not loaded or cannot take the layer: int4
     groups of 32 or a multiple of 64, int8 rows and groups in whole blocks of 32."""
-    if isinstance(layer, Int4Linear):
-        takes = layer.groupsize == 32 or layer.groupsize % 64 == 0
-        if takes and native_kernels():
-            scales, zeros = layer.scales.float(), layer.zeros.float()
-            return torch.stack([scales, zeros - 8 * scales], dim=-1).half()
-    elif isinstance(layer, Int8Linear):
-        takes = layer.in_features % 32 == 0 and layer.groupsize % 32 == 0
-        if takes and native_kernels():
-            return layer.scales.reshape(layer.out_features, -1).half()
+    int4 = isinstance(layer, Int4Linear) and (layer.groupsize == 32 or layer.groupsize % 64 == 0)
+    int8 = isinstance(layer, Int8Linear) and layer.in_features % 32 == 0 and layer.groupsize % 32 == 0
+    if int4 and native_kernels():
+        scales, zeros = layer.scales.float(), layer.zeros.float()
+        return torch.stack([scales, zeros - 8 * scales], dim=-1).half()
+    if int8 and native_kernels():
+        return layer.scales.reshape(layer.out_features, -1).half()
     return None
 
 
