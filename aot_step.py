@@ -1,7 +1,7 @@
 """The decode step compiled ahead of time: torch.export traces one decode pass, AOTInductor compiles it
 into a package (a shared library of C++ code), and later steps call that library directly, with none of
-the checks Dynamo runs before a torch.compile'd step nor its Python wrapper (on 2 Xeon cores: 8.9 against
-12.5 ms a SmolLM2 step on the Q4_1 file; README, Benchmark).
+the checks Dynamo runs before a torch.compile'd step nor its Python wrapper (faster than a compiled step:
+docs/experiments.md).
 
 A package is built for one batch size, one attended length (generation.slots_to_attend) and one KV cache
 shape, and kept in a cache directory, so that the next run with the same shapes loads it in about two

@@ -226,10 +226,9 @@ def nf4_values(codes: Tensor) -> Tensor:
 class NF4CPULinear(nn.Module):
     """An NF4Linear on the CPU. In a compiled step over a few rows, the fused loop over the packed codes, each
     code's NF4 value computed from its four bits as a polynomial (nf4_values) in vector registers, scaled by
-    its group's absmax: 340 us for a 1536 x 576 weight and one row, against 730 us for the same loop looking
-    the values up in the table (a gather per weight) and 37 us for PyTorch's int4 kernel over an int4 weight of the
-    same groups, which no exact rewriting of the NF4 table fits. Otherwise the plain layer (dequantize, then
-    matmul), a block of WIDEN_BLOCK_ROWS rows at a time."""
+    its group's absmax: arithmetic instead of a gather per weight from the table (docs/quantization.md). No
+    int4 kernel takes NF4, whose table no affine grid fits. Otherwise the plain layer
+    (dequantize, then matmul), a block of WIDEN_BLOCK_ROWS rows at a time."""
 
     def __init__(self, layer: NF4Linear):
         super().__init__()
@@ -299,7 +298,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 class DecodeAttention(nn.Module):
     """Attention on the CPU: decode_attention for the few query rows of a step being compiled (PyTorch's
     CPU kernel is built for long blocks of queries), the fused kernel otherwise, in fp32 for bf16 / fp16
-    tensors on a CPU without bf16 arithmetic (2 to 2.7 times faster there: README, Benchmark)."""
+    tensors on a CPU without bf16 arithmetic, where PyTorch's kernel emulates bf16 (docs/experiments.md)."""
 
     def __init__(self, layer: ScaledDotProductAttention):
         super().__init__()

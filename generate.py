@@ -445,7 +445,7 @@ def main(argv=None):
         if args.aot and device != "cpu":
             raise UsageError(f"--aot builds a CPU decode step: on {device} use --compile (CUDA graphs on CUDA)")
         weights = args.random_format.split("-")[0] if args.random_weights else stored_weights(args.checkpoint_path)
-        # --aot over float weights keeps fp32: its package of a bf16 model ran at eager speed (README, Benchmark)
+        # --aot over float weights keeps fp32: its package of a bf16 model ran at eager speed (docs/experiments.md)
         compiled_decode = (args.compile or (args.aot and weights != "float")) and not args.speculative
         dtype = pick_dtype(args.dtype, device, compiled_decode, weights)
         tp.init(device)

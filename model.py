@@ -331,7 +331,7 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MoEFeedForward(args) if args.n_experts else FeedForward(args)
 
     # torch.compile traces and compiles one block and reuses the code for all n_layers, which cuts the
-    # compile time several-fold (README, Benchmark); eagerly it changes nothing.
+    # compile time several-fold (docs/experiments.md); eagerly it changes nothing.
     @torch.compiler.nested_compile_region
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, cache_row: int = 0) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos, cache_row)
@@ -380,7 +380,7 @@ class Transformer(nn.Module):
         left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
         different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits, or
         those of the positions from logits_from on: -1 gives the last only, all that sampling the next token
-        reads (the output head over every position of a prompt is 8 to 18% of its pass: README, Benchmark).
+        reads (the output head over every position of a prompt is a large share of its pass: docs/experiments.md).
         attended_slots: attention reads only the cache's first attended_slots slots (None: all of them). The
         causal mask hides every slot past input_pos anyway, so any bound above input_pos gives the same
         logits; a caller that passes one makes attention cost follow the sequence, not the cache's size.

@@ -9,8 +9,8 @@ tokens, more than its int4 weights. In the model's dtype, then, per head and slo
   when it is not a multiple of 64): x = q * scale + min, q in [0, 15], scale = (max - min) / 15 (FlexGen's
   min/max groups). Two values a byte, packed as the int4 weights are (quantized_layers.py).
 - int4-g32, int4-g16: the same in groups of 32 or 16. Keys have a few channels far larger than the rest,
-  and a group that holds one rounds the others coarsely: on SmolLM2, whose heads are 64 wide, groups of 64
-  raise perplexity by 11.7%, of 16 by 2.7% (README, Quantization).
+  and a group that holds one rounds the others coarsely, so smaller groups keep more of the model's quality
+  (SmolLM2's perplexity by groupsize: docs/quantization.md).
 
 Each is a drop-in for model.KVCache, chosen with `use(model, "int8")` before the caches are set up;
 `--kv_cache` on the command lines. Attention then reads the dequantized rows and slots it attends to:
