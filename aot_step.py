@@ -4,8 +4,8 @@ the checks Dynamo runs before a torch.compile'd step nor its Python wrapper (fas
 docs/experiments.md).
 
 A package is built for one batch size, one attended length (generation.slots_to_attend) and one KV cache
-shape, and kept in a cache directory, so that the next run with the same shapes loads it in about two
-seconds instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors:
+shape, and kept in a cache directory, so that the next run with the same shapes loads it in milliseconds
+instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors:
 it reads the weights, the kernels' scales (cpu_kernels.QuantizedCPULinear) and the KV cache where
 the model keeps them ("user-managed constants"), which costs no memory and lets one package serve every
 checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named parameter or
@@ -14,6 +14,7 @@ buffer of the model: a plain tensor attribute would be copied into the package u
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +26,7 @@ import cpu_kernels
 import model as model_source
 import quantized_kv_cache
 import quantized_layers
-from generation import CPU_COMPILE_OPTIONS
+from generation import CPU_COMPILE_OPTIONS, decode_one_token
 from model import Transformer
 from sampling import Sampling, sample
 
@@ -87,49 +88,65 @@ def build_package(decode_pass: DecodePass, batch: int, padded: bool, path: Path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     try:
-        torch._inductor.aoti_compile_and_package(exported, package_path=str(partial), inductor_configs=PACKAGE_OPTIONS)
+        with warnings.catch_warnings():  # torch's packaging uses its own deprecated LeafSpec: not the user's concern
+            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                     inductor_configs=PACKAGE_OPTIONS)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 
 
 def load_package(decode_pass: DecodePass, path: Path):
-    """The package at path, reading the model's own tensors."""
-    runner = torch._inductor.aoti_load_package(str(path))
-    tensors, names = named_tensors(decode_pass), runner.get_constant_fqns()
+    """The package at path, reading the model's own tensors. It is opened with AOTInductor's loader itself:
+    torch._inductor.aoti_load_package would first check the CPU's instruction set by compiling and loading
+    test code in subprocesses (over a second), which package_name has already pinned."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    tensors, names = named_tensors(decode_pass), loader.get_constant_fqns()
     missing = [name for name in names if name not in tensors]
     if missing:
         raise RuntimeError(f"{path} reads {missing[0]}, which is not a parameter or buffer of the model: "
                            "delete the package and build it again")
-    runner.load_constants({name: tensors[name] for name in names}, check_full_update=True, user_managed=True)
-    return runner
+    # (constants, use_inactive, check_full_update, user_managed, allow_h2d_copy)
+    loader.load_constants({name: tensors[name] for name in names}, False, True, True, False)
+    return loader
 
 
 class AheadOfTimeDecode:
     """A decode step (generation.Steps.decode) through packages: each (batch size, attended length,
-    padding) is loaded from the cache directory on its first step, after being built there if it is not
-    there yet. A model whose KV cache is allocated again (Transformer.setup_caches) has its packages bound
-    to the new cache."""
+    padding) is loaded from the cache directory on its first step. A package not there yet is built there
+    first, or with build=False that shape decodes eagerly. A model whose KV cache is allocated again
+    (Transformer.setup_caches) has its packages bound to the new cache."""
 
-    def __init__(self, cache_dir: Path, on_build=None):
-        self.cache_dir = cache_dir
+    def __init__(self, cache_dir: Path, build: bool = True, on_build=None):
+        self.cache_dir, self.build = cache_dir, build
         self.on_build = on_build  # on_build(path) is called before a package is built there
-        self.runners = {}  # (batch, attended, padded) -> (the rope table it is bound to, package)
+        self.loaders = {}  # (batch, attended, padded) -> (the rope table it is bound to, package loader or None)
 
     def __call__(self, model: Transformer, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor],
                  sampling: Sampling, attended_slots: int) -> Tensor:
-        shape = (token.shape[0], attended_slots, left_pad is not None)
-        bound_to, runner = self.runners.get(shape, (None, None))
+        loader = self.loader(model, token.shape[0], attended_slots, left_pad is not None)
+        if loader is None:
+            return decode_one_token(model, token, input_pos, left_pad, sampling, attended_slots)
+        inputs = [token, input_pos] if left_pad is None else [token, input_pos, left_pad]
+        return sample(loader.boxed_run(inputs)[0], sampling)
+
+    def loader(self, model: Transformer, batch: int, attended_slots: int, padded: bool):
+        """The package for these shapes, bound to the model's KV cache; None where there is none and build is
+        False."""
+        shape = (batch, attended_slots, padded)
+        bound_to, loader = self.loaders.get(shape, (None, None))
         if bound_to is not model.rope:  # setup_caches replaces the rope table with the KV cache
-            runner = self.load(model, *shape)
-            self.runners[shape] = model.rope, runner
-        logits = runner(token, input_pos) if left_pad is None else runner(token, input_pos, left_pad)
-        return sample(logits, sampling)
+            loader = self.load(model, *shape)
+            self.loaders[shape] = model.rope, loader
+        return loader
 
     def load(self, model: Transformer, batch: int, attended_slots: int, padded: bool):
         decode_pass = DecodePass(model, attended_slots)
         path = self.cache_dir / f"{package_name(decode_pass, batch, padded)}.pt2"
         if not path.is_file():
+            if not self.build:
+                return None
             if self.on_build:
                 self.on_build(path)
             build_package(decode_pass, batch, padded, path)

@@ -37,7 +37,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -57,27 +56,51 @@ struct Q8Rows {
   std::vector<float> sums;     // (rows, in / 32): each block's sum of its rounded x (for int4's mins)
 };
 
+// One block of 32 values, rounded: values[i] = round(block[i] * 127 / amax) (to nearest, ties to even,
+// as std::nearbyint does), scale = amax / 127, sum = scale * the sum of the rounded values.
+inline void quantize_block(const float* block, int8_t* values, float* scale, float* sum) {
+  __m256 v[4], amax = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int i = 0; i < 4; i++) {
+    v[i] = _mm256_loadu_ps(block + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));  // |v| clears the sign bit
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  const float largest = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.0f / largest : 0.0f);
+  __m256i q[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; i++) {
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    total = _mm256_add_epi32(total, q[i]);
+  }
+  // int32 -> int8: the packs work within 128-bit lanes, so the result's 4-byte groups come out in the
+  // order 0 2 4 6 1 3 5 7, which one permute puts back
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256((__m256i*)values, _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  *scale = largest / 127.0f;
+  *sum = *scale * _mm_cvtsi128_si32(t);
+}
+
 // x: (rows, x_in) fp32, rounded into rows of `in` values (in >= x_in, a multiple of 32): the columns past
-// x_in are zero (an int4 weight padded to whole groups multiplies them).
+// x_in are zero (an int4 weight padded to whole groups multiplies them). Rows are split over the threads.
 Q8Rows quantize_rows(const float* x, int64_t rows, int64_t x_in, int64_t in) {
   Q8Rows q{rows, in / BLOCK, std::vector<int8_t>(rows * in), std::vector<float>(rows * in / BLOCK),
            std::vector<float>(rows * in / BLOCK)};
-  for (int64_t r = 0; r < rows; r++) {
-    for (int64_t column = 0; column < in; column += BLOCK) {
-      float block[BLOCK] = {}, amax = 0;
-      std::memcpy(block, x + r * x_in + column, sizeof(float) * std::clamp<int64_t>(x_in - column, 0, BLOCK));
-      for (int i = 0; i < BLOCK; i++) amax = std::max(amax, std::fabs(block[i]));
-      const float inverse = amax > 0 ? 127.0f / amax : 0.0f;
-      const int64_t b = (r * in + column) / BLOCK;
-      int sum = 0;
-      for (int i = 0; i < BLOCK; i++) {
-        q.values[b * BLOCK + i] = (int8_t)std::nearbyint(block[i] * inverse);
-        sum += q.values[b * BLOCK + i];
+  const int64_t grain = std::max<int64_t>(1, 16384 / in);  // a few microseconds of work a thread at least
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      for (int64_t column = 0; column < in; column += BLOCK) {
+        float block[BLOCK] = {};
+        std::memcpy(block, x + r * x_in + column, sizeof(float) * std::clamp<int64_t>(x_in - column, 0, BLOCK));
+        const int64_t b = (r * in + column) / BLOCK;
+        quantize_block(block, &q.values[b * BLOCK], &q.scales[b], &q.sums[b]);
       }
-      q.scales[b] = amax / 127.0f;
-      q.sums[b] = q.scales[b] * sum;
     }
-  }
+  });
   return q;
 }
 

@@ -51,7 +51,7 @@ from quantized_layers import NF4_TABLE, Int4Linear, Int8Linear, NF4Linear
 # matmul is faster again.
 FUSED_MAX_ROWS = 16
 # Up to this many rows quantized layers call brisk's kernels; over more, dequantizing and multiplying is faster.
-KERNEL_MAX_ROWS = 16
+KERNEL_MAX_ROWS = 256
 
 CPU_HAS_BF16_ARITHMETIC = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")

@@ -75,7 +75,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     parser.add_argument("--aot", action="store_true", help="CPU: decode through a step compiled ahead of time "
                         "(AOTInductor), faster than --compile; built once per batch size and context length "
-                        "(about a minute for SmolLM2) and kept in $BRISK_CACHE_DIR (default ~/.cache/brisk)")
+                        "(about a minute for SmolLM2) and kept in $BRISK_CACHE_DIR (default ~/.cache/brisk). "
+                        "Without --aot, a CPU decodes through such a package wherever one is already built")
+    parser.add_argument("--eager", action="store_true", help="CPU: decode eagerly even where a package built by "
+                        "--aot would serve")
     parser.add_argument("--profile", type=Path, help="write a Chrome trace of the last sample to this path")
     parser.add_argument("--speculative", choices=["draft", "prompt_lookup", "lookahead"],
                         help="speculative decoding (one prompt): guesses from a draft model, from the prompt, or "
@@ -116,6 +119,8 @@ def check_args(args):
         raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")
     if args.offload != "none" and (args.compile or args.compile_prefill or args.aot or tp.world_size() > 1):
         raise UsageError("--offload streams blocks eagerly in one process: drop --compile / --aot / torchrun")
+    if args.aot and args.eager:
+        raise UsageError("--aot decodes through a compiled package, --eager without one: pick one")
     if args.aot and (args.compile or args.speculative or tp.world_size() > 1):
         raise UsageError("--aot compiles the plain decode step of one process: drop --compile / --speculative / "
                          "torchrun")
@@ -201,7 +206,7 @@ class Setup:
 
 def compile_announced(compile_run: Callable, ahead_of_time: bool = False):
     """Run compile_run() (a short generation that compiles), saying so before and how long it took after.
-    Ahead of time, each package built says so itself (announce_build); loading the others takes seconds."""
+    Ahead of time, each package built says so itself (announce_build); loading the others takes milliseconds."""
     if not ahead_of_time:
         print("compiling with torch.compile (about half a minute the first time; later runs reuse Inductor's "
               "cache) ...", file=sys.stderr, flush=True)
@@ -216,23 +221,47 @@ def announce_build(path: Path):
           "same shapes load it) ...", file=sys.stderr, flush=True)
 
 
+def uses_packages(args, device: str) -> bool:
+    """Whether decoding goes through ahead-of-time packages (aot_step.py): with --aot, built where missing;
+    otherwise on a CPU, those already built, whenever the decode step would be the plain eager one."""
+    plain_eager = not (args.compile or args.speculative or args.eager or args.offload != "none"
+                       or tp.world_size() > 1)
+    return args.aot or (device == "cpu" and plain_eager)
+
+
+def attended_lengths(model: Transformer, longest: int, max_new_tokens: int) -> list:
+    """The attended lengths (generation.slots_to_attend) of the decode steps that continue prompts of up to
+    longest tokens by max_new_tokens, in order."""
+    lengths = [slots_to_attend(longest + 1, model.max_seq_length)]
+    while lengths[-1] < slots_to_attend(longest + max_new_tokens, model.max_seq_length):
+        lengths.append(slots_to_attend(lengths[-1] + 1, model.max_seq_length))
+    return lengths
+
+
 def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):
-    """With compiled steps, run a few tokens first, so that compiling is not counted as decoding time: from the
-    prompts, then a decode step at each longer attended length (generation.slots_to_attend, one compiled graph
-    each) that max_new_tokens more tokens reach. Those steps write cache slots that a generation overwrites
-    before it reads them."""
+    """Get the steps ready before anything is timed or streamed. With compiled steps, run a few tokens first,
+    so that compiling is not counted as decoding time: from the prompts, then a decode step at each longer
+    attended length (one compiled graph each) that max_new_tokens more tokens reach. Those steps write cache
+    slots that a generation overwrites before it reads them. With packages that are only loaded, load them."""
+    model, longest, decode = setup.model, max(map(len, prompts)), setup.steps.decode
+    lengths = attended_lengths(model, longest, max_new_tokens)
+    if isinstance(decode, AheadOfTimeDecode) and not decode.build and setup.steps.prefill == Steps().prefill:
+        padded = len(set(map(len, prompts))) > 1
+        loaded = sum(decode.loader(model, len(prompts), length, padded) is not None for length in lengths)
+        if loaded:
+            print(f"decode step: {loaded} of the {len(lengths)} packages this run needs are built ahead of time "
+                  f"in {decode.cache_dir} (the rest decode eagerly; --aot builds them, --eager ignores them)",
+                  file=sys.stderr)
+        return
     if setup.steps == Steps():
         return
-    model, longest = setup.model, max(map(len, prompts))
 
     def run():
         generate(model, prompts, 3, setup.sampling, steps=setup.steps)
-        attended = slots_to_attend(longest + 1, model.max_seq_length)
-        while attended < slots_to_attend(longest + max_new_tokens, model.max_seq_length):
-            attended = slots_to_attend(attended + 1, model.max_seq_length)
-            # prefill up to slot attended - 2, then one decode step whose sequence is attended tokens long
-            generate(model, prompts, 2, setup.sampling, start_pos=attended - longest - 1, steps=setup.steps)
-    compile_announced(run, isinstance(setup.steps.decode, AheadOfTimeDecode))
+        for length in lengths[1:]:
+            # prefill up to slot length - 2, then one decode step whose sequence is length tokens long
+            generate(model, prompts, 2, setup.sampling, start_pos=length - longest - 1, steps=setup.steps)
+    compile_announced(run, isinstance(decode, AheadOfTimeDecode))
 
 
 def cache_budget(args):
@@ -292,9 +321,11 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
     batch_size = min(args.batch_size or len(prompts), len(prompts))
     cache_length = max(map(len, prompts)) + args.max_new_tokens
-    if args.aot:  # a package is built for one cache shape: round it up, so that other prompt lengths reuse it
-        cache_length = slots_to_attend(cache_length, setup.model.args.max_seq_length)
     budget = cache_budget(args)
+    # A package is built for one cache shape: round it up, so that other prompt lengths reuse it (not under a
+    # memory budget, unless --aot asks for a package: rounding up changes what fits)
+    if args.aot or (isinstance(setup.steps.decode, AheadOfTimeDecode) and budget is None):
+        cache_length = slots_to_attend(cache_length, setup.model.args.max_seq_length)
     if budget is not None:
         fits = cache_rows_within(setup.model, budget, cache_length)
         if fits < 1:
@@ -461,13 +492,14 @@ def main(argv=None):
             check_vocabulary(prompts, args.random_weights)
         started = time.perf_counter()
         model = quantized_kv_cache.use(load(args, device, dtype, tokenizer), args.kv_cache)
-        if device == "cpu" and (args.compile or args.aot):
+        packages = uses_packages(args, device)
+        if device == "cpu" and (args.compile or packages):  # eagerly these forms compute as the plain ones do
             cpu_kernels.swap_in(model, compiled_decode=True)  # fp32 layers too, where MKL's GEMV is slow
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)
-        if args.aot:
-            steps = Steps(steps.prefill, AheadOfTimeDecode(default_cache_dir(), announce_build))
+        if packages:
+            steps = Steps(steps.prefill, AheadOfTimeDecode(default_cache_dir(), args.aot, announce_build))
         setup = Setup(model, tokenizer, Sampling(args.temperature, args.top_k, args.top_p), steps, device)
         if args.interactive:
             interactive(args, setup)

@@ -2,6 +2,7 @@
 Hugging Face transformers / tokenizers / gguf, and a tiny random Llama saved as a Hugging Face directory."""
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import threading
@@ -32,6 +33,19 @@ def fresh_compile_caches():
     """Each test compiles as a fresh process would: Dynamo keeps compiled graphs per function (8 at most,
     then fails under fullgraph), and every model, batch size and attended length of earlier tests is one."""
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def package_cache(tmp_path_factory):
+    """The decode steps built ahead of time (aot_step.py) that tests build and load: in a directory of this
+    session's, not the user's cache, whose packages a plain generate.py run would otherwise pick up."""
+    directory = tmp_path_factory.mktemp("brisk-cache")
+    previous, os.environ["BRISK_CACHE_DIR"] = os.environ.get("BRISK_CACHE_DIR"), str(directory)
+    yield directory
+    if previous is None:
+        del os.environ["BRISK_CACHE_DIR"]
+    else:
+        os.environ["BRISK_CACHE_DIR"] = previous
 
 
 def shared_text(name: str) -> str:

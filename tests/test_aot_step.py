@@ -129,7 +129,36 @@ def test_generate_aot_prints_what_eager_decoding_prints_and_builds_once(capsys, 
     assert "building" not in second.err and "decode step ready" in second.err
 
 
+def test_a_step_without_a_package_decodes_eagerly_where_building_is_off(tiny_dir, tmp_path, monkeypatch):
+    model = load_model(tiny_dir)
+    model.setup_caches(1, 64)
+    eager, _ = generate(model, [PROMPT], 8, GREEDY)
+    refuse_builds(monkeypatch)
+    cached_only = AheadOfTimeDecode(tmp_path, build=False)
+    tokens, _ = generate(model, [PROMPT], 8, GREEDY, steps=Steps(decode=cached_only))
+    assert tokens == eager and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_generate_decodes_through_a_package_aot_built_without_being_asked(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRISK_CACHE_DIR", str(tmp_path))
+    flags = ["--checkpoint_path", str(tiny_dir), "--temperature", "0", "--max_new_tokens", "12", "--prompt", "hello"]
+    assert generate_command.main(flags) == 0
+    before = capsys.readouterr()
+    assert generate_command.main(flags + ["--aot"]) == 0
+    capsys.readouterr()
+    refuse_builds(monkeypatch)
+    assert generate_command.main(flags) == 0
+    after = capsys.readouterr()
+    assert generate_command.main(flags + ["--eager"]) == 0
+    eager = capsys.readouterr()
+    assert "decode step:" not in before.err and "decode step:" not in eager.err
+    assert f"decode step: 1 of the 1 packages this run needs are built ahead of time in {tmp_path}" in after.err
+    assert after.out == before.out == eager.out
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--aot", "--eager"], "--aot decodes through a compiled package, --eager without one: pick one"),
     (["--aot", "--compile"], "--aot compiles the plain decode step of one process: drop --compile"),
     (["--aot", "--speculative", "prompt_lookup"], "--aot compiles the plain decode step of one process"),
     (["--aot", "--offload", "disk"], "--offload streams blocks eagerly in one process: drop --compile / --aot"),

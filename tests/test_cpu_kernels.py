@@ -78,7 +78,7 @@ def test_an_int8_head_over_many_rows_is_dequantized_block_by_block(groupsize):
     layer = filled(Int8Linear(64, 2500, groupsize), torch.randn(2500, 64))  # three blocks of 1024 rows
     for dtype in (torch.float32, torch.bfloat16):
         layer.scales = layer.scales.to(dtype)
-        x = torch.randn(2, 10, 64, dtype=dtype)  # 20 rows: more than the kernel takes
+        x = torch.randn(1, cpu_kernels.KERNEL_MAX_ROWS + 1, 64, dtype=dtype)  # more rows than the kernel takes
         with AtenCalls() as calls:
             out = QuantizedCPULinear(layer)(x)
         expected = layer(cpu_kernels.widened(x)).to(dtype)  # fp32 arithmetic on a CPU without bf16's
