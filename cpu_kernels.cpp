@@ -27,9 +27,10 @@
 //   int8: w = q * scale, q in [-128, 127], a scale (fp16) per group of `groupsize` columns: 32 for GGUF's
 //         Q8_0, the whole row for a scale per output channel.
 //
-// Rows of the output are split over torch's threads (at::parallel_for, so torch.set_num_threads holds).
-// Each thread walks its weight rows once; for each, up to 4 activation rows at a time share every
-// unpacked weight register, and further activation rows find the weight row still in the L1 cache.
+// Weight rows go 8 at a time (a panel: one register lane each, Step 3), the panels split over torch's
+// threads (at::parallel_for, so torch.set_num_threads holds). Each thread walks its panels once; for
+// each, up to 4 activation rows at a time share every unpacked weight register, and further activation
+// rows find the panel's weights still in the cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -44,8 +45,7 @@
 namespace {
 
 constexpr int64_t BLOCK = 32;  // activation values that share one int8 scale
-constexpr int TILE = 4;        // activation rows multiplied together by one weight row
-constexpr int64_t ROWS_PER_PASS = 16;  // weight rows multiplied by every activation row before the next ones
+constexpr int TILE = 4;        // activation rows multiplied together by one panel of weight rows
 
 // ---- Step 1: the activations as int8 blocks ---------------------------------------------------------
 
@@ -104,44 +104,58 @@ Q8Rows quantize_rows(const float* x, int64_t rows, int64_t x_in, int64_t in) {
   return q;
 }
 
-// ---- Step 2: 32 unsigned bytes times 32 signed bytes ------------------------------------------------
+// ---- Step 2: 4 unsigned bytes times 4 signed bytes, in each of 8 lanes ------------------------------
 // Both instructions multiply an UNSIGNED byte by a SIGNED byte, and sum 4 neighbouring products into
 // each of 8 int32 lanes. Int4 weights are unsigned already (0..15). Int8 weights are signed, so an int8 x
 // int8 product is written as |w| * (x with the sign of w): _mm256_sign_epi8 gives both (sign trick).
 
 // AVX2: maddubs sums pairs of products into int16 (saturating: 15 * 127 * 2 and 128 * 127 * 2 both fit),
-// madd with ones sums pairs of int16 into int32.
+// madd with ones sums pairs of int16 into int32. An int4 pair sum is at most 2 * 15 * 127 = 3810, so 8 of
+// them can be added in int16 before the madd (add16 / widen); int8's cannot.
 struct Avx2 {
-  static inline __m256i dot(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+  static inline __m256i dot(__m256i sum, __m256i u, __m256i s) {
+    return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
   }
+  static inline __m256i add16(__m256i sum, __m256i u, __m256i s) {
+    return _mm256_add_epi16(sum, _mm256_maddubs_epi16(u, s));
+  }
+  static inline __m256i widen(__m256i sum) { return _mm256_madd_epi16(sum, _mm256_set1_epi16(1)); }
 };
 
 // AVX-512 VNNI: vpdpbusd does both steps in one instruction, in int32 all the way. Written as inline
 // assembly because GCC emits its intrinsic only in a function compiled for AVX-512 as a whole, and this
 // file is compiled for AVX2 (Vnni is used only where the CPU reports avx512_vnni and avx512vl).
 struct Vnni {
-  static inline __m256i dot(__m256i u, __m256i s) {
-    __m256i sum = _mm256_setzero_si256();
+  static inline __m256i dot(__m256i sum, __m256i u, __m256i s) {
     asm("vpdpbusd %2, %1, %0" : "+x"(sum) : "x"(u), "x"(s));  // sum += u . s (AT&T order)
     return sum;
   }
+  static inline __m256i add16(__m256i sum, __m256i u, __m256i s) { return dot(sum, u, s); }
+  static inline __m256i widen(__m256i sum) { return sum; }
 };
 
-// acc + (the integer dot of 32 weights with one activation block) * the block's scale: 8 float lanes.
-template <typename Isa>
-inline __m256 add_block(__m256 acc, __m256i weights, const int8_t* x, float x_scale) {
-  const __m256i products = Isa::dot(weights, _mm256_loadu_si256((const __m256i*)x));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(x_scale), acc);
+// 4 activation bytes (one column quad) in every lane.
+inline __m256i broadcast4(const int8_t* x) {
+  int32_t quad;
+  std::memcpy(&quad, x, 4);
+  return _mm256_set1_epi32(quad);
 }
 
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+// ---- Step 3: eight weight rows (a panel) times R activation rows --------------------------------------
+// The 8 int32 lanes of one register hold 8 weight rows' sums, so a block's scaling is one vector multiply-
+// add for 8 rows (their scales loaded as a vector), instead of a horizontal sum for each row. For that,
+// each lane must hold 4 weights of its own row: cpu_kernels.py (kernel_weight) reorders the weight bytes
+// once, at load, so that each 16 bytes of a row's stored bytes come as 4 registers, `quad[c]` holding
+// bytes 4c .. 4c + 3 of the 8 rows, lane k row k. The activations' 4 matching bytes are broadcast to every
+// lane. The scales come in the same shape (kernel_scales): per panel and group, the 8 rows' scales side
+// by side (int4: then their mins).
+
+// Piece `piece` (the rows' bytes 16 * piece .. + 15) of a panel: 4 registers of 32 bytes.
+inline void load_piece(const uint8_t* __restrict panel, int64_t piece, __m256i quad[4]) {
+  for (int c = 0; c < 4; c++) quad[c] = _mm256_loadu_si256((const __m256i*)(panel + 128 * piece + 32 * c));
 }
 
-inline float half_to_float(const at::Half& h) { return _cvtsh_ss(h.x); }
+inline __m256 halves_to_floats(const at::Half* h) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)h)); }
 
 // R activation rows, side by side in a Q8Rows: row r's values start at values + r * in, its block scales
 // and sums at scales + r * blocks, sums + r * blocks.
@@ -152,147 +166,159 @@ struct Tile {
   int64_t in, blocks;
 };
 
-// ---- Step 3: one weight row times R activation rows -------------------------------------------------
-
-// int4 in groups of 32 (GGUF's Q4_0 / Q4_1 blocks): 16 bytes hold columns 0-15 (low nibbles) and 16-31
-// (high nibbles), one activation block. Scale and min fold into the block's float multiply-add.
+// int4 in groups of 32 (GGUF's Q4_0 / Q4_1 blocks): a row's 16 bytes hold columns 0-15 (low nibbles) and
+// 16-31 (high nibbles) of one activation block. Scale and min fold into the block's float multiply-adds.
 template <typename Isa, int R>
-inline void add_group_g32(const uint8_t* __restrict weight, const at::Half* __restrict scale_min, int64_t g,
-                          const Tile& x, __m256* acc, float* min_terms) {
-  const __m128i bytes = _mm_loadu_si128((const __m128i*)(weight + 16 * g));
-  const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
-  const float scale = half_to_float(scale_min[2 * g]), min = half_to_float(scale_min[2 * g + 1]);
-  for (int r = 0; r < R; r++) {
-    const __m256i products = Isa::dot(q, _mm256_loadu_si256((const __m256i*)(x.values + r * x.in + 32 * g)));
-    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(scale * x.scales[r * x.blocks + g]), acc[r]);
-    min_terms[r] += min * x.sums[r * x.blocks + g];
+void int4_panel_g32(const uint8_t* __restrict panel, const at::Half* __restrict scale_min, int64_t groups,
+                    const Tile& x, __m256* acc) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; g++) {
+    __m256i quad[4], sum[R];
+    load_piece(panel, g, quad);
+    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; c++) {
+      const __m256i low = _mm256_and_si256(quad[c], nibble);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(quad[c], 4), nibble);
+      for (int r = 0; r < R; r++) {
+        const int8_t* block = x.values + r * x.in + 32 * g;
+        sum[r] = Isa::add16(sum[r], low, broadcast4(block + 4 * c));
+        sum[r] = Isa::add16(sum[r], high, broadcast4(block + 16 + 4 * c));
+      }
+    }
+    const __m256 scale = halves_to_floats(scale_min + 16 * g), min = halves_to_floats(scale_min + 16 * g + 8);
+    for (int r = 0; r < R; r++) {
+      const __m256 dot = _mm256_cvtepi32_ps(Isa::widen(sum[r]));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(x.scales[r * x.blocks + g])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(x.sums[r * x.blocks + g]), acc[r]);
+    }
   }
 }
 
-// Even and odd groups add into separate sums: each multiply-add waits for the previous one into the same
-// register (4 cycles), so one chain would hold a core to a group per 4 cycles.
+// int4 in groups of 64, 128, ...: byte j of a group holds its columns j (low nibble) and j + groupsize / 2
+// (high nibble), so 32 bytes hold two activation blocks, one in the low nibbles and one in the high.
+// Each block's integer sums times its activation scale add up over the group, then times the group's
+// scale; the min multiplies the activations' sum over the whole group.
 template <typename Isa, int R>
-void int4_row_g32(const uint8_t* __restrict weight, const at::Half* __restrict scale_min, int64_t groups,
-                  const Tile& x, float* __restrict result) {
-  __m256 even[R], odd[R];
-  float even_mins[R], odd_mins[R];
-  for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps(), even_mins[r] = odd_mins[r] = 0;
-  int64_t g = 0;
-  for (; g + 1 < groups; g += 2) {
-    add_group_g32<Isa, R>(weight, scale_min, g, x, even, even_mins);
-    add_group_g32<Isa, R>(weight, scale_min, g + 1, x, odd, odd_mins);
-  }
-  if (g < groups) add_group_g32<Isa, R>(weight, scale_min, g, x, even, even_mins);
-  for (int r = 0; r < R; r++) result[r] = horizontal_sum(_mm256_add_ps(even[r], odd[r])) + even_mins[r] + odd_mins[r];
-}
-
-// int4 in groups of 64, 128, ...: 32 bytes at a time, whose low nibbles are the 32 columns j.. and high
-// nibbles the 32 columns j + groupsize / 2..; each block's integer dot times its activation scale is
-// summed over the group, then times the group's scale.
-template <typename Isa, int R>
-void int4_row(const uint8_t* __restrict weight, const at::Half* __restrict scale_min, int64_t groups,
-              int64_t groupsize, const Tile& x, float* __restrict result) {
+void int4_panel(const uint8_t* __restrict panel, const at::Half* __restrict scale_min, int64_t groups,
+                int64_t groupsize, const Tile& x, __m256* acc) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const int64_t half = groupsize / 2, blocks_per_group = groupsize / BLOCK;
-  __m256 acc[R];
-  float min_terms[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps(), min_terms[r] = 0;
   for (int64_t g = 0; g < groups; g++) {
     const int64_t first = g * blocks_per_group;  // the group's first activation block
     __m256 group_acc[R];
     for (int r = 0; r < R; r++) group_acc[r] = _mm256_setzero_ps();
     for (int64_t j = 0; j < half; j += BLOCK) {
-      const __m256i bytes = _mm256_loadu_si256((const __m256i*)(weight + g * half + j));
-      const __m256i low = _mm256_and_si256(bytes, nibble);
-      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
       const int64_t low_block = first + j / BLOCK, high_block = low_block + half / BLOCK;
+      __m256i low_sum[R], high_sum[R];
+      for (int r = 0; r < R; r++) low_sum[r] = high_sum[r] = _mm256_setzero_si256();
+      for (int part = 0; part < 2; part++) {  // the block's columns 0-15, then 16-31
+        __m256i quad[4];
+        load_piece(panel, (g * half + j) / 16 + part, quad);
+        for (int c = 0; c < 4; c++) {
+          const __m256i low = _mm256_and_si256(quad[c], nibble);
+          const __m256i high = _mm256_and_si256(_mm256_srli_epi16(quad[c], 4), nibble);
+          for (int r = 0; r < R; r++) {
+            const int8_t* row = x.values + r * x.in + 16 * part + 4 * c;
+            low_sum[r] = Isa::add16(low_sum[r], low, broadcast4(row + low_block * BLOCK));
+            high_sum[r] = Isa::add16(high_sum[r], high, broadcast4(row + high_block * BLOCK));
+          }
+        }
+      }
       for (int r = 0; r < R; r++) {
-        const int8_t* row = x.values + r * x.in;
         const float* scales = x.scales + r * x.blocks;
-        group_acc[r] = add_block<Isa>(group_acc[r], low, row + low_block * BLOCK, scales[low_block]);
-        group_acc[r] = add_block<Isa>(group_acc[r], high, row + high_block * BLOCK, scales[high_block]);
+        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Isa::widen(low_sum[r])), _mm256_set1_ps(scales[low_block]),
+                                       group_acc[r]);
+        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Isa::widen(high_sum[r])),
+                                       _mm256_set1_ps(scales[high_block]), group_acc[r]);
       }
     }
-    const float scale = half_to_float(scale_min[2 * g]), min = half_to_float(scale_min[2 * g + 1]);
+    const __m256 scale = halves_to_floats(scale_min + 16 * g), min = halves_to_floats(scale_min + 16 * g + 8);
     for (int r = 0; r < R; r++) {
       float group_sum = 0;
       for (int64_t b = first; b < first + blocks_per_group; b++) group_sum += x.sums[r * x.blocks + b];
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale), group_acc[r], acc[r]);
-      min_terms[r] += min * group_sum;
+      acc[r] = _mm256_fmadd_ps(scale, group_acc[r], acc[r]);
+      acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(group_sum), acc[r]);
     }
   }
-  for (int r = 0; r < R; r++) result[r] = horizontal_sum(acc[r]) + min_terms[r];
 }
 
-// int8: 32 weights a block; |w| * (x with w's sign), as above.
+// int8: a row's 32 bytes are one activation block; |w| * (x with w's sign), as above.
 template <typename Isa, int R>
-void int8_row(const int8_t* __restrict weight, const at::Half* __restrict scales, int64_t groups,
-              int64_t groupsize, const Tile& x, float* __restrict result) {
+void int8_panel(const uint8_t* __restrict panel, const at::Half* __restrict scales, int64_t groups,
+                int64_t groupsize, const Tile& x, __m256* acc) {
   const int64_t blocks_per_group = groupsize / BLOCK;
-  __m256 acc[R];
-  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
     __m256 group_acc[R];
     for (int r = 0; r < R; r++) group_acc[r] = _mm256_setzero_ps();
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; b++) {
-      const __m256i w = _mm256_loadu_si256((const __m256i*)(weight + b * BLOCK));
-      const __m256i magnitude = _mm256_sign_epi8(w, w);  // |w| as unsigned bytes (-128 gives 128)
-      for (int r = 0; r < R; r++) {
-        const __m256i xq = _mm256_loadu_si256((const __m256i*)(x.values + r * x.in + b * BLOCK));
-        const __m256i products = Isa::dot(magnitude, _mm256_sign_epi8(xq, w));
-        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(products), _mm256_set1_ps(x.scales[r * x.blocks + b]),
-                                       group_acc[r]);
+      __m256i sum[R];
+      for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+      for (int part = 0; part < 2; part++) {  // the block's columns 0-15, then 16-31
+        __m256i quad[4];
+        load_piece(panel, 2 * b + part, quad);
+        for (int c = 0; c < 4; c++) {
+          const __m256i magnitude = _mm256_sign_epi8(quad[c], quad[c]);  // |w| as unsigned bytes (-128: 128)
+          for (int r = 0; r < R; r++) {
+            const __m256i xq = broadcast4(x.values + r * x.in + b * BLOCK + 16 * part + 4 * c);
+            sum[r] = Isa::dot(sum[r], magnitude, _mm256_sign_epi8(xq, quad[c]));
+          }
+        }
       }
+      for (int r = 0; r < R; r++)
+        group_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(x.scales[r * x.blocks + b]),
+                                       group_acc[r]);
     }
-    const __m256 scale = _mm256_set1_ps(half_to_float(scales[g]));
+    const __m256 scale = halves_to_floats(scales + 8 * g);
     for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(scale, group_acc[r], acc[r]);
   }
-  for (int r = 0; r < R; r++) result[r] = horizontal_sum(acc[r]);
 }
 
-// ---- The whole product: weight rows over threads, activation rows in tiles --------------------------
+// ---- The whole product: panels over threads, activation rows in tiles -------------------------------
 
 struct Weight {
-  const uint8_t* data;     // packed int4 (out, in / 2) or int8 (out, in)
-  const at::Half* scales;  // int4: (out, groups, 2) scale and min; int8: (out, groups)
-  int64_t out, in, groupsize, row_bytes, scales_per_row;
+  const uint8_t* data;     // int4 or int8 bytes in panels (cpu_kernels.py, kernel_weight): (panels, 8 * row_bytes)
+  const at::Half* scales;  // int4: (panels, groups, 2, 8) scales and mins; int8: (panels, groups, 8)
+  int64_t out, in, groupsize, row_bytes, scales_per_panel;
 };
 
-// Weight rows [begin, end) times activation rows [r0, r0 + R): out (rows, out) at those places.
+// Panel p's weight rows times activation rows [r0, r0 + R): out (rows, out) at those places. The last
+// panel's rows past `out` are zeros, computed and not written.
 template <typename Isa, int R>
-void rows_times_tile(const Weight& w, int64_t begin, int64_t end, bool int4, const Q8Rows& q, int64_t r0,
-                     float* out) {
+void panel_times_tile(const Weight& w, int64_t p, bool int4, const Q8Rows& q, int64_t r0, float* out) {
   const int64_t blocks = q.blocks_per_row, groups = w.in / w.groupsize;
   const Tile x{q.values.data() + r0 * w.in, q.scales.data() + r0 * blocks, q.sums.data() + r0 * blocks, w.in,
                blocks};
-  for (int64_t o = begin; o < end; o++) {
-    float result[R];
-    const uint8_t* row = w.data + o * w.row_bytes;
-    const at::Half* scales = w.scales + o * w.scales_per_row;
-    if (!int4) int8_row<Isa, R>((const int8_t*)row, scales, groups, w.groupsize, x, result);
-    else if (w.groupsize == BLOCK) int4_row_g32<Isa, R>(row, scales, groups, x, result);
-    else int4_row<Isa, R>(row, scales, groups, w.groupsize, x, result);
-    for (int r = 0; r < R; r++) out[(r0 + r) * w.out + o] = result[r];
+  const uint8_t* panel = w.data + p * 8 * w.row_bytes;
+  const at::Half* scales = w.scales + p * w.scales_per_panel;
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  if (!int4) int8_panel<Isa, R>(panel, scales, groups, w.groupsize, x, acc);
+  else if (w.groupsize == BLOCK) int4_panel_g32<Isa, R>(panel, scales, groups, x, acc);
+  else int4_panel<Isa, R>(panel, scales, groups, w.groupsize, x, acc);
+  const int64_t count = std::min<int64_t>(8, w.out - 8 * p);
+  for (int r = 0; r < R; r++) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[r]);
+    std::memcpy(out + (r0 + r) * w.out + 8 * p, lanes, sizeof(float) * count);
   }
 }
 
-// A thread's share should be worth more than waking a second thread (a few microseconds): rows of at
+// A thread's share should be worth more than waking a second thread (a few microseconds): panels of at
 // least this many weight bytes in all run on one thread.
 constexpr int64_t MIN_BYTES_PER_THREAD = 64 * 1024;
 
 template <typename Isa>
 void matmul(const Weight& w, bool int4, const Q8Rows& q, float* out) {
-  const int64_t grain = std::max<int64_t>(1, MIN_BYTES_PER_THREAD / w.row_bytes);
-  at::parallel_for(0, w.out, grain, [&](int64_t begin, int64_t end) {
-    // a few weight rows at a time, each times every tile of activation rows while it is in the L1 cache
-    for (int64_t o = begin; o < end; o += ROWS_PER_PASS) {
-      const int64_t stop = std::min(end, o + ROWS_PER_PASS);
+  const int64_t panels = (w.out + 7) / 8, grain = std::max<int64_t>(1, MIN_BYTES_PER_THREAD / (8 * w.row_bytes));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    // each panel times every tile of activation rows while its weights are in the L1 / L2 cache
+    for (int64_t p = begin; p < end; p++) {
       for (int64_t r0 = 0; r0 < q.rows; r0 += TILE) {
         switch (std::min<int64_t>(TILE, q.rows - r0)) {
-          case 4: rows_times_tile<Isa, 4>(w, o, stop, int4, q, r0, out); break;
-          case 3: rows_times_tile<Isa, 3>(w, o, stop, int4, q, r0, out); break;
-          case 2: rows_times_tile<Isa, 2>(w, o, stop, int4, q, r0, out); break;
-          default: rows_times_tile<Isa, 1>(w, o, stop, int4, q, r0, out);
+          case 4: panel_times_tile<Isa, 4>(w, p, int4, q, r0, out); break;
+          case 3: panel_times_tile<Isa, 3>(w, p, int4, q, r0, out); break;
+          case 2: panel_times_tile<Isa, 2>(w, p, int4, q, r0, out); break;
+          default: panel_times_tile<Isa, 1>(w, p, int4, q, r0, out);
         }
       }
     }
@@ -339,43 +365,52 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
               " must be a multiple of 32 dividing the ", in, " columns");
 }
 
-// x (..., in) fp32 times an int4 weight (out, padded_in / 2) uint8, transposed: (..., out) fp32.
-// scale_min: (out, in / groupsize, 2) fp16. groupsize: 32, or a multiple of 64.
+// x (..., in) fp32 times an int4 weight of out_features rows, transposed: (..., out_features) fp32.
+// weight: uint8 in panels (panels, padded_in / 32, 4, 8, 4), panels = out_features / 8 rounded up;
+// scale_min: (panels, in / groupsize, 2, 8) fp16. groupsize: 32, or a multiple of 64.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale_min,
-                       int64_t groupsize) {
-  const int64_t out = weight.size(0), in = 2 * weight.size(1);
+                       int64_t groupsize, int64_t out_features) {
+  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8, "weight must be in panels of 8 rows");
+  const int64_t row_bytes = weight.numel() / (8 * weight.size(0)), in = 2 * row_bytes;
   check_common(x, weight, scale_min, groupsize, in);
+  const int64_t groups = in / groupsize;
   TORCH_CHECK(weight.scalar_type() == at::kByte, "int4 weight must be uint8 (two values a byte)");
   TORCH_CHECK(groupsize == BLOCK || groupsize % (2 * BLOCK) == 0, "int4 groupsize must be 32 or a multiple of 64");
-  TORCH_CHECK(scale_min.numel() == out * (in / groupsize) * 2, "scale_min must be (out, in / groupsize, 2)");
-  return quantized_linear(x, {weight.data_ptr<uint8_t>(), scale_min.data_ptr<at::Half>(), out, in, groupsize, in / 2,
-                              2 * (in / groupsize)}, true);
+  TORCH_CHECK(scale_min.numel() == weight.size(0) * groups * 2 * 8,
+              "scale_min must be (out / 8, in / groupsize, 2, 8)");
+  return quantized_linear(x, {weight.data_ptr<uint8_t>(), scale_min.data_ptr<at::Half>(), out_features, in,
+                              groupsize, row_bytes, groups * 2 * 8}, true);
 }
 
-// x (..., in) fp32 times an int8 weight (out, in), transposed: (..., out) fp32.
-// scales: (out, in / groupsize) fp16; groupsize = in for one scale per output channel.
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize) {
-  const int64_t out = weight.size(0), in = weight.size(1);
+// x (..., in) fp32 times an int8 weight of out_features rows, transposed: (..., out_features) fp32.
+// weight: int8 in panels (panels, in / 16, 4, 8, 4); scales: (panels, in / groupsize, 8) fp16;
+// groupsize = in for one scale per output channel.
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize,
+                       int64_t out_features) {
+  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8, "weight must be in panels of 8 rows");
+  const int64_t in = weight.numel() / (8 * weight.size(0));
   check_common(x, weight, scales, groupsize, in);
+  const int64_t groups = in / groupsize;
   TORCH_CHECK(x.size(-1) == in, "x has ", x.size(-1), " columns, the weight ", in);
   TORCH_CHECK(weight.scalar_type() == at::kChar, "int8 weight must be int8");
-  TORCH_CHECK(scales.numel() == out * (in / groupsize), "scales must be (out, in / groupsize)");
-  return quantized_linear(x, {(const uint8_t*)weight.data_ptr(), scales.data_ptr<at::Half>(), out, in, groupsize, in,
-                              in / groupsize}, false);
+  TORCH_CHECK(scales.numel() == weight.size(0) * groups * 8, "scales must be (out / 8, in / groupsize, 8)");
+  return quantized_linear(x, {(const uint8_t*)weight.data_ptr(), scales.data_ptr<at::Half>(), out_features, in,
+                              groupsize, in, groups * 8}, false);
 }
 
-// The op's output shape without computing (torch.compile and export trace with it): (..., out).
-at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&, int64_t) {
+// The op's output shape without computing (torch.compile and export trace with it): (..., out_features).
+at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t,
+                                 int64_t out_features) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
+  shape.back() = out_features;
   return at::empty(shape, x.options());
 }
 
 }  // namespace
 
 TORCH_LIBRARY(brisk, m) {
-  m.def("int4_linear(Tensor x, Tensor weight, Tensor scale_min, int groupsize) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor weight, Tensor scale_min, int groupsize, int out_features) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("cpu_isa(str choice) -> str", &cpu_isa);
 }
 

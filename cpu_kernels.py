@@ -1,16 +1,16 @@
 """Faster forms of brisk's layers on a CPU, swapped in after loading (`swap_in`) in place of the plain
-layers of model.py and quantized_layers.py. Each form holds the plain module it replaces as `.layer`
-and reproduces its outputs (tests/test_cpu_kernels.py). The measurements behind each choice are in
-docs/cpu_kernels.md.
+layers of model.py and quantized_layers.py. Each reproduces the outputs of the plain module it replaces
+(tests/test_cpu_kernels.py) and, except the quantized layers below, holds it as `.layer`. The measurements
+behind each choice are in docs/cpu_kernels.md.
 
-- int4 and int8 layers over a few rows (decoding) call brisk's own kernels, torch.ops.brisk.int4_linear and
-  int8_linear (cpu_kernels.cpp): the activations rounded to int8 in blocks of 32 and multiplied in integers,
-  as llama.cpp does, eagerly, compiled and in an AOT package alike. They take fp32 activations (other
-  dtypes are widened for the call), so a quantized checkpoint runs in fp32 on every CPU (cli.pick_dtype).
-  Over more rows (prefill) the plain layer dequantizes and multiplies: BLAS's GEMM is faster there. The
-  kernels are built once into torch's extensions cache (scripts/setup.sh does it); where they cannot be
-  built or run (no compiler, not an x86 CPU with AVX2), one line on stderr says so and the plain layers
-  compute.
+- int4 and int8 layers call brisk's own kernels, torch.ops.brisk.int4_linear and int8_linear
+  (cpu_kernels.cpp): the activations rounded to int8 in blocks of 32 and multiplied in integers, as
+  llama.cpp does, eagerly, compiled and in an AOT package alike, for any number of rows. They take fp32
+  activations (other dtypes are widened for the call), so a quantized checkpoint runs in fp32 on every CPU
+  (cli.pick_dtype). Their weight is reordered once, at load, into the order the kernel streams it, and the
+  plain copy is let go (QuantizedCPULinear). The kernels are built once into torch's extensions cache
+  (scripts/setup.sh does it); where they cannot be built or run (no compiler, not an x86 CPU with AVX2),
+  one line on stderr says so and the plain layers compute.
 - Float layers over a few rows in a step being compiled are written as a multiply-and-sum, which Inductor
   turns into one vectorized loop per layer that reads each weight once in its stored type (bf16) and widens
   it in registers; attention over the KV cache likewise becomes sums of products that Inductor fuses with
@@ -50,8 +50,6 @@ from quantized_layers import NF4_TABLE, Int4Linear, Int8Linear, NF4Linear
 # Up to this many rows (batch x new tokens) a compiled step keeps the fused loops; from 32 rows the
 # matmul is faster again.
 FUSED_MAX_ROWS = 16
-# Up to this many rows quantized layers call brisk's kernels; over more, dequantizing and multiplying is faster.
-KERNEL_MAX_ROWS = 256
 
 CPU_HAS_BF16_ARITHMETIC = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 KERNEL_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
@@ -132,34 +130,78 @@ class FloatLinear(nn.Module):
         return F.linear(wide, weight.to(wide.dtype)).to(x.dtype)
 
 
-def kernel_scales(layer: nn.Module) -> Optional[Tensor]:
-    """The scales brisk's kernel reads for an int4 or int8 layer, fp16: for int4 (out, groups, 2), each
-    group's scale and min (w = q * scale + min, min = zero - 8 * scale); for int8 (out, groups), one group
-    per row where it has a scale per output channel. fp16 holds GGUF's Q4_0 / Q4_1 / Q8_0 scales exactly,
-    as their blocks store them in fp16. None where the kernels are not loaded or cannot take the layer: int4
-    groups of 32 or a multiple of 64, int8 rows and groups in whole blocks of 32."""
+def kernel_takes(layer: nn.Module) -> bool:
+    """Whether brisk's kernels are loaded and take this layer: int4 in groups of 32 or a multiple of 64, int8
+    rows and groups in whole blocks of 32."""
     int4 = isinstance(layer, Int4Linear) and (layer.groupsize == 32 or layer.groupsize % 64 == 0)
     int8 = isinstance(layer, Int8Linear) and layer.in_features % 32 == 0 and layer.groupsize % 32 == 0
-    if int4 and native_kernels():
-        scales, zeros = layer.scales.float(), layer.zeros.float()
-        return torch.stack([scales, zeros - 8 * scales], dim=-1).half()
-    if int8 and native_kernels():
-        return layer.scales.reshape(layer.out_features, -1).half()
-    return None
+    return (int4 or int8) and native_kernels()
 
 
-def kernel_product(layer: nn.Module, scales: Tensor, x: Tensor, rows=None) -> Tensor:
-    """x (..., in) times the weight rows `rows` (all of them by default; a slice or an index tensor) of an
-    int4 or int8 layer, transposed, by brisk's kernel with its kernel_scales: in fp32, out in x's dtype.
-    The kernel pads an int4 layer's inputs to whole groups itself."""
-    weight = layer.weight if rows is None else layer.weight[rows]
-    scales = scales if rows is None else scales[rows]
-    wide = x.float().contiguous()
+def in_panels(per_row: Tensor, n_experts: int) -> Tensor:
+    """Values per weight row (out, ...) as (panels, 8, ...): rows 8p .. 8p + 7 together, the rows of each of
+    n_experts experts (one after another in a mixture's projection) padded with zeros to whole panels."""
+    rows = per_row.shape[0] // n_experts
+    flat = F.pad(per_row.reshape(n_experts, rows, -1), (0, 0, 0, -rows % 8))
+    return flat.reshape(-1, 8, *per_row.shape[1:])
+
+
+def kernel_weight(layer: nn.Module, n_experts: int = 1) -> Tensor:
+    """An int4 or int8 layer's weight bytes in the order brisk's kernel streams them: panels of 8 rows, and
+    within a panel, each 16 bytes of a row as 4 pieces of 4 bytes, each beside the same piece of the other 7
+    rows (one register, a row a lane: cpu_kernels.cpp, Step 3). (panels, row_bytes / 16, 4, 8, 4)."""
+    weight = in_panels(layer.weight, n_experts)  # (panels, 8, row_bytes)
+    panels, _, row_bytes = weight.shape
+    return weight.reshape(panels, 8, row_bytes // 16, 4, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def kernel_scales(layer: nn.Module, n_experts: int = 1) -> Tensor:
+    """The scales brisk's kernel reads, fp16, the 8 rows of a panel side by side: for int4 (panels, groups,
+    2, 8), each group's 8 scales, then its 8 mins (w = q * scale + min, min = zero - 8 * scale); for int8
+    (panels, groups, 8), one group per row where it has a scale per output channel. fp16 holds GGUF's Q4_0 /
+    Q4_1 / Q8_0 scales exactly, as their blocks store them in fp16."""
     if isinstance(layer, Int4Linear):
-        out = torch.ops.brisk.int4_linear(wide, weight, scales, layer.groupsize)
-    else:
-        out = torch.ops.brisk.int8_linear(wide, weight, scales, layer.groupsize or layer.in_features)
-    return out.to(x.dtype)
+        scales, zeros = layer.scales.float(), layer.zeros.float()
+        panels = in_panels(torch.stack([scales, zeros - 8 * scales], dim=-1), n_experts)  # (panels, 8, groups, 2)
+        return panels.permute(0, 2, 3, 1).half().contiguous()
+    panels = in_panels(layer.scales.reshape(layer.out_features, -1).float(), n_experts)  # (panels, 8, groups)
+    return panels.transpose(1, 2).half().contiguous()
+
+
+def expert_share(tensor: Tensor, expert, n_experts: int) -> Tensor:
+    """One expert's part of a tensor holding n_experts' parts one after another: a slice for an int expert, a
+    gather for a 0-d tensor (the expert a compiled step chose)."""
+    size = tensor.shape[0] // n_experts
+    if isinstance(expert, int):
+        return tensor[expert * size:(expert + 1) * size]
+    return tensor[expert * size + torch.arange(size, device=tensor.device)]
+
+
+class QuantizedCPULinear(nn.Module):
+    """An int4 or int8 layer that brisk's kernel takes (kernel_takes), on the CPU: its weight in the kernel's
+    order (kernel_weight) and its scales (kernel_scales), buffers that an AOT package (aot_step.py) reads by
+    name where they are. The plain layer is not kept, so the weight takes its memory once (a tied output
+    head's plain weight stays with the embedding, which looks its rows up). The kernel takes any number of
+    rows: over many it still beats dequantizing and multiplying (docs/cpu_kernels.md). With n_experts, the
+    layer holds that many experts' rows one after another (model.Experts), multiplied an expert at a time."""
+
+    def __init__(self, layer: nn.Module, n_experts: int = 1):
+        super().__init__()
+        self.in_features, self.out_features, self.n_experts = layer.in_features, layer.out_features, n_experts
+        self.int4 = isinstance(layer, Int4Linear)
+        self.groupsize = layer.groupsize if self.int4 else layer.groupsize or layer.in_features
+        self.register_buffer("kernel_weight", kernel_weight(layer, n_experts))
+        self.register_buffer("kernel_scales", kernel_scales(layer, n_experts))
+
+    def forward(self, x: Tensor, expert=None) -> Tensor:
+        """x (..., in) times the weight (with expert, that expert's rows), transposed: computed in fp32, out in
+        x's dtype. The kernel pads an int4 layer's inputs to whole groups itself."""
+        weight, scales, out_features = self.kernel_weight, self.kernel_scales, self.out_features
+        if expert is not None:
+            weight, scales = expert_share(weight, expert, self.n_experts), expert_share(scales, expert, self.n_experts)
+            out_features //= self.n_experts
+        op = torch.ops.brisk.int4_linear if self.int4 else torch.ops.brisk.int8_linear
+        return op(x.float().contiguous(), weight, scales, self.groupsize, out_features).to(x.dtype)
 
 
 # Over many rows, a quantized weight is dequantized this many rows at a time: each block stays in the cache
@@ -176,22 +218,6 @@ def blockwise_outputs(layer: nn.Module, x: Tensor) -> Tensor:
         return layer.outputs(wide).to(x.dtype)
     return torch.cat([layer.outputs(wide, slice(start, start + WIDEN_BLOCK_ROWS))
                       for start in range(0, layer.out_features, WIDEN_BLOCK_ROWS)], dim=-1).to(x.dtype)
-
-
-class QuantizedCPULinear(nn.Module):
-    """An Int4Linear or Int8Linear on the CPU: brisk's kernel over up to KERNEL_MAX_ROWS rows, the plain
-    layer (blockwise_outputs) over more, or wherever the kernel cannot take the layer. The kernel's scales
-    are a buffer (not saved), so that an AOT package (aot_step.py) reads them by name where they are."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.register_buffer("kernel_scales", kernel_scales(layer), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.kernel_scales is not None and rows_of(x) <= KERNEL_MAX_ROWS:
-            return kernel_product(self.layer, self.kernel_scales, x)
-        return blockwise_outputs(self.layer, x)
 
 
 def multilinear_coefficients(table: Tensor) -> list:
@@ -254,24 +280,22 @@ class NF4CPULinear(nn.Module):
 
 
 class CPUExperts(nn.Module):
-    """A mixture's Experts on the CPU. A quantized projection multiplies a few rows by one expert's rows of
-    its weight through brisk's kernel (an expert's rows are a slice of the layer's; a compiled step's chosen
-    expert gathers them). Otherwise, in a compiled step, a few rows multiply the expert's weight as a sum of
-    products, which Inductor fuses with the reading of its rows; elsewhere the plain experts' product."""
+    """A mixture's Experts on the CPU. A projection brisk's kernel takes multiplies a few rows by one expert's
+    rows of it (a QuantizedCPULinear over all the experts' rows; a compiled step's chosen expert gathers
+    them). Otherwise, in a compiled step, a few rows multiply the expert's weight as a sum of products, which
+    Inductor fuses with the reading of its rows; elsewhere the plain experts' product. The plain experts are
+    kept only while some projection needs them."""
 
     def __init__(self, experts: Experts):
         super().__init__()
-        self.layer, self.n_experts = experts, experts.n_experts
-        for name in ("w1", "w3", "w2"):
-            self.register_buffer(f"{name}_kernel_scales", kernel_scales(getattr(experts, name)), persistent=False)
+        self.n_experts = experts.n_experts
+        self.kernels = nn.ModuleDict({name: QuantizedCPULinear(getattr(experts, name), experts.n_experts)
+                                      for name in ("w1", "w3", "w2") if kernel_takes(getattr(experts, name))})
+        self.layer = experts if len(self.kernels) < 3 else None
 
     def project(self, name: str, x: Tensor, expert) -> Tensor:
-        layer, scales = getattr(self.layer, name), getattr(self, f"{name}_kernel_scales")
-        if scales is not None and rows_of(x) <= KERNEL_MAX_ROWS:
-            out = layer.out_features // self.n_experts
-            rows = (slice(expert * out, (expert + 1) * out) if isinstance(expert, int)
-                    else expert * out + torch.arange(out, device=x.device))
-            return kernel_product(layer, scales, x, rows)
+        if name in self.kernels:
+            return self.kernels[name](x, expert)
         if fused(x):
             return matvec(x, self.layer.weight(name, expert)).to(x.dtype)
         return self.layer.project(name, x, expert)
@@ -315,7 +339,7 @@ def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
     fp32_loops = compiled_decode and not MKL_GEMV_IS_FAST
     if isinstance(module, nn.Linear) and (module.weight.dtype != torch.float32 or fp32_loops):
         return FloatLinear(module)
-    if isinstance(module, (Int4Linear, Int8Linear)):
+    if isinstance(module, (Int4Linear, Int8Linear)) and kernel_takes(module):
         return QuantizedCPULinear(module)
     if isinstance(module, NF4Linear):
         return NF4CPULinear(module)

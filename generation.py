@@ -122,32 +122,16 @@ def compile_steps(device: str, decode: bool = True, prefill_too: bool = False) -
                  decode=compile_step(decode_one_token, device) if decode else decode_one_token)
 
 
-def read_tensors(model: Transformer) -> dict:
-    """The weights a decode step reads, by name: the model's own, except that where a CPU form keeps the
-    scales brisk's kernels read (a buffer named kernel_scales, or w1_kernel_scales ... for a mixture's
-    projections, beside the quantized layer it holds as .layer), the step reads those fp16 scales instead
-    of the layer's own scales and zeros."""
-    replaced, kernel_scales = set(), {}
-    for name, module in model.named_modules():
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer_name.endswith("kernel_scales") and buffer is not None:
-                projection = buffer_name[:-len("kernel_scales")].rstrip("_")
-                layer = getattr(module.layer, projection) if projection else module.layer
-                replaced |= {id(layer.scales), id(getattr(layer, "zeros", None))}
-                kernel_scales[f"{name}.{buffer_name}"] = buffer
-    return {**{name: tensor for name, tensor in unique_state_dict(model).items() if id(tensor) not in replaced},
-            **kernel_scales}
-
-
 def weights_bytes(model: Transformer) -> int:
-    """Bytes of weights one decode step of one sequence reads (read_tensors): every weight once, as the step
-    reads it (int8 and int4 weights with their scales), except that an untied input embedding is only
-    looked up (one row per token), and of a mixture's experts only the experts_per_token of n_experts that
-    the token chose."""
+    """Bytes of weights one decode step of one sequence reads: every weight once, as the step reads it (int8
+    and int4 weights with their scales; where a CPU form keeps a weight in its kernel's order, that copy),
+    except that an input embedding the output head does not share is only looked up (one row per token),
+    and of a mixture's experts only the experts_per_token of n_experts that the token chose."""
     args, total = model.args, 0
-    for name, tensor in read_tensors(model).items():
+    head = {id(tensor) for tensor in model.output.state_dict(keep_vars=True).values()}
+    for name, tensor in unique_state_dict(model).items():
         share = args.experts_per_token / args.n_experts if ".experts." in name else 1
-        if args.tie_embeddings or not name.startswith("tok_embeddings."):
+        if not name.startswith("tok_embeddings.") or id(tensor) in head:
             total += tensor.numel() * tensor.element_size() * share
     return round(total)
 

@@ -89,12 +89,12 @@ class Int8Linear(nn.Module):
         out = self.outputs(x)
         return out if self.bias is None else out + self.bias
 
-    def outputs(self, x: Tensor, rows=slice(None)) -> Tensor:
-        """x times the weight rows `rows` (all of them by default), transposed: those output features."""
+    def outputs(self, x: Tensor) -> Tensor:
+        """x times the weight, transposed (the bias not added)."""
         if self.groupsize:
-            return F.linear(x, self.dequantized(rows).to(x.dtype))
+            return F.linear(x, self.dequantized().to(x.dtype))
         # one scale per output channel: scale the product, not the weight (a multiply per output)
-        return F.linear(x, self.weight[rows].to(x.dtype)) * self.scales[rows]
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
     def dequantized(self, ids=slice(None)) -> Tensor:
         """The weight (or the rows ids of it) as floats."""
@@ -132,10 +132,10 @@ class Int4Linear(nn.Module):
         out = self.outputs(x)
         return out if self.bias is None else out + self.bias
 
-    def outputs(self, x: Tensor, rows=slice(None)) -> Tensor:
-        """x times the weight rows `rows` (all of them by default), transposed (the bias not added)."""
+    def outputs(self, x: Tensor) -> Tensor:
+        """x times the weight, transposed (the bias not added)."""
         flat = self.padded(x.reshape(-1, self.in_features))
-        out = F.linear(flat, self.dequantized(rows).to(x.dtype))
+        out = F.linear(flat, self.dequantized().to(x.dtype))
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def kernel_scales_and_zeros(self) -> Tensor:

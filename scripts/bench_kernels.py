@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cpu_kernels import kernel_scales, native_kernels  # noqa: E402
+from cpu_kernels import kernel_scales, kernel_weight, native_kernels  # noqa: E402
 from quantized_layers import Int4Linear, Int8Linear, unpack_int4  # noqa: E402
 from quantize import set_rtn  # noqa: E402
 
@@ -52,12 +52,12 @@ def bench_shape(out_features: int, in_features: int, rows: int, args) -> list:
         set_rtn(layer, weight)
     results = []
     for kind, layer in layers.items():
-        scales = kernel_scales(layer)
-        nbytes = layer.weight.numel() + scales.numel() * 2
-        copies = [(layer.weight.clone(), scales.clone()) for _ in range(max(2, int(args.cycle_bytes // nbytes)))]
+        weight, scales = kernel_weight(layer), kernel_scales(layer)
+        nbytes = weight.numel() + scales.numel() * 2
+        copies = [(weight.clone(), scales.clone()) for _ in range(max(2, int(args.cycle_bytes // nbytes)))]
         x = torch.randn(rows, in_features)
-        op, groupsize = (torch.ops.brisk.int4_linear if kind.startswith("int4") else torch.ops.brisk.int8_linear), 32
-        times = {"brisk": per_call_us(lambda copy: op(x, *copy, groupsize), copies, args.repeats)}
+        op = torch.ops.brisk.int4_linear if kind.startswith("int4") else torch.ops.brisk.int8_linear
+        times = {"brisk": per_call_us(lambda copy: op(x, *copy, 32, out_features), copies, args.repeats)}
         if kind.startswith("int4"):
             torch_copies = [torch_int4_weight(layer) for _ in range(max(2, len(copies) // 2))]
             x_bf16 = x.bfloat16()

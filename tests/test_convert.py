@@ -264,7 +264,7 @@ def smollm2_kept(smollm2_gguf, smollm2_dir):
     return convert(smollm2_gguf, smollm2_dir, keep_quantized=True)
 
 
-def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
+def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept, plain_layers):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -272,18 +272,18 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
     assert smollm2_kept.name == "model_q4_1.safetensors"
     model = load_model(smollm2_kept)
     tensors = {tensor.name: tensor for tensor in GGUFReader(smollm2_gguf).tensors}
-    # the loaded layers, each inside the CPU form swapped in for it (cpu_kernels.py)
-    for gguf_name, layer, heads in [("blk.7.attn_q.weight", model.layers[7].attention.wq.layer, 9),
-                                    ("blk.7.attn_k.weight", model.layers[7].attention.wk.layer, 3),
-                                    ("blk.29.ffn_down.weight", model.layers[29].feed_forward.w2.layer, None),
-                                    ("token_embd.weight", model.output.layer, None)]:
+    # the loaded layers, plain (brisk's kernels keep the weights in their own order)
+    for gguf_name, layer, heads in [("blk.7.attn_q.weight", model.layers[7].attention.wq, 9),
+                                    ("blk.7.attn_k.weight", model.layers[7].attention.wk, 3),
+                                    ("blk.29.ffn_down.weight", model.layers[29].feed_forward.w2, None),
+                                    ("token_embd.weight", model.output, None)]:
         tensor = tensors[gguf_name]
         expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
         ours = layer.dequantized()[:, :expected.shape[1]]
         ours = llama_cpp_permute(ours, heads) if heads else ours
         assert isinstance(layer, Int8Linear if gguf_name == "token_embd.weight" else Int4Linear)
         assert torch.allclose(ours, expected, rtol=0, atol=1e-6), gguf_name
-    assert model.tok_embeddings.table is model.output.layer
+    assert model.tok_embeddings.table is model.output
 
 
 def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept, plain_layers):

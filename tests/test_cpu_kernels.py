@@ -73,18 +73,6 @@ def test_compiled_bf16_matvec_equals_the_plain_layer(smollm2_weight):
     assert torch.allclose(torch.compile(layer, fullgraph=True)(x).float(), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("groupsize", [0, 32])
-def test_an_int8_head_over_many_rows_is_dequantized_block_by_block(groupsize):
-    layer = filled(Int8Linear(64, 2500, groupsize), torch.randn(2500, 64))  # three blocks of 1024 rows
-    for dtype in (torch.float32, torch.bfloat16):
-        layer.scales = layer.scales.to(dtype)
-        x = torch.randn(1, cpu_kernels.KERNEL_MAX_ROWS + 1, 64, dtype=dtype)  # more rows than the kernel takes
-        with AtenCalls() as calls:
-            out = QuantizedCPULinear(layer)(x)
-        expected = layer(cpu_kernels.widened(x)).to(dtype)  # fp32 arithmetic on a CPU without bf16's
-        assert "cat" in calls.names and torch.allclose(out, expected, rtol=1e-6, atol=1e-6)
-
-
 # brisk's kernels round the activations to int8 per block of 32, x ~ q * max|x| / 127. Where every block's
 # values are integers in [-127, 127] times one power of two, with 127 among them, that rounding is exact,
 # and the kernel's sums equal the plain layer's up to float rounding.
@@ -138,7 +126,7 @@ def isa(request):
 def test_the_int4_kernel_on_exactly_rounded_activations_equals_the_plain_layer(smollm2_weight, isa, groupsize, rows):
     layer = int4_layer(smollm2_weight, groupsize)  # groups of 128 and 256: 576 columns padded to whole groups
     x = exact_activations(rows, 576)
-    out = cpu_kernels.kernel_product(layer, cpu_kernels.kernel_scales(layer), x)
+    out = QuantizedCPULinear(layer)(x)
     assert within_float_rounding(out, plain_product(layer, x))
 
 
@@ -148,7 +136,7 @@ def test_the_int4_kernel_on_exactly_rounded_activations_equals_the_plain_layer(s
 def test_the_int8_kernel_on_exactly_rounded_activations_equals_the_plain_layer(smollm2_weight, isa, groupsize, rows):
     layer = int8_layer(smollm2_weight, groupsize)
     x = exact_activations(rows, 576)
-    out = cpu_kernels.kernel_product(layer, cpu_kernels.kernel_scales(layer), x)
+    out = QuantizedCPULinear(layer)(x)
     assert within_float_rounding(out, plain_product(layer, x))
 
 
@@ -162,7 +150,7 @@ def test_the_kernel_on_any_activations_is_within_their_int8_rounding(smollm2_wei
     step = x.reshape(5, 18, 32).abs().amax(-1) / 254  # (rows, blocks)
     weight_sums = layer.dequantized().abs().reshape(1536, 18, 32).sum(-1)  # (out, blocks)
     bound = step @ weight_sums.T.double().float()
-    error = (cpu_kernels.kernel_product(layer, cpu_kernels.kernel_scales(layer), x) - plain_product(layer, x)).abs()
+    error = (QuantizedCPULinear(layer)(x) - plain_product(layer, x)).abs()
     assert (error <= bound * 1.001 + 1e-5).all() and error.max() > 1e-4  # rounded, and within the bound
 
 
@@ -172,9 +160,9 @@ def test_the_kernel_gives_the_same_outputs_on_one_thread_and_two(smollm2_weight)
     x, threads = torch.randn(6, 576), torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.kernel_product(layer, cpu_kernels.kernel_scales(layer), x)
+        one = QuantizedCPULinear(layer)(x)
         torch.set_num_threads(2)
-        two = cpu_kernels.kernel_product(layer, cpu_kernels.kernel_scales(layer), x)
+        two = QuantizedCPULinear(layer)(x)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # each output is one thread's sum, in the same order
@@ -202,26 +190,28 @@ def test_a_bf16_layer_over_a_few_rows_runs_the_kernel_in_fp32(smollm2_weight):
 
 
 @needs_kernels
-def test_more_rows_than_the_kernel_serves_dequantize_and_multiply(smollm2_weight):
-    layer = cpu_layers(smollm2_weight)["int4-g32"]
+@pytest.mark.parametrize("groupsize", [0, 32])
+def test_many_rows_and_a_last_panel_short_of_8_rows_go_through_the_kernel(groupsize):
+    layer = fp16_scaled(filled(Int8Linear(64, 2500, groupsize), torch.randn(2500, 64)))  # 312 panels and 4 rows
+    x = exact_activations(300, 64)
     with AtenCalls() as calls:
-        out = layer(torch.randn(1, cpu_kernels.KERNEL_MAX_ROWS + 1, 576))
-    assert not calls.names & KERNELS and "mm" in calls.names and out.shape[-1] == 1536
+        out = QuantizedCPULinear(layer)(x)
+    assert calls.names & KERNELS and "mm" not in calls.names
+    assert out.shape == (300, 2500) and within_float_rounding(out, plain_product(layer, x))
 
 
-def test_layers_the_kernels_cannot_take_have_no_kernel_scales():
-    assert cpu_kernels.kernel_scales(filled(Int8Linear(48, 64), torch.randn(64, 48))) is None  # 48: not whole blocks
-    assert cpu_kernels.kernel_scales(filled(Int4Linear(96, 64, 96), torch.randn(64, 96))) is None  # groups of 96
-    layer = QuantizedCPULinear(filled(Int8Linear(48, 64), torch.randn(64, 48)))
-    x = torch.randn(1, 2, 48)
-    assert torch.allclose(layer(x), layer.layer(x), rtol=1e-6, atol=1e-6)  # the plain layer's product
+def test_layers_the_kernels_cannot_take_stay_plain():
+    for layer in (filled(Int8Linear(48, 64), torch.randn(64, 48)),  # 48 columns: not whole blocks of 32
+                  filled(Int4Linear(96, 64, 96), torch.randn(64, 96))):  # groups of 96
+        assert not cpu_kernels.kernel_takes(layer) and cpu_kernels.cpu_form(layer) is layer
 
 
 @needs_kernels
 def test_the_kernel_refuses_a_mismatched_input_in_one_line(smollm2_weight):
     layer = int8_layer(smollm2_weight, 32)
     with pytest.raises(RuntimeError, match="x has 544 columns, the weight 576"):
-        torch.ops.brisk.int8_linear(torch.randn(1, 544), layer.weight, cpu_kernels.kernel_scales(layer), 32)
+        torch.ops.brisk.int8_linear(torch.randn(1, 544), cpu_kernels.kernel_weight(layer),
+                                    cpu_kernels.kernel_scales(layer), 32, 1536)
 
 
 def test_without_the_kernels_one_line_says_so_and_layers_stay_plain(monkeypatch, capsys, smollm2_weight):
@@ -230,9 +220,8 @@ def test_without_the_kernels_one_line_says_so_and_layers_stay_plain(monkeypatch,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "not using the CPU kernels (cpu_kernels.cpp): this CPU (aarch64" in lines[0]
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
-    layer = QuantizedCPULinear(filled(Int4Linear(576, 1536, 32), smollm2_weight))
-    x = torch.randn(1, 1, 576)
-    assert layer.kernel_scales is None and torch.allclose(layer(x), layer.layer(x), rtol=1e-5, atol=1e-5)
+    layer = filled(Int4Linear(576, 1536, 32), smollm2_weight)
+    assert cpu_kernels.cpu_form(layer) is layer
 
 
 def test_brisk_cpu_kernels_off_asks_for_the_plain_layers_in_one_line(monkeypatch, capsys):
@@ -257,7 +246,7 @@ def test_smollm2s_q4_1_file_through_the_kernels_gives_the_exact_greedy_tokens(sm
     fp32), or differ first where the plain layers' two best tokens are a near-tie: logits within 0.5 of each
     other (probabilities within a factor of 1.65), which rounding the activations to int8 can swap."""
     kernel_model = load_model(smollm2_kept)
-    monkeypatch.setattr(cpu_kernels, "kernel_scales", lambda layer: None)
+    monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
     exact_model = load_model(smollm2_kept)
     prompt = load_tokenizer(smollm2_kept.parent).encode(text)
     kernel_model.setup_caches(1, len(prompt) + 32)

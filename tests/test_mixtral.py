@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 from checkpoint import load_model
 from cpu_kernels import CPUExperts, native_kernels
 from conftest import IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
@@ -52,6 +53,13 @@ def test_a_decode_step_reads_only_the_chosen_experts(tiny_mixtral_dir, monkeypat
     assert len(asked) == 3 * 2 and len(set(asked)) == 2
 
 
+def plain_model(path):
+    """The model of a file with its plain layers, not brisk's kernel forms (which keep no plain weights)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "native_kernels", lambda: False)
+        return load_model(path)
+
+
 def by_definition(experts, x, chosen, weights):
     """Each token's chosen experts one at a time, from their (dequantized) weights: eq. 1-2 of the paper."""
     plain = getattr(experts, "layer", experts)  # the plain experts, under a device's form
@@ -68,20 +76,21 @@ def by_definition(experts, x, chosen, weights):
 @pytest.mark.parametrize("weights_in", ["fp32", "int4"])
 @pytest.mark.parametrize("compiling", [False, True])
 @pytest.mark.parametrize("tokens", [1, 2, 9])
-def test_every_way_of_running_experts_computes_the_definition(tiny_mixtral_dir, int4_mixtral, monkeypatch, tokens,
+def test_every_way_of_running_experts_computes_the_definition(tiny_mixtral_dir, int4_mixtral_file, monkeypatch, tokens,
                                                               compiling, weights_in):
     """A few tokens (1 or 2: 2 or 4 experts chosen of 4) run their own experts, by int eagerly and by tensor
     in a compiled step; more (9) run each chosen expert over its tokens eagerly, and every expert over every
     token, weighted, compiled (is_compiling); float experts and int4 ones alike (int4 through brisk's kernel,
     which rounds the activations to int8 blocks: within 3% of the largest output, through two layers)."""
-    model = int4_mixtral if weights_in == "int4" else load_model(tiny_mixtral_dir)
+    model = load_model(int4_mixtral_file) if weights_in == "int4" else load_model(tiny_mixtral_dir)
     experts = model.layers[1].feed_forward.experts
+    plain = plain_model(int4_mixtral_file).layers[1].feed_forward.experts if weights_in == "int4" else experts
     torch.manual_seed(0)
     x, chosen = torch.randn(tokens, 64), torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])
     weights = torch.rand(tokens, 2).softmax(-1)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     with torch.no_grad():
-        out, expected = run_experts(experts, x, chosen, weights), by_definition(experts, x, chosen, weights)
+        out, expected = run_experts(experts, x, chosen, weights), by_definition(plain, x, chosen, weights)
     tolerance = 1e-5 if weights_in == "fp32" or not native_kernels() else 0.03 * expected.abs().max()
     assert torch.allclose(out, expected, rtol=0, atol=tolerance)
 
@@ -147,9 +156,8 @@ def test_a_gguf_with_one_tensor_per_expert_is_refused_in_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def int4_mixtral(tiny_mixtral_dir, tmp_path_factory):
-    return load_model(quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4",
-                                     "--groupsize", "32"))
+def int4_mixtral_file(tiny_mixtral_dir, tmp_path_factory):
+    return quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4", "--groupsize", "32")
 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
@@ -174,12 +182,13 @@ def test_the_cpu_kernel_multiplies_by_one_experts_rows(tiny_mixtral_dir, tmp_pat
     times the rows x, to the kernel's rounding of x to int8 blocks."""
     path = quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
     experts = load_model(path).layers[1].feed_forward.experts
-    assert all(getattr(experts, f"{name}_kernel_scales") is not None for name in ("w1", "w3", "w2"))
+    plain = plain_model(path).layers[1].feed_forward.experts.layer
+    assert set(experts.kernels) == {"w1", "w3", "w2"} and experts.layer is None  # no plain copy kept
     torch.manual_seed(0)
     for name, width in (("w1", 64), ("w2", 128)):
         x = torch.randn(3, width)
         for expert in (2, torch.tensor(2), 3):
-            expected = experts.layer.project(name, x, expert)
+            expected = plain.project(name, x, expert)
             with AtenCalls() as calls:
                 ours = experts.project(name, x, expert)
             assert f"{mode}_linear" in calls.names

@@ -190,9 +190,8 @@ def test_llama2c_stories_shapes_share_the_classifier_as_their_names_count(name, 
 
 
 @pytest.mark.parametrize("weights", ["float", "int8", "int4-g64"])
-def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights):
+def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights, plain_layers):
     layer = random_model(ModelArgs.from_name("stories15M"), weights=weights).layers[0].feed_forward.w1
-    layer = getattr(layer, "layer", layer)  # the plain layer inside its CPU form
     values = layer.weight if weights == "float" else layer.dequantized()
     assert abs(values.mean()) < 2e-4 and values.std().item() == pytest.approx(0.02, rel=0.02)
 

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+import cpu_kernels
 from checkpoint import load_model, parameter_count
+from cpu_kernels import QuantizedCPULinear, native_kernels
 from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
 from model import BiasAfter, ModelArgs
 from quantized_layers import Int4Linear, Int8Linear
@@ -34,18 +36,37 @@ def test_a_qwen2_gguf_converts_to_the_logits_of_transformers(tiny_qwen2_hf_dir, 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
 def test_quantized_layers_keep_their_biases(tiny_qwen2_dir, tmp_path, mode, layer_type, plain_layers):
-    """A quantized file keeps each q/k/v bias as it was, and the quantized model, its CPU forms swapped in,
-    adds them: prefill and cached decode steps give the logits of the float model with the dequantized weights
-    (the forms' plain products: brisk's kernels would round the activations)."""
+    """A quantized file keeps each q/k/v bias as it was, and the quantized model's plain layers add them:
+    prefill and cached decode steps give the logits of the float model with the dequantized weights."""
     quantized = load_model(quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32"))
     wq = quantized.layers[0].attention.wq
-    assert isinstance(wq, BiasAfter) and isinstance(wq.form.layer, layer_type)
+    assert isinstance(wq, layer_type) and wq.bias is not None
     expected = forward_logits(dequantized_twin(load_model(tiny_qwen2_dir), quantized), IDS)
     quantized.setup_caches(1, 256)
     with torch.no_grad():
         prefill = quantized(torch.tensor([IDS[:40]]), torch.arange(40))[0]
         steps = [quantized(torch.tensor([[IDS[i]]]), torch.tensor([i]))[0, 0] for i in range(40, len(IDS))]
     assert (torch.cat([prefill, torch.stack(steps)]) - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.skipif(not native_kernels(), reason="brisk's CPU kernels are unavailable here")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_kernels_forms_add_the_biases_after_the_product(tiny_qwen2_dir, tmp_path, mode):
+    """brisk's kernel form computes x times the weight only: the layer's bias follows it (BiasAfter). On
+    activations the kernel rounds to int8 exactly (integers within +-127, 127 among them, times 2^-4), it
+    gives the plain layer's outputs, bias included, to the rounding of the scales it reads in fp16."""
+    path = quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
+    wq = load_model(path).layers[0].attention.wq
+    assert isinstance(wq, BiasAfter) and isinstance(wq.form, QuantizedCPULinear)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "native_kernels", lambda: False)
+        plain = load_model(path).layers[0].attention.wq
+    x = torch.randint(-127, 128, (3, wq.form.in_features)).float()
+    x[:, ::32] = 127
+    with torch.no_grad():
+        expected = plain(x / 16)
+        error = (wq(x / 16) - expected).abs().max()  # the kernel reads the scales in fp16 (11 bits)
+    assert error <= 2**-10 * expected.abs().max() and error < plain.bias.abs().max() / 10
 
 
 def test_qwen25_shapes_have_their_published_parameter_counts():
