@@ -10,15 +10,16 @@
 //
 //   1. Round the activations to int8 once per call, in blocks of 32 values that share one fp32 scale:
 //      x[i] ~ xq[i] * d, d = max |x| / 127 over the block (llama.cpp's Q8_0 / Q8_1 blocks).
-//   2. Multiply 32 weights by one activation block in integers: 32 products of 8-bit numbers summed into
-//      8 int32 lanes by one or two instructions, which then become one float per lane.
-//   3. Scale: sum over a block = d * (integer sum); over a weight group, times the group's scale.
+//   2. Multiply weights by activations in integers, 8 weight rows at once, one row per int32 lane of a
+//      register: each instruction adds 4 products of 8-bit numbers into every row's lane.
+//   3. Scale: sum over a block = d * (integer sum), for the 8 rows at once; over a weight group, times the
+//      8 rows' group scales, loaded as one vector.
 //
 // The weight formats (quantized_layers.py):
 //   int4: w = q * scale + min, q in [0, 15] unsigned, a scale and a min per group of `groupsize` columns
-//         (brisk stores zero = min + 8 scale; cpu_kernels.py passes scale and min as fp16 pairs, which is
+//         (brisk stores zero = min + 8 scale; cpu_kernels.py passes scales and mins in fp16, which is
 //         exact for GGUF's Q4_0 / Q4_1 files, whose blocks store them in fp16). A group's bytes hold its
-//         columns j (low nibble) and j + groupsize / 2 (high nibble) in byte j.
+//         columns j (low nibble) and j + groupsize / 2 (high nibble) in byte j (in the order of Step 3).
 //         sum_j w_j x_j = scale * sum_j q_j x_j + min * sum_j x_j: the min multiplies the activations' sum
 //         over the group, which step 1 keeps beside each block, as llama.cpp's Q8_1 does. It is the sum of
 //         the ROUNDED x: then the product is exactly w times the rounded x, whose error sum_j w_j e_j is
