@@ -5,10 +5,10 @@ docs/experiments.md).
 
 A package is built for one batch size, one attended length (generation.slots_to_attend) and one KV cache
 shape, and kept in a cache directory, so that the next run with the same shapes loads it in milliseconds
-instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors:
-it reads the weights, the kernels' scales (cpu_kernels.QuantizedCPULinear) and the KV cache where
-the model keeps them ("user-managed constants"), which costs no memory and lets one package serve every
-checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named parameter or
+instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors: it reads
+the weights (for brisk's CPU kernels, their reordered copies: cpu_kernels.QuantizedCPULinear) and the KV
+cache where the model keeps them ("user-managed constants"), which costs no memory and lets one package
+serve every checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named parameter or
 buffer of the model: a plain tensor attribute would be copied into the package under a made-up name.
 """
 import hashlib

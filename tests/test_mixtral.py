@@ -157,7 +157,8 @@ def test_a_gguf_with_one_tensor_per_expert_is_refused_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def int4_mixtral_file(tiny_mixtral_dir, tmp_path_factory):
-    return quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4", "--groupsize", "32")
+    return quantized_copy(tiny_mixtral_dir, tmp_path_factory.mktemp("q") / "int4", "--mode", "int4",
+                          "--groupsize", "32")
 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
