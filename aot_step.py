@@ -8,8 +8,9 @@ shape, and kept in a cache directory, so that the next run with the same shapes 
 instead of building it again (about a minute for SmolLM2). It holds none of the model's tensors: it reads
 the weights (for brisk's CPU kernels, their reordered copies: cpu_kernels.QuantizedCPULinear) and the KV
 cache where the model keeps them ("user-managed constants"), which costs no memory and lets one package
-serve every checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named parameter or
-buffer of the model: a plain tensor attribute would be copied into the package under a made-up name.
+serve every checkpoint of the same shapes and dtypes. So every tensor a step reads must be a named
+parameter or buffer of the model: a plain tensor attribute would be copied into the package under a
+made-up name.
 """
 import hashlib
 import os

@@ -36,7 +36,6 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn

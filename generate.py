@@ -27,8 +27,8 @@ from aot_step import AheadOfTimeDecode, default_cache_dir
 from checkpoint import RANDOM_WEIGHTS, empty_random_model, load_model, model_bytes, random_model, stored_weights
 from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, checkpoint_error, fail,
                  parse_size, peak_memory_gb, pick_device, pick_dtype, read_text)
-from generation import (Steps, Timing, cache_bytes_per_slot, cache_rows_within, compile_step, compile_steps, generate,
-                        kv_cache_bytes, slots_to_attend, weights_bytes)
+from generation import (Steps, Timing, attended_lengths, cache_bytes_per_slot, cache_rows_within, compile_step,
+                        compile_steps, generate, kv_cache_bytes, slots_to_attend, weights_bytes)
 from model import ModelArgs, Transformer
 from sampling import Sampling
 from speculative import (DraftModel, lookahead_generate, lookahead_logits, lookahead_rows, load_draft,
@@ -227,15 +227,6 @@ def uses_packages(args, device: str) -> bool:
     plain_eager = not (args.compile or args.speculative or args.eager or args.offload != "none"
                        or tp.world_size() > 1)
     return args.aot or (device == "cpu" and plain_eager)
-
-
-def attended_lengths(model: Transformer, longest: int, max_new_tokens: int) -> list:
-    """The attended lengths (generation.slots_to_attend) of the decode steps that continue prompts of up to
-    longest tokens by max_new_tokens, in order."""
-    lengths = [slots_to_attend(longest + 1, model.max_seq_length)]
-    while lengths[-1] < slots_to_attend(longest + max_new_tokens, model.max_seq_length):
-        lengths.append(slots_to_attend(lengths[-1] + 1, model.max_seq_length))
-    return lengths
 
 
 def warm_up(setup: Setup, prompts: list, max_new_tokens: int = 3):

@@ -40,6 +40,15 @@ def slots_to_attend(length: int, cache_length: int) -> int:
     return min(cache_length, max(FEWEST_ATTENDED_SLOTS, 1 << (length - 1).bit_length()))
 
 
+def attended_lengths(model: Transformer, longest: int, max_new_tokens: int) -> list:
+    """The attended lengths (slots_to_attend) of the decode steps that continue prompts of up to
+    longest tokens by max_new_tokens, in order."""
+    lengths = [slots_to_attend(longest + 1, model.max_seq_length)]
+    while lengths[-1] < slots_to_attend(longest + max_new_tokens, model.max_seq_length):
+        lengths.append(slots_to_attend(lengths[-1] + 1, model.max_seq_length))
+    return lengths
+
+
 @dataclass(frozen=True)
 class Steps:
     """The two kinds of forward pass generate() runs, each eager or compiled."""

@@ -342,6 +342,14 @@ def plain_layers(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
 
 
+def plain_model(path):
+    """The model of a file with its plain layers, not brisk's kernel forms (which keep no plain weights): the
+    dequantized weights' exact products, beside a model of the same file that runs the kernels."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "native_kernels", lambda: False)
+        return load_model(path)
+
+
 def filled(layer, weight):
     """A quantized layer filled by rounding weight to nearest."""
     quantize.set_rtn(layer, weight)

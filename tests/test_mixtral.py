@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cpu_kernels
 from checkpoint import load_model
 from cpu_kernels import CPUExperts, native_kernels
-from conftest import IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
+from conftest import (IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, plain_model, quantized_copy,
+                      save_hf_model_as_gguf)
 from generation import compile_steps, generate, weights_bytes
 from model import ModelArgs, run_experts
 from quantize import ExpertHessians, set_rtn
@@ -51,13 +51,6 @@ def test_a_decode_step_reads_only_the_chosen_experts(tiny_mixtral_dir, monkeypat
     with torch.no_grad():
         model(torch.tensor([[IDS[5]]]), torch.tensor([5]))
     assert len(asked) == 3 * 2 and len(set(asked)) == 2
-
-
-def plain_model(path):
-    """The model of a file with its plain layers, not brisk's kernel forms (which keep no plain weights)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_kernels, "native_kernels", lambda: False)
-        return load_model(path)
 
 
 def by_definition(experts, x, chosen, weights):

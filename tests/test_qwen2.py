@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import cpu_kernels
 from checkpoint import load_model, parameter_count
 from cpu_kernels import QuantizedCPULinear, native_kernels
-from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
+from conftest import (IDS, ROOT, dequantized_twin, forward_logits, plain_model, quantized_copy,
+                      save_hf_model_as_gguf)
 from model import BiasAfter, ModelArgs
 from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import convert as convert_gguf
@@ -58,9 +58,7 @@ def test_the_kernels_forms_add_the_biases_after_the_product(tiny_qwen2_dir, tmp_
     path = quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
     wq = load_model(path).layers[0].attention.wq
     assert isinstance(wq, BiasAfter) and isinstance(wq.form, QuantizedCPULinear)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_kernels, "native_kernels", lambda: False)
-        plain = load_model(path).layers[0].attention.wq
+    plain = plain_model(path).layers[0].attention.wq
     x = torch.randint(-127, 128, (3, wq.form.in_features)).float()
     x[:, ::32] = 127
     with torch.no_grad():
