@@ -504,4 +504,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tp.leave(main())

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import mmap
 import os
+import sys
 from datetime import timedelta
 from typing import Optional
 
@@ -68,6 +69,19 @@ def finish():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def leave(status: int):
+    """End a command line's process with status. A rank skips the interpreter's teardown (os._exit): the
+    functional collectives keep gloo's process group, and its worker thread, alive past
+    destroy_process_group, and when that thread frees the last collective's tensors during teardown it
+    needs the GIL, which teardown has taken: the rank aborts ("terminate called without an active
+    exception"; pytorch/pytorch#179291)."""
+    if world_size() == 1:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def check_world_size(args: ModelArgs, ranks: int):

@@ -27,9 +27,6 @@ def run(checkpoint: Path, ranks: int, args) -> dict:
                *(["--compile"] if args.compile else [])]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads_per_rank)} if args.threads_per_rank else {}))
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    if "exitcode  : -6" in finished.stderr:  # a rank aborted (SIGABRT), seen rarely here: measure again
-        print(f"world size {ranks}: a rank aborted; running it again", file=sys.stderr)
-        finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     found = REPORT.findall(finished.stderr)
     if finished.returncode or not found:
         raise SystemExit(f"world size {ranks} failed:\n{finished.stderr[-4000:]}")
