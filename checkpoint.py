@@ -136,11 +136,12 @@ def tied(model: Transformer) -> Transformer:
     return model
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None, device_forms=True) -> Transformer:
     """The model of a checkpoint, on device, floating-point tensors in dtype (integer weights keep their
     type). shard(model, tensors) -> tensors, given by tp.py, resizes the empty model to one rank's share
     and slices the tensors to match, before any byte of the file is read (the mapped pages of the other
-    ranks' shares are never touched)."""
+    ranks' shares are never touched). device_forms=False keeps the plain layers of model.py and
+    quantized_layers.py (quantize.py replaces them) instead of the device's forms (with_device_kernels)."""
     weights_file, args = checkpoint_files(checkpoint_path)
     try:
         with safe_open(weights_file, framework="pt") as file:
@@ -156,7 +157,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -
     state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
                   for name, tensor in state_dict.items()}
     model.load_state_dict(state_dict, assign=True, strict=False)
-    return with_device_kernels(tied(model).eval(), device)
+    model = tied(model).eval()
+    return with_device_kernels(model, device) if device_forms else model
 
 
 def parameter_count(args: ModelArgs) -> int:

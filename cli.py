@@ -45,7 +45,7 @@ def pick_device(name: str) -> str:
 
 def pick_dtype(name: str, device: str, compiled_decode: bool = False, weights: str = "float") -> torch.dtype:
     """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU it is fp32, except for float weights in a compiled
-    decode step, whose fused loops read bf16 weights faster than MKL reads fp32 ones (docs/experiments.md).
+    decode step, which reads bf16 weights, half the bytes, faster than fp32 ones (docs/cpu_kernels.md).
     Quantized weights take fp32 activations: brisk's kernels round them to int8 themselves (cpu_kernels.py).
     weights: "float", "int8" or "int4", what the checkpoint stores (checkpoint.stored_weights)."""
     if name == "auto":

@@ -1,7 +1,8 @@
-// brisk's quantized matrix products for x86 CPUs, registered as torch operators (brisk::int4_linear,
-// brisk::int8_linear), so that one op runs eagerly, inside torch.compile and inside an AOTInductor package.
-// cpu_kernels.py builds this file with torch.utils.cpp_extension and swaps the ops into the int4 and
-// int8 layers; where it cannot build or run, the plain layers of quantized_layers.py compute instead.
+// brisk's matrix products for x86 CPUs, registered as torch operators (brisk::int4_linear,
+// brisk::int8_linear, and brisk::float_linear for fp32 / bf16 / fp16 weights), so that one op
+// runs eagerly, inside torch.compile and inside an AOTInductor package. cpu_kernels.py builds this file
+// with torch.utils.cpp_extension and swaps the ops into the layers; where it cannot build or run, the
+// plain layers of model.py and quantized_layers.py compute instead.
 //
 // Decoding multiplies one row of activations (a few, with a batch) by every weight of the model, so its
 // speed is how fast the weights stream from memory. PyTorch's CPU int4 kernel widens each 4-bit weight to
@@ -72,7 +73,8 @@ inline void quantize_block(const float* block, int8_t* values, float* scale, flo
   const __m256 inverse = _mm256_set1_ps(largest > 0 ? 127.0f / largest : 0.0f);
   __m256i q[4], total = _mm256_setzero_si256();
   for (int i = 0; i < 4; i++) {
-    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256 scaled = _mm256_mul_ps(v[i], inverse);
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     total = _mm256_add_epi32(total, q[i]);
   }
   // int32 -> int8: the packs work within 128-bit lanes, so the result's 4-byte groups come out in the
@@ -326,6 +328,120 @@ void matmul(const Weight& w, bool int4, const Q8Rows& q, float* out) {
   });
 }
 
+// ---- Float weights: fp32, bf16 or fp16 rows, widened to fp32 in registers ----------------------------
+// No rounding here: a weight row's dot product with an activation row in fp32. Decoding streams each
+// weight once, so what counts is reading the stored bytes (2 a value for bf16 and fp16) at memory speed:
+// each thread walks its weight rows front to back, one row at a time (one stream from memory, which the
+// CPU's prefetcher follows; four rows side by side read a third slower), 32 columns a step, and each 32
+// weights, once widened, serve up to 4 activation rows.
+//
+// Widening bf16 takes no shuffle: bf16 is the top half of an fp32, so in 32 bytes of bf16 the odd columns
+// already sit where fp32 keeps its top half (clear the low half: and), and the even ones get there by
+// a shift left of 16 bits. The two vectors then hold columns 0, 2, .. 14 and 1, 3, .. 15: the activations
+// are put in that order once per call (ordered_rows), so the products pair up.
+
+template <typename T> struct Float;
+
+template <> struct Float<float> {
+  static inline void widen16(const float* w, __m256& first, __m256& second) {
+    first = _mm256_loadu_ps(w);
+    second = _mm256_loadu_ps(w + 8);
+  }
+  static constexpr bool evens_then_odds = false;
+};
+
+template <> struct Float<at::BFloat16> {
+  static inline void widen16(const at::BFloat16* w, __m256& evens, __m256& odds) {
+    const __m256i pairs = _mm256_loadu_si256((const __m256i*)w);
+    evens = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    odds = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(0xFFFF0000)));
+  }
+  static constexpr bool evens_then_odds = true;
+};
+
+template <> struct Float<at::Half> {
+  static inline void widen16(const at::Half* w, __m256& first, __m256& second) {
+    first = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
+    second = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 8)));
+  }
+  static constexpr bool evens_then_odds = false;
+};
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Activation rows x (rows, in) in the column order widen16 gives each 16 weights (a copy, for bf16).
+template <typename T>
+std::vector<float> ordered_rows(const float* x, int64_t rows, int64_t in) {
+  std::vector<float> ordered(x, x + rows * in);
+  if (!Float<T>::evens_then_odds) return ordered;
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t j = 0; j + 16 <= in; j += 16)
+      for (int i = 0; i < 8; i++) {
+        ordered[r * in + j + i] = x[r * in + j + 2 * i];
+        ordered[r * in + j + 8 + i] = x[r * in + j + 2 * i + 1];
+      }
+  return ordered;
+}
+
+// Weight row o times activation rows [r0, r0 + R): out (rows, out) at those places. x: the activations as
+// ordered_rows gives them; plain: as given, for the columns past the last whole 32. Each row's sums are
+// added to in the same order whatever R is: a row's outputs do not depend on the rows beside it (a batch
+// of one equals that row in a batch of many). Not inlined: compiled on its own, its sums stay in
+// registers (inlined into the threads' loop, GCC kept them in memory, a store and a load on every
+// multiply-add's chain).
+template <typename T, int R>
+__attribute__((noinline)) void float_row_times_tile(const T* __restrict w, const float* __restrict x,
+                                                    const float* __restrict plain, int64_t in,
+                                                    int64_t out_features, int64_t o, int64_t r0,
+                                                    float* __restrict out) {
+  const T* row = w + o * in;
+  __m256 first_acc[R], second_acc[R];  // two sums a row: two chains of multiply-adds run at once
+  for (int r = 0; r < R; r++) first_acc[r] = second_acc[r] = _mm256_setzero_ps();
+  const int64_t whole = in - in % 32;
+  for (int64_t j = 0; j < whole; j += 32) {
+    __m256 w0, w1, w2, w3;
+    Float<T>::widen16(row + j, w0, w1);
+    Float<T>::widen16(row + j + 16, w2, w3);
+    for (int r = 0; r < R; r++) {
+      const float* xr = x + (r0 + r) * in + j;
+      first_acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), first_acc[r]);
+      second_acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), second_acc[r]);
+      first_acc[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), first_acc[r]);
+      second_acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), second_acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float sum = horizontal_sum(_mm256_add_ps(first_acc[r], second_acc[r]));
+    for (int64_t j = whole; j < in; j++) sum += float(row[j]) * plain[(r0 + r) * in + j];
+    out[(r0 + r) * out_features + o] = sum;
+  }
+}
+
+// x (rows, in) times w (out_features, in), transposed: weight rows split over the threads, activation
+// rows in tiles of up to TILE.
+template <typename T>
+void float_matmul(const T* w, const float* x, int64_t rows, int64_t in, int64_t out_features, float* out) {
+  const std::vector<float> ordered = ordered_rows<T>(x, rows, in);
+  const int64_t grain = std::max<int64_t>(1, MIN_BYTES_PER_THREAD / (in * (int64_t)sizeof(T)));
+  at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; o++) {
+      for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
+        const float* xs = ordered.data();
+        switch (std::min<int64_t>(TILE, rows - r0)) {
+          case 4: float_row_times_tile<T, 4>(w, xs, x, in, out_features, o, r0, out); break;
+          case 3: float_row_times_tile<T, 3>(w, xs, x, in, out_features, o, r0, out); break;
+          case 2: float_row_times_tile<T, 2>(w, xs, x, in, out_features, o, r0, out); break;
+          default: float_row_times_tile<T, 1>(w, xs, x, in, out_features, o, r0, out);
+        }
+      }
+    }
+  });
+}
+
 // ---- Which instructions: the best the CPU has, unless a caller (a test) asks for AVX2 ---------------
 
 bool cpu_has_vnni() {
@@ -371,7 +487,8 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
 // scale_min: (panels, in / groupsize, 2, 8) fp16. groupsize: 32, or a multiple of 64.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale_min,
                        int64_t groupsize, int64_t out_features) {
-  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8, "weight must be in panels of 8 rows");
+  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8,
+              "weight must be in panels of 8 rows");
   const int64_t row_bytes = weight.numel() / (8 * weight.size(0)), in = 2 * row_bytes;
   check_common(x, weight, scale_min, groupsize, in);
   const int64_t groups = in / groupsize;
@@ -388,7 +505,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 // groupsize = in for one scale per output channel.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize,
                        int64_t out_features) {
-  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8, "weight must be in panels of 8 rows");
+  TORCH_CHECK(out_features > 0 && weight.dim() == 5 && weight.size(0) == (out_features + 7) / 8,
+              "weight must be in panels of 8 rows");
   const int64_t in = weight.numel() / (8 * weight.size(0));
   check_common(x, weight, scales, groupsize, in);
   const int64_t groups = in / groupsize;
@@ -397,6 +515,34 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(scales.numel() == weight.size(0) * groups * 8, "scales must be (out / 8, in / groupsize, 8)");
   return quantized_linear(x, {(const uint8_t*)weight.data_ptr(), scales.data_ptr<at::Half>(), out_features, in,
                               groupsize, in, groups * 8}, false);
+}
+
+// x (..., in) fp32 times a float weight (out, in) in fp32, bf16 or fp16, transposed: (..., out) fp32.
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "x must be a contiguous float32 CPU tensor (..., in)");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(-1), "weight must be a "
+              "contiguous (out, in) matrix with in = ", x.size(-1));
+  const int64_t in = x.size(-1), rows = x.numel() / in, out_features = weight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  switch (weight.scalar_type()) {
+    case at::kFloat: float_matmul(weight.data_ptr<float>(), xs, rows, in, out_features, o); break;
+    case at::kBFloat16: float_matmul(weight.data_ptr<at::BFloat16>(), xs, rows, in, out_features, o); break;
+    case at::kHalf: float_matmul(weight.data_ptr<at::Half>(), xs, rows, in, out_features, o); break;
+    default: TORCH_CHECK(false, "float_linear: weight must be float32, bfloat16 or float16, not ",
+                         weight.scalar_type());
+  }
+  return out;
+}
+
+at::Tensor float_linear_meta(const at::Tensor& x, const at::Tensor& weight) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return at::empty(shape, x.options());
 }
 
 // The op's output shape without computing (torch.compile and export trace with it): (..., out_features).
@@ -412,15 +558,18 @@ at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor&, const a
 TORCH_LIBRARY(brisk, m) {
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scale_min, int groupsize, int out_features) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize, int out_features) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("cpu_isa(str choice) -> str", &cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(brisk, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("float_linear", &float_linear);
 }
 
 TORCH_LIBRARY_IMPL(brisk, Meta, m) {
   m.impl("int4_linear", &quantized_linear_meta);
   m.impl("int8_linear", &quantized_linear_meta);
+  m.impl("float_linear", &float_linear_meta);
 }

@@ -11,19 +11,17 @@ behind each choice are in docs/cpu_kernels.md.
   plain copy is let go (QuantizedCPULinear). The kernels are built once into torch's extensions cache
   (scripts/setup.sh does it); where they cannot be built or run (no compiler, not an x86 CPU with AVX2),
   one line on stderr says so and the plain layers compute.
-- Float layers over a few rows in a step being compiled are written as a multiply-and-sum, which Inductor
-  turns into one vectorized loop per layer that reads each weight once in its stored type (bf16) and widens
-  it in registers; attention over the KV cache likewise becomes sums of products that Inductor fuses with
-  the rest of the block. Eagerly, PyTorch would materialise the whole (rows, out, in) product, so these
-  forms are used only while compiling.
+- Float layers (fp32, bf16, fp16) over a few rows call brisk's float kernel, torch.ops.brisk.float_linear,
+  which reads each weight as stored and widens it to fp32 in registers: a decode step streams the weights
+  at memory speed, where MKL's one-row GEMV, on AMD CPUs, reads half as fast (docs/cpu_kernels.md). Over
+  many rows (prefill), the library's GEMM. Without the kernels, a compiled step writes a float layer as a
+  multiply-and-sum, which Inductor turns into one vectorized loop per layer; attention over the KV cache in
+  a compiled step likewise becomes sums of products that Inductor fuses with the rest of the block. Eagerly,
+  PyTorch would materialise the whole (rows, out, in) product, so these forms are used only while compiling.
 - Layers applied to many rows (prefill) of bf16 activations, on a CPU without bf16 arithmetic, compute in
   fp32 (`widened`), bf16 and quantized weights alike: there oneDNN emulates bf16 and its GEMM runs well
   below fp32 speed. Attention in bf16 runs in fp32 there too, eagerly: PyTorch's fused kernel emulates bf16
   as well.
-- fp32 layers are left to MKL on Intel CPUs, whose one-row GEMV beats the fused loop there. MKL chooses its
-  code by the CPU's vendor, and on AMD CPUs its GEMV reads half the bytes per second that Inductor's fused
-  loop reads, so there fp32 layers take the fused loops in a compiled step too: the code that compiles the
-  decode step swaps them in (swap_in(model, compiled_decode=True)); eagerly they stay plain nn.Linear.
 - NF4 layers (a table lookup, which no int4 kernel takes) dequantize, then multiply; in a compiled step over
   a few rows, a fused loop computes each weight's NF4 value from its code's bits (NF4CPULinear).
 - A mixture's experts (model.Experts: each projection one layer holding n experts' rows) multiply by one
@@ -100,30 +98,24 @@ def matvec(x: Tensor, weight: Tensor) -> Tensor:
     return (rows * weight).sum(-1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...) on Linux; "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next((line.split(":")[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
-
-
-MKL_GEMV_IS_FAST = cpu_vendor() in ("GenuineIntel", "")
-
-
 class FloatLinear(nn.Module):
-    """A float nn.Linear on the CPU: every bf16 / fp16 one, and fp32 ones where MKL's GEMV is slow."""
+    """A float nn.Linear on the CPU (fp32, bf16 or fp16 weights). Over a few rows (decoding), brisk's float
+    kernel (torch.ops.brisk.float_linear) reads the weight as stored and widens it in registers, eagerly and
+    compiled alike; without the kernels, a compiled step's fused loop does, and eagerly the library's GEMV.
+    Over many rows, the library's GEMM, in fp32 where the CPU has no bf16 arithmetic."""
 
     def __init__(self, layer: nn.Linear):
         super().__init__()
         self.layer = layer
+        self.kernel = native_kernels()
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.layer.weight
-        if fused(x):
-            return matvec(x, weight).to(x.dtype)
         if rows_of(x) <= FUSED_MAX_ROWS:
+            if self.kernel:
+                return torch.ops.brisk.float_linear(x.float().contiguous(), weight).to(x.dtype)
+            if fused(x):
+                return matvec(x, weight).to(x.dtype)
             return F.linear(x, weight)
         wide = widened(x)
         return F.linear(wide, weight.to(wide.dtype)).to(x.dtype)
@@ -335,8 +327,7 @@ class DecodeAttention(nn.Module):
 
 def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
     """The CPU's form of one of the model's modules, or the module itself where it has none."""
-    fp32_loops = compiled_decode and not MKL_GEMV_IS_FAST
-    if isinstance(module, nn.Linear) and (module.weight.dtype != torch.float32 or fp32_loops):
+    if isinstance(module, nn.Linear) and (module.weight.dtype != torch.float32 or native_kernels()):
         return FloatLinear(module)
     if isinstance(module, (Int4Linear, Int8Linear)) and kernel_takes(module):
         return QuantizedCPULinear(module)
@@ -351,6 +342,6 @@ def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
 
 def swap_in(model: Transformer, compiled_decode: bool = False) -> Transformer:
     """Give every block's layers and attention, and the output head, their CPU forms (after loading or
-    quantizing; a layer already swapped is kept). compiled_decode: the decode step will be compiled, which on
-    a CPU whose MKL GEMV is slow gives fp32 layers the fused loops too."""
+    quantizing; a layer already swapped is kept). compiled_decode: the decode step will be compiled, which
+    gives a mixture's float experts their fused loops too."""
     return swap_layers(model, lambda module: cpu_form(module, compiled_decode))

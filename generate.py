@@ -485,7 +485,7 @@ def main(argv=None):
         model = quantized_kv_cache.use(load(args, device, dtype, tokenizer), args.kv_cache)
         packages = uses_packages(args, device)
         if device == "cpu" and (args.compile or packages):  # eagerly these forms compute as the plain ones do
-            cpu_kernels.swap_in(model, compiled_decode=True)  # fp32 layers too, where MKL's GEMV is slow
+            cpu_kernels.swap_in(model, compiled_decode=True)  # a mixture's float experts: fused loops
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)

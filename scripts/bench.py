@@ -45,7 +45,8 @@ def machine_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
 
 
 def build(checkpoint: Path, precision: str, groupsize: int, compiled: bool = False):
-    return at_precision(load_model(checkpoint, "cpu", precision_dtype(precision)), precision, groupsize, compiled)
+    model = load_model(checkpoint, "cpu", precision_dtype(precision), device_forms=False)
+    return at_precision(model, precision, groupsize, compiled)
 
 
 def precision_dtype(precision: str) -> torch.dtype:

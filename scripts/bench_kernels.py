@@ -1,6 +1,7 @@
 """brisk's CPU kernels (cpu_kernels.cpp) per call against PyTorch's own CPU int4 kernel, on SmolLM2-135M's
 three weight shapes (1536 x 576, 576 x 1536, 49152 x 576) in int4 groups of 32 (the Q4_1 file's layers) and
-int8 in groups of 32 (its Q8_0 output head), for 1 and 8 rows of activations. Each call multiplies another
+int8 in groups of 32 (its Q8_0 output head), for 1 and 8 rows of activations; and the float kernel over fp32
+and bf16 weights against torch's linear. Each call multiplies another
 copy of the weight, the copies together larger than the L3 cache, so the weights come from memory as they do
 in a decode step. Printed: microseconds per call (the best of --repeats passes over the copies) and the GB/s
 of weight bytes (values and scales) that implies; PyTorch's kernel with bf16 activations (fp32 ones run many
@@ -63,12 +64,36 @@ def bench_shape(out_features: int, in_features: int, rows: int, args) -> list:
             x_bf16 = x.bfloat16()
             times["torch int4 (bf16)"] = per_call_us(
                 lambda copy: torch.ops.aten._weight_int4pack_mm_for_cpu(x_bf16, *copy), torch_copies, args.repeats)
-        for engine, us in times.items():
-            gb_per_s = nbytes / us / 1e3
-            print(f"| {out_features} x {in_features} | {kind} | {rows} | {engine} | {us:.0f} | {gb_per_s:.1f} |",
-                  flush=True)
-            results.append({"shape": [out_features, in_features], "format": kind, "rows": rows, "engine": engine,
-                            "us_per_call": us, "weight_bytes": nbytes, "gb_per_s": gb_per_s})
+        results += report(out_features, in_features, kind, rows, times, nbytes)
+    return results
+
+
+def bench_float_shape(out_features: int, in_features: int, rows: int, args) -> list:
+    """brisk::float_linear (fp32 activations) against torch's linear (activations in the weight's dtype) for
+    an fp32 and a bf16 weight."""
+    results = []
+    for kind, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        weight = (torch.randn(out_features, in_features) * 0.02).to(dtype)
+        nbytes = weight.numel() * weight.element_size()
+        copies = [weight.clone() for _ in range(max(2, int(args.cycle_bytes // nbytes)))]
+        x = torch.randn(rows, in_features)
+        x_like = x.to(dtype)
+        times = {"brisk": per_call_us(lambda copy: torch.ops.brisk.float_linear(x, copy), copies, args.repeats),
+                 "torch linear": per_call_us(lambda copy: torch.nn.functional.linear(x_like, copy), copies,
+                                             args.repeats)}
+        results += report(out_features, in_features, kind, rows, times, nbytes)
+    return results
+
+
+def report(out_features: int, in_features: int, kind: str, rows: int, times: dict, nbytes: int) -> list:
+    """Print a table row for each engine's time; the rows as dicts, for --json."""
+    results = []
+    for engine, us in times.items():
+        gb_per_s = nbytes / us / 1e3
+        print(f"| {out_features} x {in_features} | {kind} | {rows} | {engine} | {us:.0f} | {gb_per_s:.1f} |",
+              flush=True)
+        results.append({"shape": [out_features, in_features], "format": kind, "rows": rows, "engine": engine,
+                        "us_per_call": us, "weight_bytes": nbytes, "gb_per_s": gb_per_s})
     return results
 
 
@@ -85,7 +110,8 @@ def main(argv=None):
     print(f"brisk's instructions: {torch.ops.brisk.cpu_isa(args.isa)}; threads: {torch.get_num_threads()}")
     print("| weight | format | rows | kernel | us per call | GB/s of weights |")
     print("| --- | --- | --- | --- | --- | --- |")
-    results = [row for rows in args.rows for shape in SHAPES for row in bench_shape(*shape, rows, args)]
+    results = [row for rows in args.rows for shape in SHAPES for bench in (bench_shape, bench_float_shape)
+               for row in bench(*shape, rows, args)]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -56,12 +56,13 @@ def test_bench_reports_each_precision_and_prefill_length(tiny_dir, tmp_path, cap
 
 
 @pytest.mark.skipif(not native_kernels(), reason="brisk's CPU kernels are unavailable here")
-def test_bench_kernels_reports_brisks_kernels_beside_pytorchs_int4_kernel(tmp_path, capsys):
+def test_bench_kernels_reports_brisks_kernels_beside_pytorchs(tmp_path, capsys):
     output = tmp_path / "kernels.json"
     assert bench_kernels(["--rows", "1", "3", "--repeats", "1", "--cycle_bytes", "1e6", "--json", str(output)]) == 0
     rows = json.loads(output.read_text())
     assert {(row["format"], row["engine"]) for row in rows} == {
-        ("int4-g32", "brisk"), ("int4-g32", "torch int4 (bf16)"), ("int8-g32", "brisk")}
+        ("int4-g32", "brisk"), ("int4-g32", "torch int4 (bf16)"), ("int8-g32", "brisk"),
+        ("fp32", "brisk"), ("fp32", "torch linear"), ("bf16", "brisk"), ("bf16", "torch linear")}
     assert {(tuple(row["shape"]), row["rows"]) for row in rows} == {
         (shape, rows) for shape in ((1536, 576), (576, 1536), (49152, 576)) for rows in (1, 3)}
     assert all(row["us_per_call"] > 0 and row["gb_per_s"] > 0 for row in rows)

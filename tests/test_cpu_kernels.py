@@ -1,6 +1,7 @@
 """The CPU's faster layer forms (cpu_kernels.py) compute what the plain layers compute, and are the ones
-that actually run: brisk's kernels (cpu_kernels.cpp) for a few rows through int4 and int8 layers, eagerly,
-compiled and in an AOT package; the fused loops for float layers in a compiled decode step."""
+that actually run: brisk's kernels (cpu_kernels.cpp) through int4, int8 and float layers, eagerly, compiled
+and in an AOT package; the fused loops for NF4 layers, and for float layers without the kernels, in a
+compiled decode step."""
 import platform
 
 import pytest
@@ -55,22 +56,60 @@ def cpu_layers(smollm2_weight):
             "nf4-g64": NF4CPULinear(filled(NF4Linear(576, 1536, 64), smollm2_weight))}
 
 
-@pytest.mark.parametrize("kind", ["bf16", "nf4-g64"])
-def test_a_compiled_float_or_nf4_layer_over_a_few_rows_is_a_multiply_and_sum_not_a_matmul(smollm2_weight, kind):
-    layer = cpu_layers(smollm2_weight)[kind]
-    x = torch.randn(1, 1, 576, dtype=torch.bfloat16 if kind == "bf16" else torch.float32)
+def test_a_compiled_nf4_layer_over_a_few_rows_is_a_multiply_and_sum_not_a_matmul(smollm2_weight):
+    layer = cpu_layers(smollm2_weight)["nf4-g64"]
+    x = torch.randn(1, 1, 576)
     few = traced_functions(layer, x)
     assert "sum" in few and "linear" not in few
     many = traced_functions(layer, x.expand(1, 32, 576).contiguous())  # past FUSED_MAX_ROWS: the matmul
     assert "linear" in many and "sum" not in many
 
 
+@needs_kernels
+def test_a_float_layer_over_a_few_rows_calls_the_float_kernel_eagerly_and_compiled(smollm2_weight):
+    layer = cpu_layers(smollm2_weight)["bf16"]
+    x = torch.randn(1, 3, 576, dtype=torch.bfloat16)
+    with AtenCalls() as calls:
+        layer(x)
+    assert "float_linear" in calls.names and "mm" not in calls.names
+    assert "float_linear" in traced_functions(layer, x)
+    many = traced_functions(layer, torch.randn(1, 32, 576, dtype=torch.bfloat16))  # past FUSED_MAX_ROWS
+    assert "linear" in many and "float_linear" not in many
+
+
+def test_without_the_kernels_a_compiled_float_layer_is_a_multiply_and_sum(smollm2_weight):
+    layer = cpu_layers(smollm2_weight)["bf16"]
+    layer.kernel = False
+    calls = traced_functions(layer, torch.randn(1, 1, 576, dtype=torch.bfloat16))
+    assert "sum" in calls and not calls & {"linear", "float_linear"}
+
+
 @pytest.mark.slow
 def test_compiled_bf16_matvec_equals_the_plain_layer(smollm2_weight):
     layer = cpu_layers(smollm2_weight)["bf16"]
+    layer.kernel = False
     x = torch.randn(1, 1, 576, dtype=torch.bfloat16)
     expected = x.float() @ layer.layer.weight.float().T
     assert torch.allclose(torch.compile(layer, fullgraph=True)(x).float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 5])  # tiles of 2 activation rows, and what is left of them
+def test_the_float_kernel_equals_the_product_in_float64(dtype, rows):
+    # 30 weight rows: 7 groups of 4 and 2 left; 600 columns: 37 steps of 16 and 8 left
+    weight, x = torch.randn(30, 600).to(dtype), torch.randn(rows, 600)
+    out = torch.ops.brisk.float_linear(x, weight)
+    expected = x.double() @ weight.double().T
+    magnitude = x.double().abs() @ weight.double().abs().T  # fp32 sums err by a few eps of this at most
+    assert out.dtype == torch.float32 and ((out - expected).abs() <= 1e-6 * magnitude).all()
+
+
+@needs_kernels
+def test_a_row_through_the_float_kernel_does_not_depend_on_the_rows_beside_it():
+    weight, x = torch.randn(64, 576).bfloat16(), torch.randn(7, 576)
+    alone = torch.cat([torch.ops.brisk.float_linear(x[i:i + 1], weight) for i in range(7)])
+    assert torch.equal(torch.ops.brisk.float_linear(x, weight), alone)
 
 
 # brisk's kernels round the activations to int8 per block of 32, x ~ q * max|x| / 127. Where every block's
@@ -298,25 +337,16 @@ def test_bf16_attention_computes_in_fp32_eagerly_on_a_cpu_without_bf16_arithmeti
     assert torch.equal(DecodeAttention(ScaledDotProductAttention())(q, k, v, mask), expected)
 
 
-def test_fp32_layers_keep_mkl_where_its_gemv_is_fast(tiny_dir, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", True)
-    model = cpu_kernels.swap_in(load_model(tiny_dir), compiled_decode=True)
-    assert type(model.layers[0].attention.wq) is torch.nn.Linear and type(model.output) is torch.nn.Linear
+@needs_kernels
+def test_fp32_layers_take_the_float_kernel(tiny_dir):
+    model = load_model(tiny_dir)
+    assert isinstance(model.layers[0].attention.wq, FloatLinear) and isinstance(model.output, FloatLinear)
 
 
-def test_eager_fp32_layers_stay_plain_where_mkls_gemv_is_slow(tiny_dir, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", False)
+def test_without_the_kernels_fp32_layers_stay_plain(tiny_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
     model = load_model(tiny_dir)
     assert type(model.layers[0].attention.wq) is torch.nn.Linear and type(model.output) is torch.nn.Linear
-
-
-def test_a_compiled_fp32_step_runs_fused_loops_where_mkls_gemv_is_slow(tiny_dir, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "MKL_GEMV_IS_FAST", False)
-    model = cpu_kernels.swap_in(load_model(tiny_dir), compiled_decode=True)
-    assert isinstance(model.output, FloatLinear)
-    model.setup_caches(1, 32)
-    calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
-    assert "sum" in calls and not calls & {"linear", "scaled_dot_product_attention"}
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8", "int4", "nf4"])
@@ -329,7 +359,8 @@ def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_di
     model.setup_caches(1, 32)
     calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
     assert not calls & {"linear", "scaled_dot_product_attention"}
-    assert calls & KERNELS if kind in ("int8", "int4") and native_kernels() else "sum" in calls
+    kernels = {"bf16": {"float_linear"}, "int8": KERNELS, "int4": KERNELS, "nf4": {"sum"}}[kind]  # nf4: fused
+    assert calls & kernels if native_kernels() else "sum" in calls
 
 
 def test_swapping_twice_changes_nothing(tiny_dir):

@@ -46,7 +46,7 @@ def test_cached_decoding_equals_the_full_forward(family):
     with torch.no_grad():
         prefill = model(torch.tensor([IDS[:40]]), torch.arange(40))[0]
         steps = [model(torch.tensor([[IDS[i]]]), torch.tensor([i]))[0, 0] for i in range(40, len(IDS))]
-    assert torch.allclose(torch.cat([prefill, torch.stack(steps)]), expected, atol=1e-5)
+    assert torch.allclose(torch.cat([prefill, torch.stack(steps)]), expected, atol=1e-4)  # fp32 sums differ in order
 
 
 def test_a_batch_of_different_lengths_equals_each_alone(family):

@@ -9,7 +9,7 @@ import cpu_kernels
 import quantize
 import quantized_layers
 from checkpoint import load_model
-from conftest import filled, quantized_copy, shared_text
+from conftest import filled, plain_model, quantized_copy, shared_text
 from cpu_kernels import QuantizedCPULinear
 from generate import main
 from generation import compile_steps, generate
@@ -84,7 +84,7 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
     argv = ["--checkpoint_path", str(directory), "--mode", mode, "--quantize_embedding",
             "--calibration_samples", "4", "--calibration_seq_length", "32"] + (
         ["--groupsize", str(groupsize)] if groupsize else [])
-    model = load_model(directory)
+    model = load_model(directory, device_forms=False)
     if mode == "int4-gptq":
         calibration = quantize.calibration_tokens(model, load_tokenizer(directory), None, 4, 32)
         quantize.quantize_gptq(model, calibration, groupsize, True)
@@ -111,7 +111,7 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
 
 def test_gptq_output_error_is_below_rounding_on_real_activations(smollm2_dir):
     """SmolLM2's first attention block's q projection, its inputs from Shakespeare through the real model."""
-    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    model, tokenizer = plain_model(smollm2_dir), load_tokenizer(smollm2_dir)
     ids = torch.tensor(tokenizer.encode(shared_text("tinyshakespeare.txt")[:40000])[:2048]).view(8, 256)
     block, accumulator = model.layers[3], HessianAccumulator(576)
     hook = block.attention.wq.register_forward_hook(accumulator.add)
