@@ -1,10 +1,14 @@
 """Load test of OpenAI-compatible servers on the same model: brisk's serve.py with its two schedulers (mlfq,
-fcfs) and llama-cpp-python's server on the embedded SmolLM2 GGUF, each started here on 127.0.0.1 and stopped
-after its runs.
+fcfs), llama.cpp's own server (llama-server, --slots parallel slots) and llama-cpp-python's server (one
+request at a time) on the embedded SmolLM2 GGUF, each started here on 127.0.0.1 and stopped after its runs.
 
     pip install -r requirements-bench.txt
     python scripts/bench_serve.py --rates 0.5 1 --requests 40 --prompt_file my_text.txt
     python scripts/bench_serve.py --clients 8 --requests 32          # closed loop: 8 clients back to back
+
+llama-server is built the first time from the llama.cpp tree that llama-cpp-python's source distribution
+vendors (pip downloads it; cmake and a C++ compiler build it, several minutes on 2 cores) into
+$BRISK_CACHE_DIR; CMAKE_ARGS passes flags to its cmake (requirements-bench.txt: the ones a CPU with AMX needs).
 
 Open loop (--rates): requests arrive as a Poisson process at each rate (requests/s), a mix of short ones
 (a 24-word prompt, 16 tokens) and long ones (a 300-word prompt, 128 tokens; --long_share of them), the same
@@ -21,11 +25,15 @@ import json
 import os
 import random
 import re
+import shlex
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,6 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from aot_step import default_cache_dir  # noqa: E402
 from cli import DEFAULT_CHECKPOINT  # noqa: E402
 from scripts.prepare_default import embedded_gguf  # noqa: E402
 
@@ -253,8 +262,42 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+LLAMA_CPP_PYTHON = "0.3.36"  # the source distribution llama-server is built from (requirements-bench.txt's)
+
+
+def llama_server() -> Path:
+    """llama.cpp's server binary, built once (tools/server of the llama.cpp tree in llama-cpp-python's source
+    distribution) into the cache directory, under a temporary name until it is complete."""
+    binary = default_cache_dir() / f"llama-server-{LLAMA_CPP_PYTHON}"
+    if binary.exists():
+        return binary
+    print(f"building llama-server from llama-cpp-python {LLAMA_CPP_PYTHON}'s sources into {binary} (minutes)",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--dest", work], check=True)
+        with tarfile.open(next(Path(work).glob("llama_cpp_python-*.tar.gz"))) as archive:
+            archive.extractall(work, filter="data")
+        source, build = Path(work) / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp", Path(work) / "b"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                        "-DBUILD_SHARED_LIBS=OFF", *shlex.split(os.environ.get("CMAKE_ARGS", ""))],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count())],
+                       check=True, stdout=subprocess.DEVNULL)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        partial = binary.with_name(binary.name + ".partial")
+        shutil.copy(build / "bin" / "llama-server", partial)
+        os.replace(partial, binary)
+    return binary
+
+
 def start_server(engine: str, port: int, args) -> subprocess.Popen:
-    if engine == "llama-cpp":
+    if engine == "llama-server":  # --slots slots, each with --max_seq_length tokens of context
+        command = [str(llama_server()), "--model", str(embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
+                   "--parallel", str(args.slots), "--ctx-size", str(args.slots * args.max_seq_length),
+                   "--threads", str(args.threads), "--threads-batch", str(args.threads), "--no-webui"]
+    elif engine == "llama-cpp":
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()), "--host", "127.0.0.1",
                    "--port", str(port), "--n_ctx", str(args.max_seq_length), "--n_threads", str(args.threads),
                    "--n_threads_batch", str(args.threads), "--interrupt_requests", "False"]
@@ -270,7 +313,8 @@ def start_server(engine: str, port: int, args) -> subprocess.Popen:
 
 
 def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float):
-    """Until GET path answers 200: brisk's /health (503 while it loads), llama-cpp-python's /v1/models."""
+    """Until GET path answers 200: brisk's and llama-server's /health (503 while they load), llama-cpp-python's
+    /v1/models."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
@@ -285,23 +329,24 @@ def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float
 
 
 def engine_name(name: str) -> str:
-    if not re.fullmatch(r"brisk-(mlfq|fcfs)(-[1-9][0-9]*)?|llama-cpp", name):
+    if not re.fullmatch(r"brisk-(mlfq|fcfs)(-[1-9][0-9]*)?|llama-server|llama-cpp", name):
         raise argparse.ArgumentTypeError(f"{name}: use brisk-mlfq, brisk-fcfs (either with a prefill chunk: "
-                                         "brisk-mlfq-64) or llama-cpp")
+                                         "brisk-mlfq-64), llama-server or llama-cpp")
     return name
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-cpp"], type=engine_name,
-                        help="brisk-mlfq, brisk-fcfs (a suffix sets brisk's --prefill_chunk: brisk-mlfq-64), llama-cpp")
+    parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-server"],
+                        type=engine_name, help="brisk-mlfq, brisk-fcfs (a suffix sets brisk's --prefill_chunk: "
+                        "brisk-mlfq-64), llama-server, llama-cpp")
     parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0], help="open loop: requests/s")
     parser.add_argument("--clients", type=int, help="closed loop with this many clients instead of --rates")
     parser.add_argument("--requests", type=int, default=40, help="requests per run")
     parser.add_argument("--long_share", type=float, default=0.2, help="share of long requests")
-    parser.add_argument("--slots", type=int, default=8, help="brisk's --slots")
+    parser.add_argument("--slots", type=int, default=8, help="brisk's --slots, llama-server's --parallel")
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="brisk's checkpoint (llama-cpp-python runs the embedded GGUF)")
+                        help="brisk's checkpoint (llama.cpp's servers run the embedded GGUF)")
     parser.add_argument("--duration", type=float, help="seconds after which a run sends no new request")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="brisk's --device")
     parser.add_argument("--threads", type=int, default=2)

@@ -17,6 +17,7 @@ from scripts.bench_gpu import main as bench_gpu
 from scripts.bench_kernels import main as bench_kernels
 from scripts.bench_peers import main as bench_peers
 from scripts.bench_scaling import main as bench_scaling
+from scripts.bench_serve import LLAMA_CPP_PYTHON, llama_server
 from scripts.bench_serve import main as bench_serve
 from scripts.bench_tp import main as bench_tp
 from scripts.random_checkpoint import main as write_random
@@ -136,6 +137,14 @@ def test_bench_scaling_draws_each_cache_type_and_fills_a_budget(tiny_dir, tmp_pa
     budget_rows = {p["kv_cache"]: p["batch"] for p in points if p["curve"] == "budget"}
     assert budget_rows == {"float": 1, "int4": budget // int4_row} and budget // int4_row >= 4
     assert all(p["peak_memory_gb"] > 0 and p["cache_mb"] > 0 for p in points)
+
+
+def test_llama_server_is_built_once_then_taken_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRISK_CACHE_DIR", str(tmp_path))
+    binary = tmp_path / f"llama-server-{LLAMA_CPP_PYTHON}"
+    binary.write_bytes(b"")
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("built again"))
+    assert llama_server() == binary
 
 
 def test_bench_serve_with_a_duration_sends_no_request_after_it(tiny_dir, tmp_path):
