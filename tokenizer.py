@@ -103,8 +103,13 @@ class SentencePieceTokenizer(Tokenizer):
         special = {self.processor.id_to_piece(i): i for i in range(self.processor.get_piece_size())
                    if self.processor.is_control(i) or self.processor.is_unknown(i)}
         special.update(config.get("special_tokens", {}))
-        config = {"bos_token": self.processor.id_to_piece(self.processor.bos_id()),
-                  "eos_token": self.processor.id_to_piece(self.processor.eos_id()),
+        # sentencepiece's ids are -1 where its model names no such piece (of type control)
+        bos_id, eos_id = self.processor.bos_id(), self.processor.eos_id()
+        if eos_id < 0 and "eos_token" not in config:
+            raise ValueError(f"{model_file} names no end-of-text piece (sentencepiece's eos is not a control "
+                             "piece): convert the checkpoint again")
+        config = {**({"bos_token": self.processor.id_to_piece(bos_id)} if bos_id >= 0 else {}),
+                  **({"eos_token": self.processor.id_to_piece(eos_id)} if eos_id >= 0 else {}),
                   "add_bos_token": True, **config}
         super().__init__(config, special, chat_template)
 

@@ -81,19 +81,23 @@ def sentencepiece_model(reader) -> bytes:
     byte fallback, and Llama's normalizer (no normalisation, spaces as U+2581, a leading space added)."""
     tokens, scores = field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.scores")
     unknown_id = field(reader, "tokenizer.ggml.unknown_token_id", 0)
-    # llama.cpp's Phi-3 converter marks its padding pieces UNKNOWN too; sentencepiece allows one
-    # ("unk is already defined"), so the others are written as the unused pieces they are.
-    types = [UNUSED if kind == UNKNOWN and id_ != unknown_id else kind
+    special_ids = [unknown_id] + [field(reader, f"tokenizer.ggml.{name}_token_id", -1)
+                                  for name in ("bos", "eos", "padding")]
+    # sentencepiece wants exactly one UNKNOWN piece, the unknown token ("unk is already defined"), and finds
+    # it, bos, eos and padding by the pieces the trainer spec names, of types UNKNOWN and CONTROL. llama.cpp's
+    # Phi-3 vocabulary types its <unk> CONTROL and its padding pieces UNKNOWN, and its eos is not "</s>":
+    # the unknown token is written UNKNOWN, the other UNKNOWN pieces as the unused pieces they are, and the
+    # special pieces by name.
+    types = [UNKNOWN if id_ == unknown_id else UNUSED if kind == UNKNOWN else kind
              for id_, kind in enumerate(field(reader, "tokenizer.ggml.token_type"))]
     pieces = b"".join(protobuf_field(1, protobuf_field(1, token.encode()) + protobuf_field(2, float(score))
                                      + protobuf_field(3, int(kind)))
                       for token, score, kind in zip(tokens, scores, types))
     trainer = b"".join([
         protobuf_field(3, 2), protobuf_field(4, len(tokens)), protobuf_field(35, True),  # BPE, vocab size, bytes
-        protobuf_field(40, unknown_id),
-        protobuf_field(41, field(reader, "tokenizer.ggml.bos_token_id", -1)),
-        protobuf_field(42, field(reader, "tokenizer.ggml.eos_token_id", -1)),
-        protobuf_field(43, field(reader, "tokenizer.ggml.padding_token_id", -1))])
+        *(protobuf_field(40 + i, id_) for i, id_ in enumerate(special_ids)),  # unk_id, bos_id, eos_id, pad_id
+        *(protobuf_field(45 + i, tokens[id_].encode())  # unk_piece, bos_piece, eos_piece, pad_piece
+          for i, id_ in enumerate(special_ids) if 0 <= id_ < len(tokens))])
     normalizer = b"".join([
         protobuf_field(1, b"identity"), protobuf_field(3, bool(field(reader, "tokenizer.ggml.add_space_prefix", True))),
         protobuf_field(4, False), protobuf_field(5, True)])

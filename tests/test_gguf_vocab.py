@@ -123,8 +123,10 @@ def test_unknown_pre_tokenizer_is_refused_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def phi3_like_gguf(tmp_path_factory):
-    """A sentencepiece vocabulary with user-defined pieces (matched whole by sentencepiece), control pieces
-    (Mistral v0.3's [INST]) and, as llama.cpp's Phi-3 converter writes them, padding pieces typed UNKNOWN."""
+    """A sentencepiece vocabulary typed as llama.cpp's Phi-3 GGUF types its pieces: <unk> (id 0) and <s>
+    CONTROL, </s> (id 2) USER_DEFINED, an end-of-text piece <|endoftext|> after the trained ones, CONTROL,
+    which is both eos and padding, then padding pieces typed UNKNOWN; and user-defined pieces (matched whole
+    by sentencepiece) and control pieces (Mistral v0.3's [INST])."""
     import sentencepiece
     from gguf import GGUFWriter
 
@@ -134,17 +136,19 @@ def phi3_like_gguf(tmp_path_factory):
         model_prefix=str(directory / "spm"), vocab_size=300, model_type="bpe", byte_fallback=True,
         user_defined_symbols=["<|user|>", "<|assistant|>"], control_symbols=["[INST]", "[/INST]"])
     processor = sentencepiece.SentencePieceProcessor(model_file=str(directory / "spm.model"))
-    user_defined = {processor.piece_to_id("<|user|>"), processor.piece_to_id("<|assistant|>")}
+    user_defined = {processor.piece_to_id("<|user|>"), processor.piece_to_id("<|assistant|>"), processor.eos_id()}
     pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
-    types = [4 if i in user_defined else 1 + processor.is_unknown(i) + 2 * processor.is_control(i)
-             + 5 * processor.is_byte(i) for i in range(len(pieces))]
+    types = [4 if i in user_defined else 3 if processor.is_unknown(i) or processor.is_control(i)
+             else 1 + 5 * processor.is_byte(i) for i in range(len(pieces))]
+    end_of_text = len(pieces)
     writer = GGUFWriter(directory / "phi3.gguf", "llama")
     writer.add_tokenizer_model("llama")
-    writer.add_token_list(pieces + [f"[PAD{i}]" for i in range(len(pieces), len(pieces) + 4)])
-    writer.add_token_scores([processor.get_score(i) for i in range(len(pieces))] + [-10000.0] * 4)
-    writer.add_token_types(types + [2] * 4)
-    writer.add_bos_token_id(processor.bos_id()), writer.add_eos_token_id(processor.eos_id())
-    writer.add_unk_token_id(processor.unk_id())
+    writer.add_token_list(pieces + ["<|endoftext|>"] + [f"[PAD{i}]" for i in range(4)])
+    writer.add_token_scores([processor.get_score(i) for i in range(len(pieces))] + [0.0] + [-10000.0] * 4)
+    writer.add_token_types(types + [3] + [2] * 4)
+    writer.add_bos_token_id(processor.bos_id()), writer.add_eos_token_id(end_of_text)
+    writer.add_unk_token_id(processor.unk_id()), writer.add_pad_token_id(end_of_text)
+    writer.add_add_bos_token(True)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.close()
     return directory / "phi3.gguf", processor
 
@@ -158,6 +162,7 @@ def test_sentencepiece_with_user_defined_control_and_padding_pieces_loads(phi3_l
     lines = ["<|user|>hello world<|assistant|> the fox", "how are<|user|>you"] + \
         shared_text("tinyshakespeare.txt").split("\n")[:2000]
     assert [ours.encode(line, bos=False) for line in lines] == [processor.encode(line) for line in lines]
-    assert ours.vocab_size == processor.get_piece_size() + 4
+    assert ours.vocab_size == processor.get_piece_size() + 5
+    assert (ours.bos_id, ours.eos_id) == (processor.bos_id(), processor.get_piece_size())  # <s>, <|endoftext|>
     inst = processor.piece_to_id("[INST]")
     assert ours.encode("[INST]hello", bos=False) == [inst] + processor.encode("hello")

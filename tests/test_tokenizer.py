@@ -165,6 +165,17 @@ def test_sentencepiece_parses_special_tokens_in_text(sentencepiece_dir):
     assert ids[0] == 1 and ids[-1] == 2 and tokenizer.decode(ids[1:-1]) == "hello"
 
 
+def test_a_sentencepiece_model_without_an_end_of_text_piece_is_refused_in_one_line(tmp_path):
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(["the quick brown fox jumps over the lazy dog"] * 20),
+        model_prefix=str(tmp_path / "tokenizer"), vocab_size=300, model_type="bpe", byte_fallback=True,
+        bos_id=1, eos_id=-1, unk_id=0, pad_id=-1)
+    with pytest.raises(ValueError, match="tokenizer.model names no end-of-text piece"):
+        load_tokenizer(tmp_path)
+
+
 def test_llama2_chat_template_is_the_default_for_sentencepiece(sentencepiece_dir):
     tokenizer = load_tokenizer(sentencepiece_dir)
     rendered = tokenizer.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
