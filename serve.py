@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import cpu_kernels
 import quantized_kv_cache
 import tp
 from checkpoint import load_model, stored_weights
@@ -389,6 +390,8 @@ def load(args) -> tuple:
     except (FileNotFoundError, ValueError) as error:
         raise checkpoint_error(error, args.checkpoint_path) from None
     quantized_kv_cache.use(model, args.kv_cache)
+    if device == "cpu" and args.compile:  # the forms generate.py's compiled step runs (a mixture's float experts)
+        cpu_kernels.swap_in(model, compiled_decode=True)
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
     return tokenizer, model, decode, max_seq_length, slots_within_budget(args, model, max_seq_length)

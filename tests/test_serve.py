@@ -16,6 +16,7 @@ import pytest
 import quantized_kv_cache
 import serve
 from checkpoint import load_model
+from cpu_kernels import CPUExperts
 from conftest import ROOT, greedy_alone, run_engine
 from engine import Busy, Engine, Request, TextStream
 from sampling import Sampling
@@ -357,3 +358,9 @@ def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir, 
     finally:
         interrupt(process)  # torchrun itself exits 1 on SIGINT; its ranks stop cleanly, and together
         assert "serve.py" not in process.stderr.read()  # a rank's traceback, or torchrun naming one that failed
+
+
+def test_a_compiled_server_runs_the_cpu_forms_a_compiled_generate_runs(tiny_mixtral_dir):
+    args = serve.parse_args(["--checkpoint_path", str(tiny_mixtral_dir), "--device", "cpu", "--compile"])
+    _, model, *_ = serve.load(args)
+    assert isinstance(model.layers[0].feed_forward.experts, CPUExperts)  # eagerly, the plain experts
