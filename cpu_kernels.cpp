@@ -338,7 +338,7 @@ void matmul(const Weight& w, bool int4, const Q8Rows& q, float* out) {
 // Widening bf16 takes no shuffle: bf16 is the top half of an fp32, so in 32 bytes of bf16 the odd columns
 // already sit where fp32 keeps its top half (clear the low half: and), and the even ones get there by
 // a shift left of 16 bits. The two vectors then hold columns 0, 2, .. 14 and 1, 3, .. 15: the activations
-// are put in that order once per call (ordered_rows), so the products pair up.
+// are put in that order once per call (in_bf16_order), so the products pair up.
 
 template <typename T> struct Float;
 
@@ -373,11 +373,10 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Activation rows x (rows, in) in the column order widen16 gives each 16 weights (a copy, for bf16).
-template <typename T>
-std::vector<float> ordered_rows(const float* x, int64_t rows, int64_t in) {
+// Activation rows x (rows, in) with each 16 columns as evens, then odds: the order in which widen16 gives
+// bf16 weights. The columns past the last whole 16 stay where they are.
+std::vector<float> in_bf16_order(const float* x, int64_t rows, int64_t in) {
   std::vector<float> ordered(x, x + rows * in);
-  if (!Float<T>::evens_then_odds) return ordered;
   for (int64_t r = 0; r < rows; r++)
     for (int64_t j = 0; j + 16 <= in; j += 16)
       for (int i = 0; i < 8; i++) {
@@ -387,8 +386,8 @@ std::vector<float> ordered_rows(const float* x, int64_t rows, int64_t in) {
   return ordered;
 }
 
-// Weight row o times activation rows [r0, r0 + R): out (rows, out) at those places. x: the activations as
-// ordered_rows gives them; plain: as given, for the columns past the last whole 32. Each row's sums are
+// Weight row o times activation rows [r0, r0 + R): out (rows, out) at those places. x: the activations in
+// the column order of widen16; plain: as given, for the columns past the last whole 32. Each row's sums are
 // added to in the same order whatever R is: a row's outputs do not depend on the rows beside it (a batch
 // of one equals that row in a batch of many). Not inlined: compiled on its own, its sums stay in
 // registers (inlined into the threads' loop, GCC kept them in memory, a store and a load on every
@@ -425,12 +424,12 @@ __attribute__((noinline)) void float_row_times_tile(const T* __restrict w, const
 // rows in tiles of up to TILE.
 template <typename T>
 void float_matmul(const T* w, const float* x, int64_t rows, int64_t in, int64_t out_features, float* out) {
-  const std::vector<float> ordered = ordered_rows<T>(x, rows, in);
+  const std::vector<float> ordered = Float<T>::evens_then_odds ? in_bf16_order(x, rows, in) : std::vector<float>();
+  const float* xs = Float<T>::evens_then_odds ? ordered.data() : x;
   const int64_t grain = std::max<int64_t>(1, MIN_BYTES_PER_THREAD / (in * (int64_t)sizeof(T)));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; o++) {
       for (int64_t r0 = 0; r0 < rows; r0 += TILE) {
-        const float* xs = ordered.data();
         switch (std::min<int64_t>(TILE, rows - r0)) {
           case 4: float_row_times_tile<T, 4>(w, xs, x, in, out_features, o, r0, out); break;
           case 3: float_row_times_tile<T, 3>(w, xs, x, in, out_features, o, r0, out); break;
@@ -458,13 +457,18 @@ std::string cpu_isa(const std::string& choice) {
   return use_vnni ? "avx512_vnni" : "avx2";
 }
 
+// An uninitialised output for x (..., in): (..., out_features), x's dtype and device.
+at::Tensor output_like(const at::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return at::empty(shape, x.options());
+}
+
 // x (..., x_in) times the weight, transposed: (..., out).
 at::Tensor quantized_linear(const at::Tensor& x, const Weight& w, bool int4) {
   const int64_t x_in = x.size(-1), rows = x.numel() / x_in;
   const Q8Rows q = quantize_rows(x.data_ptr<float>(), rows, x_in, w.in);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.out;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = output_like(x, w.out);
   if (use_vnni) matmul<Vnni>(w, int4, q, out.data_ptr<float>());
   else matmul<Avx2>(w, int4, q, out.data_ptr<float>());
   return out;
@@ -524,9 +528,7 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(-1), "weight must be a "
               "contiguous (out, in) matrix with in = ", x.size(-1));
   const int64_t in = x.size(-1), rows = x.numel() / in, out_features = weight.size(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor out = output_like(x, out_features);
   const float* xs = x.data_ptr<float>();
   float* o = out.data_ptr<float>();
   switch (weight.scalar_type()) {
@@ -539,18 +541,12 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
   return out;
 }
 
-at::Tensor float_linear_meta(const at::Tensor& x, const at::Tensor& weight) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  return at::empty(shape, x.options());
-}
+at::Tensor float_linear_meta(const at::Tensor& x, const at::Tensor& weight) { return output_like(x, weight.size(0)); }
 
 // The op's output shape without computing (torch.compile and export trace with it): (..., out_features).
 at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t,
                                  int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return at::empty(shape, x.options());
+  return output_like(x, out_features);
 }
 
 }  // namespace

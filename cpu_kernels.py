@@ -44,8 +44,8 @@ from torch.utils import cpp_extension
 from model import Experts, ScaledDotProductAttention, Transformer, run_experts, swap_layers
 from quantized_layers import NF4_TABLE, Int4Linear, Int8Linear, NF4Linear
 
-# Up to this many rows (batch x new tokens) a compiled step keeps the fused loops; from 32 rows the
-# matmul is faster again.
+# Up to this many rows (batch x new tokens) a layer is decoding: float layers call brisk's float kernel (or,
+# without it, a compiled step's fused loops); over more, the library's GEMM (docs/cpu_kernels.md).
 FUSED_MAX_ROWS = 16
 
 CPU_HAS_BF16_ARITHMETIC = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
