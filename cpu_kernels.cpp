@@ -38,8 +38,11 @@
 #include <torch/library.h>
 
 #include <immintrin.h>
+#define SLEEF_STATIC_LIBS  // declarations only: the functions are linked from PyTorch's own library
+#include <sleef.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -441,6 +444,221 @@ void float_matmul(const T* w, const float* x, int64_t rows, int64_t in, int64_t 
   });
 }
 
+// ---- The small ops around the products: a norm, the rotary embedding, attention over the cache -------
+// Eagerly, PyTorch runs a norm as five ops (pow, mean, add, rsqrt, mul), the rotary embedding as ten and
+// attention over one query through a kernel built for long blocks of queries; each op pays a dispatch, and
+// many wake the other threads, which for a decode step's few rows costs more than the arithmetic. Each
+// here is one op over fp32 tensors, run on the calling thread unless its work is worth waking another.
+
+constexpr int64_t MIN_VALUES_PER_THREAD = 32 * 1024;  // floats read by a thread's share, at the least
+
+// How many of `items` (each reading `values_per_item` floats) a thread takes at the least.
+int64_t grain_for(int64_t values_per_item) { return std::max<int64_t>(1, MIN_VALUES_PER_THREAD / values_per_item); }
+
+void check_fp32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+// RMSNorm (Zhang & Sennrich 2019) over each row of x (..., dim): x / sqrt(mean(x^2) + eps) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_fp32(x, "x");
+  check_fp32(weight, "weight");
+  const int64_t dim = x.size(-1), rows = x.numel() / dim;
+  TORCH_CHECK(weight.numel() == dim, "weight has ", weight.numel(), " values, x's rows ", dim);
+  at::Tensor out = at::empty_like(x);
+  const float *xs = x.data_ptr<float>(), *w = weight.data_ptr<float>();
+  float* ys = out.data_ptr<float>();
+  at::parallel_for(0, rows, grain_for(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float* xr = xs + r * dim;
+      float* yr = ys + r * dim;
+      __m256 squares = _mm256_setzero_ps();  // eight partial sums, added at the end
+      int64_t j = 0;
+      for (; j + 8 <= dim; j += 8) squares = _mm256_fmadd_ps(_mm256_loadu_ps(xr + j), _mm256_loadu_ps(xr + j), squares);
+      float sum = horizontal_sum(squares);
+      for (; j < dim; j++) sum += xr[j] * xr[j];
+      const float inverse = 1.0f / std::sqrt(sum / dim + (float)eps);
+      for (j = 0; j < dim; j++) yr[j] = xr[j] * inverse * w[j];
+    }
+  });
+  return out;
+}
+
+// The rotary embedding (Su et al. 2021) in the rotate-half form: dimension i of a head pairs with
+// i + head_dim / 2, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). x: (batch, seq, heads, head_dim);
+// table: (batch or 1, seq, 1, head_dim / 2, 2), each token's cos and sin per frequency.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& table) {
+  check_fp32(x, "x");
+  check_fp32(table, "table");
+  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "x must be (batch, seq, heads, head_dim), head_dim even");
+  const int64_t batch = x.size(0), seq = x.size(1), heads = x.size(2), half = x.size(3) / 2;
+  TORCH_CHECK(table.dim() == 5 && (table.size(0) == 1 || table.size(0) == batch) && table.size(1) == seq &&
+              table.size(3) == half && table.size(4) == 2, "table must be (batch or 1, seq, 1, head_dim / 2, 2)");
+  const int64_t table_batch_stride = table.size(0) == 1 ? 0 : seq * half * 2;
+  at::Tensor out = at::empty_like(x);
+  const float *xs = x.data_ptr<float>(), *angles = table.data_ptr<float>();
+  float* ys = out.data_ptr<float>();
+  at::parallel_for(0, batch * seq, grain_for(heads * 2 * half), [&](int64_t begin, int64_t end) {
+    for (int64_t token = begin; token < end; token++) {
+      const float* cos_sin = angles + (token / seq) * table_batch_stride + (token % seq) * half * 2;
+      for (int64_t h = 0; h < heads; h++) {
+        const float* x1 = xs + (token * heads + h) * 2 * half;
+        float* y1 = ys + (token * heads + h) * 2 * half;
+        for (int64_t i = 0; i < half; i++) {
+          const float cos = cos_sin[2 * i], sin = cos_sin[2 * i + 1];
+          y1[i] = x1[i] * cos - x1[half + i] * sin;
+          y1[half + i] = x1[half + i] * cos + x1[i] * sin;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = horizontal_sum(acc);
+  for (; i < n; i++) sum += a[i] * b[i];
+  return sum;
+}
+
+// q's dot products with 8 rows of k (k_stride apart), n a multiple of 8: 8 vectors of partial sums, whose
+// lanes are added across all 8 at once (hadd pairs neighbours), one lane a row.
+inline __m256 dot8(const float* q, const float* k, int64_t k_stride, int64_t n) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 qi = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + r * k_stride + i), acc[r]);
+  }
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  // each 128-bit half holds rows 0-3 (then 4-7) summed over its half of the lanes: add the halves
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// The largest of n values, 8 lanes at a time.
+inline float maximum(const float* values, int64_t n) {
+  __m256 lanes = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) lanes = _mm256_max_ps(lanes, _mm256_loadu_ps(values + t));
+  float lane[8], largest = -INFINITY;
+  _mm256_storeu_ps(lane, lanes);
+  for (float value : lane) largest = std::max(largest, value);
+  for (; t < n; t++) largest = std::max(largest, values[t]);
+  return largest;
+}
+
+// scores[t] = exp(scores[t] - largest), 8 at a time by SLEEF's vectorized exp (which PyTorch ships and its own
+// kernels call; within 1 ulp); returns their sum.
+inline float exponentials(float* scores, int64_t n, float largest) {
+  __m256 sums = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = Sleef_expf8_u10(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(largest)));
+    _mm256_storeu_ps(scores + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float sum = horizontal_sum(sums);
+  for (; t < n; t++) sum += scores[t] = std::exp(scores[t] - largest);
+  return sum;
+}
+
+// The attention output's shape (batch, heads, seq, head_dim), laid out as (batch, seq, heads, head_dim): the
+// order in which the output projection reads it, so the caller's transpose back costs no copy.
+at::Tensor attention_output(const at::Tensor& q) {
+  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+}
+
+// y = sum over slots t of weights[t] * v_t, 32 columns at a time in 4 registers (4 chains of multiply-adds
+// run at once), then 8, then one. Slots of weight 0 (masked) are not read.
+inline void weighted_sum(const float* weights, const float* v, int64_t v_stride, int64_t slots, int64_t dim,
+                         float* y) {
+  int64_t i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t t = 0; t < slots; t++) {
+      if (weights[t] == 0.0f) continue;
+      const __m256 w = _mm256_set1_ps(weights[t]);
+      for (int c = 0; c < 4; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + t * v_stride + i + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 4; c++) _mm256_storeu_ps(y + i + 8 * c, acc[c]);
+  }
+  for (; i + 8 <= dim; i += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < slots; t++) acc = _mm256_fmadd_ps(_mm256_set1_ps(weights[t]), _mm256_loadu_ps(v + t * v_stride + i), acc);
+    _mm256_storeu_ps(y + i, acc);
+  }
+  for (; i < dim; i++) {
+    y[i] = 0;
+    for (int64_t t = 0; t < slots; t++) y[i] += weights[t] * v[t * v_stride + i];
+  }
+}
+
+// Where one query's K/V head lies: row t of k at k + t * k_stride (and of v), whether the query may look at
+// it at look[t * look_stride].
+struct Slots {
+  int64_t k_stride, v_stride, look_stride, count, dim;
+  float scale;  // 1 / sqrt(head_dim)
+};
+
+// One query row q (dim) over one K/V head's slots: y (dim) = softmax(q k^T * scale, masked) v. weights:
+// room for the slots' scores, then their softmax weights.
+void attend(const Slots& c, const float* q, const float* k, const float* v, const bool* look, float* weights,
+            float* y) {
+  int64_t t = 0;  // the scores, 8 slots at a time where head_dim allows
+  for (; c.dim % 8 == 0 && t + 8 <= c.count; t += 8)
+    _mm256_storeu_ps(weights + t, _mm256_mul_ps(dot8(q, k + t * c.k_stride, c.k_stride, c.dim), _mm256_set1_ps(c.scale)));
+  for (; t < c.count; t++) weights[t] = dot(q, k + t * c.k_stride, c.dim) * c.scale;
+  for (t = 0; t < c.count; t++)
+    if (!look[t * c.look_stride]) weights[t] = -INFINITY;
+  const float largest = maximum(weights, c.count);  // which softmax subtracts, for exp to stay within fp32
+  if (largest == -INFINITY) {  // nowhere to look
+    std::fill(y, y + c.dim, 0.0f);
+    return;
+  }
+  const float total = exponentials(weights, c.count, largest);  // masked slots: exp(-inf) = 0
+  for (t = 0; t < c.count; t++) weights[t] /= total;
+  weighted_sum(weights, v, c.v_stride, c.count, c.dim, y);
+}
+
+// Attention of a few query rows over the KV cache: softmax(q k^T / sqrt(head_dim), masked) v for each query
+// head, which reads the K/V head of its group (grouped-query attention: heads / kv_heads query heads a
+// K/V head). q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, slots, head_dim), any strides but
+// the last (the cache's rows as they lie); mask: (batch or 1, 1, seq, slots) bool, true where a query may
+// look. A query that may look nowhere gets zeros.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+              q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+              q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0, "attention: q must be float32 (batch, heads, "
+              "seq, head_dim), k and v (batch, kv_heads, slots, head_dim) with heads a multiple of kv_heads");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention: head_dim must be contiguous");
+  const int64_t batch = q.size(0), heads = q.size(1), seq = q.size(2), dim = q.size(3);
+  const int64_t group = heads / k.size(1), slots = k.size(2);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 4 && (mask.size(0) == 1 || mask.size(0) == batch) &&
+              mask.size(2) == seq && mask.size(3) == slots, "attention: mask must be bool (batch or 1, 1, seq, slots)");
+  const int64_t mask_batch_stride = mask.size(0) == 1 ? 0 : mask.stride(0);
+  at::Tensor out = attention_output(q);
+  const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
+  const bool* allowed = mask.data_ptr<bool>();
+  float* ys = out.data_ptr<float>();
+  const Slots cache{k.stride(2), v.stride(2), mask.stride(3), slots, dim, 1.0f / std::sqrt((float)dim)};
+  at::parallel_for(0, batch * heads * seq, grain_for(2 * slots * dim), [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(slots);
+    for (int64_t task = begin; task < end; task++) {
+      const int64_t b = task / (heads * seq), h = task / seq % heads, s = task % seq;
+      attend(cache, qs + b * q.stride(0) + h * q.stride(1) + s * q.stride(2),
+             ks + b * k.stride(0) + (h / group) * k.stride(1), vs + b * v.stride(0) + (h / group) * v.stride(1),
+             allowed + b * mask_batch_stride + s * mask.stride(2), weights.data(),
+             ys + b * out.stride(0) + h * out.stride(1) + s * out.stride(2));
+    }
+  });
+  return out;
+}
+
 // ---- Which instructions: the best the CPU has, unless a caller (a test) asks for AVX2 ---------------
 
 bool cpu_has_vnni() {
@@ -543,6 +761,14 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
 
 at::Tensor float_linear_meta(const at::Tensor& x, const at::Tensor& weight) { return output_like(x, weight.size(0)); }
 
+at::Tensor same_shape_meta(const at::Tensor& x, const at::Tensor&) { return at::empty_like(x); }
+
+at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
+
+at::Tensor attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  return attention_output(q);
+}
+
 // The op's output shape without computing (torch.compile and export trace with it): (..., out_features).
 at::Tensor quantized_linear_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&, int64_t,
                                  int64_t out_features) {
@@ -555,6 +781,9 @@ TORCH_LIBRARY(brisk, m) {
   m.def("int4_linear(Tensor x, Tensor weight, Tensor scale_min, int groupsize, int out_features) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scales, int groupsize, int out_features) -> Tensor");
   m.def("float_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor table) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
   m.def("cpu_isa(str choice) -> str", &cpu_isa);
 }
 
@@ -562,10 +791,16 @@ TORCH_LIBRARY_IMPL(brisk, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("float_linear", &float_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("attention", &attention);
 }
 
 TORCH_LIBRARY_IMPL(brisk, Meta, m) {
   m.impl("int4_linear", &quantized_linear_meta);
   m.impl("int8_linear", &quantized_linear_meta);
   m.impl("float_linear", &float_linear_meta);
+  m.impl("rms_norm", &rms_norm_meta);
+  m.impl("rope", &same_shape_meta);
+  m.impl("attention", &attention_meta);
 }

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import cpp_extension
 
-from model import Experts, ScaledDotProductAttention, Transformer, run_experts, swap_layers
+from model import (Experts, RMSNorm, RotaryEmbedding, ScaledDotProductAttention, Transformer, apply_rope,
+                   rms_norm, run_experts, swap_layers)
 from quantized_layers import NF4_TABLE, Int4Linear, Int8Linear, NF4Linear
 
 # Up to this many rows (batch x new tokens) a layer is decoding: float layers call brisk's float kernel (or,
@@ -311,18 +312,49 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 class DecodeAttention(nn.Module):
-    """Attention on the CPU: decode_attention for the few query rows of a step being compiled (PyTorch's
-    CPU kernel is built for long blocks of queries), the fused kernel otherwise, in fp32 for bf16 / fp16
-    tensors on a CPU without bf16 arithmetic, where PyTorch's kernel emulates bf16 (docs/experiments.md)."""
+    """Attention on the CPU. For a few query rows (PyTorch's CPU kernel is built for long blocks of queries):
+    eagerly, brisk's attention op over the cache's rows as they lie (fp32 tensors, a bool mask); in a step
+    being compiled, decode_attention, which Inductor fuses with the rest of the block. Otherwise PyTorch's
+    fused kernel, in fp32 for bf16 / fp16 tensors on a CPU without bf16 arithmetic, where it emulates bf16
+    (docs/experiments.md)."""
 
     def __init__(self, layer: ScaledDotProductAttention):
         super().__init__()
         self.layer = layer
+        self.kernel = native_kernels()
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and q.shape[0] * q.shape[2] <= FUSED_MAX_ROWS:
-            return decode_attention(q, k, v, mask)
+        if q.shape[0] * q.shape[2] <= FUSED_MAX_ROWS:
+            if torch.compiler.is_compiling():
+                return decode_attention(q, k, v, mask)
+            if self.kernel and q.dtype == k.dtype == torch.float32 and mask.dtype == torch.bool:
+                return torch.ops.brisk.attention(q, k, v, mask)
         return self.layer(widened(q), widened(k), widened(v), mask).to(q.dtype)
+
+
+class FusedRMSNorm(nn.Module):
+    """RMSNorm eagerly as brisk's one op, torch.ops.brisk.rms_norm (PyTorch runs it as five: pow, mean, add,
+    rsqrt, mul), for fp32 rows; in a step being compiled, the plain norm, which Inductor fuses with its
+    neighbours. It keeps the norm's weight under the norm's own name."""
+
+    def __init__(self, layer: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = layer.weight, layer.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or x.dtype != torch.float32:
+            return rms_norm(x, self.weight, self.eps)
+        return torch.ops.brisk.rms_norm(x.contiguous(), self.weight, self.eps)
+
+
+class FusedRotaryEmbedding(nn.Module):
+    """The rotary embedding eagerly as brisk's one op, torch.ops.brisk.rope (PyTorch runs apply_rope as ten),
+    for fp32 heads; in a step being compiled, apply_rope, which Inductor fuses with its neighbours."""
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        if torch.compiler.is_compiling() or x.dtype != torch.float32:
+            return apply_rope(x, rope)
+        return torch.ops.brisk.rope(x.contiguous(), rope.contiguous())
 
 
 def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
@@ -335,6 +367,10 @@ def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
         return NF4CPULinear(module)
     if isinstance(module, ScaledDotProductAttention):
         return DecodeAttention(module)
+    if isinstance(module, RMSNorm) and module.weight.dtype == torch.float32 and native_kernels():
+        return FusedRMSNorm(module)
+    if isinstance(module, RotaryEmbedding) and native_kernels():
+        return FusedRotaryEmbedding()
     if isinstance(module, Experts) and (compiled_decode or not isinstance(module.w1, nn.Linear)):
         return CPUExperts(module)
     return module

@@ -150,16 +150,23 @@ class KVCache(nn.Module):
         return self.k_cache[rows, :, :slots], self.v_cache[rows, :, :slots]
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # x / sqrt(mean(x^2) + eps), normalised in fp32 for accuracy, then scaled in the model's dtype (as
+    # Llama does); F.rms_norm is that division as one op
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
+
+
 class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019) of each row of x (..., dim), times a learned
+    weight (dim,)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # x / sqrt(mean(x^2) + eps), normalised in fp32 for accuracy, then scaled in the model's dtype (as
-        # Llama does); F.rms_norm is that division as one op
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -196,6 +203,15 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class RotaryEmbedding(nn.Module):
+    """Each head of x (batch, seq, heads, head_dim) rotated by its token's position (apply_rope; the cos/sin
+    table is the model's). A module of its own, with no weights, so that a device can swap in another form
+    of the same rotation (cpu_kernels.py)."""
+
+    def forward(self, x: Tensor, rope: Tensor) -> Tensor:
+        return apply_rope(x, rope)
+
+
 class ScaledDotProductAttention(nn.Module):
     """softmax(q k^T / sqrt(head_dim), masked) v, by PyTorch's fused kernel. A module of its own (with no
     weights) so that a device can swap in another form of the same attention (cpu_kernels.py)."""
@@ -214,6 +230,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.rotary = RotaryEmbedding()
         self.sdpa = ScaledDotProductAttention()
         self.kv_cache: Optional[KVCache] = None
 
@@ -222,7 +239,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k = self.rotary(q, rope), self.rotary(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
         # attend over the cache slots the mask covers (Transformer.forward)
         k, v = self.kv_cache.update(input_pos, k, v, cache_row, slots=mask.shape[-1])
@@ -412,10 +429,11 @@ class Transformer(nn.Module):
 
 
 def block_layers(block: TransformerBlock) -> list:
-    """(parent module, attribute name) of each layer of a block: its attention's projections and attention
-    itself, its feed-forward's projections. What quantize.py and the device kernel files replace."""
-    return [(parent, name) for parent in (block.attention, block.feed_forward)
-            for name, _ in parent.named_children()]
+    """(parent module, attribute name) of each layer of a block: its two norms, its attention's projections,
+    rotation and attention itself, its feed-forward's projections. What quantize.py and the device kernel
+    files replace."""
+    return [(block, "attention_norm"), (block, "ffn_norm")] + [
+        (parent, name) for parent in (block.attention, block.feed_forward) for name, _ in parent.named_children()]
 
 
 class BiasAfter(nn.Module):
@@ -431,9 +449,11 @@ class BiasAfter(nn.Module):
 
 
 def swap_layers(model: Transformer, form) -> Transformer:
-    """Replace every block's layers, and the output head, by form(layer) (form returns a layer as it is
-    where it has nothing to swap in); a layer with a bias (Qwen2's q/k/v) keeps it, added after its form."""
-    for parent, name in [slot for block in model.layers for slot in block_layers(block)] + [(model, "output")]:
+    """Replace every block's layers, and the final norm and output head, by form(layer) (form returns a layer
+    as it is where it has nothing to swap in); a layer with a bias (Qwen2's q/k/v) keeps it, added after its
+    form."""
+    top = [(model, "norm"), (model, "output")]
+    for parent, name in [slot for block in model.layers for slot in block_layers(block)] + top:
         layer = getattr(parent, name)
         swapped = form(layer)
         has_bias = swapped is not layer and getattr(layer, "bias", None) is not None

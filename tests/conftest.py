@@ -324,14 +324,17 @@ def smollm2_weight(smollm2_dir):
 
 
 class AtenCalls(TorchDispatchMode):
-    """The operators (aten's, and brisk's kernels) run eagerly inside the block."""
+    """The operators (aten's, and brisk's kernels) run eagerly inside the block: names ("rms_norm"), and
+    qualified (aten's "aten::mean", brisk's "brisk::rms_norm")."""
 
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.names, self.qualified = set(), set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.__name__.split(".")[0])
+        name = func.__name__.split(".")[0]
+        self.names.add(name)
+        self.qualified.add(f"{func.namespace}::{name}")
         return func(*args, **(kwargs or {}))
 
 
