@@ -28,7 +28,7 @@ import model as model_source
 import quantized_kv_cache
 import quantized_layers
 from generation import CPU_COMPILE_OPTIONS, decode_one_token
-from model import Transformer
+from model import ForwardOptions, Transformer
 from sampling import Sampling, sample
 
 # The package reads the model's tensors in place instead of holding copies (user-managed constants).
@@ -51,7 +51,8 @@ class DecodePass(nn.Module):
         self.model, self.attended_slots = model, attended_slots
 
     def forward(self, token: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None) -> Tensor:
-        return self.model(token, input_pos, left_pad, attended_slots=self.attended_slots)[:, -1]
+        options = ForwardOptions(left_pad=left_pad, attended_slots=self.attended_slots)
+        return self.model(token, input_pos, options)[:, -1]
 
 
 def named_tensors(decode_pass: DecodePass) -> dict:

@@ -18,6 +18,9 @@ behind each choice are in docs/cpu_kernels.md.
   multiply-and-sum, which Inductor turns into one vectorized loop per layer; attention over the KV cache in
   a compiled step likewise becomes sums of products that Inductor fuses with the rest of the block. Eagerly,
   PyTorch would materialise the whole (rows, out, in) product, so these forms are used only while compiling.
+- Eagerly, a decode step's norms, rotary embeddings and attention over a few query rows each call one of
+  brisk's ops (torch.ops.brisk.rms_norm, rope, attention) where PyTorch runs several ops apiece, each paying
+  a dispatch; a step being compiled keeps the plain forms, which Inductor fuses with their neighbours.
 - Layers applied to many rows (prefill) of bf16 activations, on a CPU without bf16 arithmetic, compute in
   fp32 (`widened`), bf16 and quantized weights alike: there oneDNN emulates bf16 and its GEMM runs well
   below fp32 speed. Attention in bf16 runs in fp32 there too, eagerly: PyTorch's fused kernel emulates bf16

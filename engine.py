@@ -21,7 +21,7 @@ from torch import Tensor
 
 import tp
 from generation import slots_to_attend
-from model import Transformer
+from model import ForwardOptions, Transformer
 from sampling import Sampling, sample
 from scheduler import FirstComeFirstServed
 from tokenizer import StreamDecoder, Tokenizer
@@ -83,7 +83,7 @@ class Request:
 def decode_logits(model: Transformer, tokens: Tensor, input_pos: Tensor, attended_slots: int) -> Tensor:
     """One decode step over the slots: tokens (rows, 1), each row at its own cache slot input_pos (rows, 1).
     A function of its own so that --compile can compile it (static shapes: every slot, each step)."""
-    return model(tokens, input_pos, attended_slots=attended_slots)[:, -1]
+    return model(tokens, input_pos, ForwardOptions(attended_slots=attended_slots))[:, -1]
 
 
 class SlotModel:
@@ -122,7 +122,7 @@ class SlotModel:
         """Prompt tokens into the cache row from slot start on; the last one's logits."""
         return self.model(torch.tensor([tokens], device=self.device),
                           torch.arange(start, start + len(tokens), device=self.device),
-                          attended_slots=attended, logits_from=-1, cache_row=row)[:, -1]
+                          ForwardOptions(cache_row=row, attended_slots=attended, logits_from=-1))[:, -1]
 
     def swap_out(self, row: int, length: int, key: int):
         """Copy the first `length` slots of a cache row to host memory, kept under key. On CUDA the copy goes to

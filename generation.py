@@ -10,14 +10,14 @@ import torch
 from torch import Tensor
 
 from checkpoint import unique_state_dict
-from model import Transformer
+from model import ForwardOptions, Transformer
 from sampling import Sampling, sample
 
 
 def prefill(model: Transformer, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor], sampling: Sampling,
             attended_slots: Optional[int] = None):
     """Run the prompts (batch, seq) through the model, filling the cache; sample each row's next token."""
-    logits = model(tokens, input_pos, left_pad, attended_slots=attended_slots, logits_from=-1)
+    logits = model(tokens, input_pos, ForwardOptions(left_pad=left_pad, attended_slots=attended_slots, logits_from=-1))
     return sample(logits[:, -1], sampling)
 
 
@@ -25,7 +25,8 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor, left_
                      sampling: Sampling, attended_slots: Optional[int] = None):
     """One decode step: the same pass as prefill over one token per row. A function of its own so that
     torch.compile keeps its compiled code (static shapes) apart from prefill's (every prompt length)."""
-    return sample(model(token, input_pos, left_pad, attended_slots=attended_slots)[:, -1], sampling)
+    logits = model(token, input_pos, ForwardOptions(left_pad=left_pad, attended_slots=attended_slots))
+    return sample(logits[:, -1], sampling)
 
 
 # Attention reads the KV cache up to the next power of two past the sequence, from this many slots: a step's

@@ -355,6 +355,34 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+@dataclass(frozen=True)
+class ForwardOptions:
+    """What a forward pass may take besides its tokens and their cache slots; each default is the plain pass
+    (the batch in the cache's first rows, unpadded, causal, attending to every slot, every position's logits).
+    cache_row: the batch's rows are the cache's rows from this one on (a server prefills one row's prompt while
+    the others wait).
+    left_pad: (batch,) padding slots at the start of each row, so that prompts of different lengths share a
+    batch.
+    attended_slots: attention reads only the cache's first attended_slots slots. The causal mask hides every
+    slot past a token's own anyway, so any bound above input_pos gives the same logits; a caller that passes one
+    makes attention cost follow the sequence, not the cache's size.
+    positions (seq,) and mask (seq, max_seq_length), given together, replace the usual RoPE positions and causal
+    mask: lookahead decoding (speculative.py) runs several guessed branches in one pass, each token seeing only
+    the cache slots of its own branch.
+    logits_from: the logits of the positions from this one on; -1 gives the last only, all that sampling the
+    next token reads (the output head over every position of a prompt is a large share of its pass:
+    docs/experiments.md)."""
+    cache_row: int = 0
+    left_pad: Optional[Tensor] = None
+    attended_slots: Optional[int] = None
+    positions: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+    logits_from: int = 0
+
+
+PLAIN = ForwardOptions()
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -387,32 +415,19 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.allocated_kv_cache_type = self.kv_cache_type
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, left_pad: Optional[Tensor] = None,
-                positions: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                attended_slots: Optional[int] = None, logits_from: int = 0, cache_row: int = 0) -> Tensor:
+    def forward(self, tokens: Tensor, input_pos: Tensor, options: ForwardOptions = PLAIN) -> Tensor:
         """tokens: (batch, seq) ids written at cache slots input_pos: (seq,), the same slots for every row, or
         (batch, seq), each row at its own (a server's rows, each a sequence of its own length); a token's
-        cache slot is its position. cache_row: the batch's rows are the cache's rows from cache_row on (a
-        server prefills one row's prompt while the others wait).
-        left_pad: (batch,) count of padding slots at the start of each row, so that prompts of
-        different lengths share one batch; None when no row is padded. Returns (batch, seq, vocab) logits, or
-        those of the positions from logits_from on: -1 gives the last only, all that sampling the next token
-        reads (the output head over every position of a prompt is a large share of its pass: docs/experiments.md).
-        attended_slots: attention reads only the cache's first attended_slots slots (None: all of them). The
-        causal mask hides every slot past input_pos anyway, so any bound above input_pos gives the same
-        logits; a caller that passes one makes attention cost follow the sequence, not the cache's size.
-        positions (seq,) and mask (seq, max_seq_length), given together, replace the usual RoPE positions
-        and causal mask: lookahead decoding (speculative.py) runs several guessed branches in one pass,
-        each token seeing only the cache slots of its own branch."""
-        if mask is None:
-            rope, mask = self.rope_and_mask(input_pos, left_pad)
+        cache slot is its position. Returns (batch, seq, vocab) logits (options.logits_from: fewer)."""
+        if options.mask is None:
+            rope, mask = self.rope_and_mask(input_pos, options.left_pad)
         else:
-            rope, mask = self.rope[positions.unsqueeze(0)], mask[None, None]
-        mask = mask[..., :attended_slots]
+            rope, mask = self.rope[options.positions.unsqueeze(0)], options.mask[None, None]
+        mask = mask[..., :options.attended_slots]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, rope, mask, input_pos, cache_row)
-        return self.output(self.norm(x[:, logits_from:]))
+            x = layer(x, rope, mask, input_pos, options.cache_row)
+        return self.output(self.norm(x[:, options.logits_from:]))
 
     def rope_and_mask(self, input_pos: Tensor, left_pad: Optional[Tensor] = None):
         """What every block needs besides its input: the rotary cos/sin of each token's position and

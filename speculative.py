@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from checkpoint import load_model
-from model import Transformer
+from model import ForwardOptions, Transformer
 from sampling import Sampling, probabilities
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -155,7 +155,7 @@ def lookahead_rows(n: int, window: int) -> int:
 
 
 def lookahead_logits(model: Transformer, inputs: Tensor, slots: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-    return model(inputs, slots, positions=positions, mask=mask)
+    return model(inputs, slots, ForwardOptions(positions=positions, mask=mask))
 
 
 class Lookahead:

@@ -5,7 +5,7 @@ import torch
 
 from checkpoint import load_model, parameter_count, random_model
 from generation import Steps, compile_steps, decode_one_token, generate, prefill, slots_to_attend
-from model import ModelArgs, Transformer
+from model import ForwardOptions, ModelArgs, Transformer
 from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)
@@ -72,7 +72,7 @@ def test_rows_each_at_their_own_position_equal_each_alone(tiny_dir):
     model.setup_caches(len(prompts), 64)
     with torch.no_grad():
         for row, prompt in enumerate(prompts):
-            model(torch.tensor([prompt]), torch.arange(len(prompt)), cache_row=row)
+            model(torch.tensor([prompt]), torch.arange(len(prompt)), ForwardOptions(cache_row=row))
         last = torch.tensor([[prompt[-1] + 1] for prompt in prompts])
         together = model(last, torch.tensor([[len(prompt)] for prompt in prompts]))[:, 0]
     alone = [full_logits(model, prompt + [prompt[-1] + 1])[0, -1] for prompt in prompts]
@@ -88,7 +88,7 @@ def test_attention_never_reads_the_cache_past_the_attended_slots(tiny_dir):
         for layer in model.layers:  # NaN in every slot from 8 on: read, even masked, it would spread
             layer.attention.kv_cache.k_cache[:, :, 8:] = float("nan")
             layer.attention.kv_cache.v_cache[:, :, 8:] = float("nan")
-        bounded = model(ids, torch.arange(4), attended_slots=8)
+        bounded = model(ids, torch.arange(4), ForwardOptions(attended_slots=8))
     assert torch.allclose(bounded, expected, atol=1e-5)
 
 
@@ -224,5 +224,5 @@ def test_logits_from_the_last_position_are_the_last_row_of_all_logits(tiny_dir):
     ids = torch.tensor([[5, 17, 29, 41, 53]])
     with torch.no_grad():
         every = model(ids, torch.arange(5))
-        last = model(ids, torch.arange(5), logits_from=-1)
+        last = model(ids, torch.arange(5), ForwardOptions(logits_from=-1))
     assert last.shape == (1, 1, model.args.vocab_size) and torch.allclose(last[0, 0], every[0, -1], atol=1e-6)
