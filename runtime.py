@@ -1,21 +1,127 @@
-"""What a run of the command lines does around the generation loop (generation.py): the model with its
-tokenizer, sampling and steps in one value (Setup); the steps made ready before anything is timed (warm_up:
-compiled, or ahead-of-time packages built or loaded, each saying so on stderr); the KV cache's size; the
-speed, bandwidth and memory report of a generation; and the text streamed as it is decoded."""
+"""What the command lines (generate.py, serve.py) share around the generation loop (generation.py): the
+flags that say which model runs and how; loading it; the KV cache's rows within a memory budget; the model
+with its tokenizer, sampling and steps in one value (Setup); the steps made ready before anything is timed
+(warm_up: compiled, or ahead-of-time packages built or loaded, each saying so on stderr); the KV cache's
+size; the speed, bandwidth and memory report of a generation; the text streamed as it is decoded; and the
+interactive chat."""
+import argparse
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import offload
+import quantized_kv_cache
 import tp
 from aot_step import AheadOfTimeDecode
-from cli import peak_memory_gb
-from generation import Steps, Timing, attended_lengths, cache_bytes_per_slot, generate, kv_cache_bytes, weights_bytes
-from model import Transformer
+from checkpoint import empty_random_model, load_model, model_bytes, random_model
+from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes, checkpoint_error, parse_size,
+                 peak_memory_gb, read_text)
+from generation import (Steps, Timing, attended_lengths, cache_bytes_per_slot, cache_rows_within, generate,
+                        kv_cache_bytes, weights_bytes)
+from model import ModelArgs, Transformer
 from sampling import Sampling
-from tokenizer import StreamDecoder, Tokenizer
+from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+
+def model_flags(parser: argparse.ArgumentParser, compile_help: str):
+    """The flags of every command line that runs a model: which checkpoint, where, in what dtype, its KV cache."""
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="a converted checkpoint directory or a .safetensors file in one (quantized files too)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
+                        help="store the KV cache in the model's dtype, or quantized: int8 or int4 (more rows and "
+                             "context in the same memory)")
+    parser.add_argument("--compile", action="store_true", help=compile_help)
+
+
+def load_checkpoint(checkpoint_path, device: str, dtype) -> Transformer:
+    """The checkpoint's model (this rank's share of it under torchrun); one clear error for a missing or broken
+    checkpoint."""
+    try:
+        return load_model(checkpoint_path, device, dtype, shard=tp.sharded_loader())
+    except (FileNotFoundError, ValueError) as error:
+        raise checkpoint_error(error, checkpoint_path) from None
+
+
+def cache_rows_in_budget(model: Transformer, memory_budget: str, tokens: int, kv_cache: str) -> int:
+    """How many rows of KV cache for `tokens` tokens --memory_budget holds; one clear error if not one."""
+    fits = cache_rows_within(model, parse_size(memory_budget), tokens)
+    if fits < 1:
+        raise UsageError(f"--memory_budget {memory_budget} cannot hold one row of KV cache for {tokens} tokens "
+                         f"({cache_bytes_per_slot(model) * tokens / 1e6:.1f} MB with --kv_cache {kv_cache}): "
+                         "raise it, or quantize the cache (--kv_cache)")
+    return fits
+
+
+def read_prompts(texts: Optional[list], prompt_file: Optional[Path]) -> list:
+    """The prompt texts: each --prompt (texts), then each non-blank line of --prompt_file."""
+    prompts = list(texts or [])
+    if prompt_file:
+        lines = [line for line in read_text(prompt_file, "--prompt_file").splitlines() if line.strip()]
+        if not lines:
+            raise UsageError(f"--prompt_file {prompt_file} holds no prompt: write one prompt per line")
+        prompts += lines
+    return prompts or ["Once upon a time"]
+
+
+def encode_prompts(tokenizer: Tokenizer, texts: list, chat: bool, system: Optional[str]) -> list:
+    """Token ids of each prompt (through the chat template with --chat). An empty prompt is refused, unless
+    the tokenizer starts every text with a BOS token, from which the model can begin."""
+    before = [{"role": "system", "content": system}] if system else []
+    prompts = [tokenizer.encode(tokenizer.render_chat(before + [{"role": "user", "content": text}]) if chat
+                                else text) for text in texts]
+    if not all(prompts):
+        raise UsageError("--prompt is empty and this tokenizer adds no BOS token to start from: give some text")
+    return prompts
+
+
+def check_vocabulary(prompts: list, name: str):
+    """Random weights are read with another model's tokenizer (no text is shown): the prompts' ids must be
+    ids of the named shape's vocabulary; the tokenizer's own size does not matter."""
+    try:
+        vocab_size = ModelArgs.from_name(name).vocab_size
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    largest = max(max(prompt) for prompt in prompts)
+    if largest >= vocab_size:
+        raise UsageError(f"the prompt encodes to token id {largest}, outside {name}'s vocabulary of {vocab_size}: "
+                         "use plainer text or a --checkpoint_path with a smaller tokenizer")
+
+
+def checkpoint_tokenizer(checkpoint_path) -> Tokenizer:
+    try:
+        return load_tokenizer(checkpoint_path)
+    except (FileNotFoundError, ValueError) as error:
+        raise checkpoint_error(error, checkpoint_path) from None
+
+
+def random_weights_model(name: str, weights: str, device: str, dtype) -> Transformer:
+    """Random weights of a known shape (a speed check), stored as `weights` (checkpoint.RANDOM_WEIGHTS), this
+    rank's share of them; refused in one line where they would not fit in memory."""
+    try:
+        model_args = ModelArgs.from_name(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    shard = tp.sharded_loader()
+    needed, available = model_bytes(empty_random_model(model_args, dtype, shard, weights)), available_memory_bytes()
+    if device == "cpu" and needed > available:
+        raise UsageError(f"{name} ({weights}, {dtype}) takes {needed / 1e9:.1f} GB, more than the "
+                         f"{available / 1e9:.1f} GB of memory available: pick a smaller shape, dtype or "
+                         "--random_format")
+    return random_model(model_args, device, dtype, shard, weights)
+
+
+def check_length(model: Transformer, prompt_length: int, max_new_tokens: int):
+    context = model.args.max_seq_length
+    if prompt_length >= context:
+        raise UsageError(f"the prompt has {prompt_length} tokens, longer than the model's context of {context}: "
+                         "shorten it")
+    if prompt_length + max_new_tokens > context:
+        raise UsageError(f"prompt ({prompt_length} tokens) + --max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context of {context}: lower --max_new_tokens to {context - prompt_length}")
 
 
 @dataclass
@@ -102,3 +208,56 @@ def streaming(tokenizer: Tokenizer):
     stream = StreamDecoder(tokenizer)
     on_token = shown_text(tokenizer, lambda row, token_id: print(stream.push(token_id), end="", flush=True))
     return on_token, lambda: print(stream.flush(), flush=True)
+
+
+def chat_length(model: Transformer, max_seq_length: Optional[int], memory_budget: Optional[str],
+                max_new_tokens: int) -> int:
+    """The chat's context: max_seq_length (default 2048) or, within a KV cache of at most memory_budget
+    ("500MB"), the longest that fits (at most max_seq_length); never past the model's own."""
+    if memory_budget is None:
+        return min(max_seq_length or 2048, model.args.max_seq_length)
+    fits = parse_size(memory_budget) // cache_bytes_per_slot(model)
+    length = min(max_seq_length or model.args.max_seq_length, fits)
+    if length < 2 + max_new_tokens:
+        raise UsageError(f"--memory_budget {memory_budget} holds a KV cache of {length} tokens, too few for "
+                         f"--max_new_tokens {max_new_tokens}: raise it, or quantize the cache (--kv_cache)")
+    return length
+
+
+def read_line() -> str:
+    try:
+        return input("> ")
+    except EOFError:
+        return ""
+
+
+def chat(setup: Setup, max_new_tokens: int, system: Optional[str], kv_cache: str):
+    """Multi-turn chat on the terminal, in a KV cache already set up (its length bounds the conversation). The
+    whole conversation is re-rendered through the chat template each turn, and only the tokens that differ
+    from what the KV cache already holds are run through the model."""
+    model, tokenizer = setup.model, setup.tokenizer
+    announce_cache(model, kv_cache)
+    warm_up(setup, [tokenizer.encode("Hello")])
+    messages = [{"role": "system", "content": system}] if system else []
+    cached = []  # token ids whose keys and values are in the KV cache, in order
+    print("Chat with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        user_text = tp.on_rank_0(read_line)
+        if not user_text.strip():
+            break
+        messages.append({"role": "user", "content": user_text})
+        conversation = tokenizer.encode(tokenizer.render_chat(messages))
+        reused = next((i for i, (a, b) in enumerate(zip(cached, conversation)) if a != b),
+                      min(len(cached), len(conversation) - 1))
+        if len(conversation) + max_new_tokens > model.max_seq_length:
+            print(f"the conversation ({len(conversation)} tokens) + --max_new_tokens would pass the "
+                  f"{model.max_seq_length}-token context: start a new chat or raise --max_seq_length", file=sys.stderr)
+            break
+        on_token, finish = streaming(tokenizer)
+        [reply], timing = generate(model, [conversation[reused:]], max_new_tokens, setup.sampling,
+                                   tokenizer.stop_ids, start_pos=reused, on_token=on_token, steps=setup.steps)
+        finish()
+        cached = conversation + reply[:-1]  # the last sampled token has not been run through the model yet
+        text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
+        messages.append({"role": "assistant", "content": text})
+        report(timing, model, 1, setup.device, "")

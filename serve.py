@@ -23,21 +23,20 @@ import uuid
 from datetime import timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import torch
 
 import cpu_kernels
 import quantized_kv_cache
 import tp
-from checkpoint import load_model, stored_weights
-from cli import DEFAULT_CHECKPOINT, DTYPES, UsageError, checkpoint_error, fail, parse_size, pick_device, pick_dtype
+from checkpoint import stored_weights
+from cli import UsageError, fail, pick_device, pick_dtype
 from engine import Busy, Engine, Histogram, Request, SlotModel, TextStream, decode_logits
-from generation import cache_bytes_per_slot, cache_rows_within, compile_step, slots_to_attend
+from generation import cache_bytes_per_slot, compile_step, slots_to_attend
 from model import Transformer
+from runtime import cache_rows_in_budget, checkpoint_tokenizer, load_checkpoint, model_flags
 from sampling import Sampling
 from scheduler import SkipJoinMLFQ
-from tokenizer import load_tokenizer
 
 
 class BadRequest(Exception):
@@ -344,8 +343,7 @@ class Reply:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="a checkpoint directory or a .safetensors file in one (quantized files too)")
+    model_flags(parser, "compile the decode step (waits before serving)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, help="sequences decoded together (rows of the KV cache; default 4, or "
@@ -358,12 +356,6 @@ def parse_args(argv=None):
                              "first served")
     parser.add_argument("--api_key", default=os.environ.get("BRISK_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $BRISK_API_KEY; none: open)")
-    parser.add_argument("--compile", action="store_true", help="compile the decode step (waits before serving)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    parser.add_argument("--kv_cache", default="float", choices=list(quantized_kv_cache.KV_CACHE_TYPES),
-                        help="store the KV cache in the model's dtype, or quantized: int8 or int4 (more slots in the "
-                             "same memory)")
     parser.add_argument("--memory_budget", help="memory the KV cache may take (each rank's, under torchrun), e.g. "
                         "500MB: as many slots of --max_seq_length as it holds (at most --slots, if given)")
     return parser.parse_args(argv)
@@ -384,12 +376,8 @@ def load(args) -> tuple:
     the context and the number of slots."""
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, args.compile, stored_weights(args.checkpoint_path))
-    try:
-        tokenizer = load_tokenizer(args.checkpoint_path)
-        model = load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
-    except (FileNotFoundError, ValueError) as error:
-        raise checkpoint_error(error, args.checkpoint_path) from None
-    quantized_kv_cache.use(model, args.kv_cache)
+    tokenizer = checkpoint_tokenizer(args.checkpoint_path)
+    model = quantized_kv_cache.use(load_checkpoint(args.checkpoint_path, device, dtype), args.kv_cache)
     if device == "cpu" and args.compile:  # the forms generate.py's compiled step runs (a mixture's float experts)
         cpu_kernels.swap_in(model, compiled_decode=True)
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
@@ -401,11 +389,7 @@ def slots_within_budget(args, model: Transformer, max_seq_length: int) -> int:
     """--slots, or with --memory_budget as many slots of max_seq_length as the KV cache may hold (at most --slots)."""
     if not args.memory_budget:
         return args.slots or 4
-    fits = cache_rows_within(model, parse_size(args.memory_budget), max_seq_length)
-    if fits < 1:
-        raise UsageError(f"--memory_budget {args.memory_budget} cannot hold one slot of {max_seq_length} tokens "
-                         f"({cache_bytes_per_slot(model) * max_seq_length / 1e6:.1f} MB with --kv_cache "
-                         f"{args.kv_cache}): raise it, lower --max_seq_length, or quantize the cache (--kv_cache)")
+    fits = cache_rows_in_budget(model, args.memory_budget, max_seq_length, args.kv_cache)
     return min(fits, args.slots or fits)
 
 
@@ -486,8 +470,7 @@ def main(argv=None) -> int:
         check_args(args)
         # the other ranks wait in a collective for rank 0's next call as long as the server is idle: no timeout
         tp.init(pick_device(args.device), timeout=timedelta(days=365))
-        if tp.rank() > 0:  # rank 0 speaks for all (an error every rank meets is printed once)
-            sys.stdout = sys.stderr = open(os.devnull, "w")
+        tp.quiet_other_ranks()
         status = serve(args) if tp.rank() == 0 else follow(args)
     except UsageError as error:  # a rank that fails exits; torchrun then stops the others
         return fail(str(error))

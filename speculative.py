@@ -12,15 +12,26 @@ Either way the output is distributed exactly as the target's own samples (greedy
 same), by the rejection rule of Leviathan et al. 2023 and Chen et al. 2023: a guess d drawn from q is
 accepted with probability min(1, p(d) / q(d)); the first rejected one is replaced by a sample from
 norm(max(p - q, 0)); if every guess is accepted, the target's next distribution gives one more token.
+
+run_speculative runs one prompt either way for the command line (generate.py --speculative).
 """
+import argparse
 import random
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from checkpoint import load_model
+import quantized_kv_cache
+from checkpoint import load_model, stored_weights
+from cli import UsageError, pick_dtype
+from generation import compile_step
 from model import ForwardOptions, Transformer
+from runtime import Setup, compile_announced, streaming
 from sampling import Sampling, probabilities
 from tokenizer import Tokenizer, load_tokenizer
 
@@ -295,6 +306,18 @@ def lookahead_generate(model: Transformer, prompt: list, max_new_tokens: int, n:
     return new, stats
 
 
+def draft_model(checkpoint_path, setup: Setup, dtype_name: str, kv_cache: str) -> DraftModel:
+    """--speculative draft's model for the target of setup, in its own activations (--dtype auto picks them by
+    what its file stores), its KV cache of the kind kv_cache; one line for a draft that cannot be used."""
+    try:
+        dtype = pick_dtype(dtype_name, setup.device, weights=stored_weights(checkpoint_path))
+        draft = load_draft(checkpoint_path, setup.tokenizer, setup.device, dtype)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"--draft_checkpoint_path: {error}") from None
+    quantized_kv_cache.use(draft.model, kv_cache)
+    return draft
+
+
 def load_draft(checkpoint_path, tokenizer: Tokenizer, device: str, dtype: torch.dtype) -> DraftModel:
     """A draft model for a target that uses tokenizer, refused (ValueError) unless its tokenizer is the same."""
     draft_tokenizer = load_tokenizer(checkpoint_path)
@@ -304,3 +327,60 @@ def load_draft(checkpoint_path, tokenizer: Tokenizer, device: str, dtype: torch.
         raise ValueError(f"the draft at {checkpoint_path} has a different vocabulary from the target: "
                          "use a draft with the same tokenizer")
     return DraftModel(load_model(checkpoint_path, device, dtype))
+
+
+def compiled_verify_forward(kind: str, device: str) -> Callable:
+    """The target's verify pass, compiled (one static shape): what --compile compiles instead of the decode
+    step."""
+    return compile_step(lookahead_logits if kind == "lookahead" else target_logits, device, cuda_graphs=False)
+
+
+def run_speculative(setup: Setup, kind: str, prompt: list, max_new_tokens: int, k: int, window: int,
+                    draft: Optional[DraftModel], verify_forward: Optional[Callable] = None):
+    """One prompt by speculative decoding (kind: draft, prompt_lookup or lookahead), its text streamed to stdout,
+    its statistics to stderr. The target's cache is set up for the prompt and max_new_tokens."""
+    model = setup.model
+    if kind == "lookahead":  # room for the scratch slots of its last pass, before compiling
+        model.setup_caches(1, len(prompt) + max_new_tokens + lookahead_rows(k, window))
+    if draft is not None:
+        draft.model.setup_caches(1, model.max_seq_length)
+
+    def speculate(new_tokens, stop_ids=(), on_token=None):
+        if kind == "lookahead":
+            return lookahead_generate(model, prompt, new_tokens, k, window, stop_ids, on_token, verify_forward)
+        return speculative_generate(model, prompt, new_tokens, setup.sampling, k, draft, stop_ids, on_token,
+                                    verify_forward)
+
+    if verify_forward is not None:  # compile outside the timings, as runtime.warm_up does for plain decoding
+        compile_announced(lambda: speculate(2 * k + 2))
+    on_token, finish = streaming(setup.tokenizer)
+    started = time.perf_counter()
+    output, stats = speculate(max_new_tokens, setup.tokenizer.stop_ids, on_token)
+    seconds = time.perf_counter() - started
+    finish()
+    print(f"speculative ({kind}, k={k}): {len(output)} tokens in {seconds:.2f} s, {len(output) / seconds:.1f} "
+          f"tokens/s including prefill; acceptance rate {stats.acceptance_rate:.0%} ({stats.accepted}/"
+          f"{stats.proposed}); {stats.tokens_per_step:.2f} tokens per target forward pass", file=sys.stderr)
+
+
+def speculative_flags(parser: argparse.ArgumentParser):
+    """generate.py's flags for speculative decoding."""
+    parser.add_argument("--speculative", choices=["draft", "prompt_lookup", "lookahead"],
+                        help="speculative decoding (one prompt): guesses from a draft model, from the prompt, or "
+                             "from the model's own Jacobi iterations (lookahead; greedy)")
+    parser.add_argument("--draft_checkpoint_path", type=Path, help="--speculative draft: a smaller model with "
+                        "the same tokenizer, or a quantized file of the target")
+    parser.add_argument("--speculate_k", type=int, default=5, help="guesses the target checks per forward pass "
+                        "(lookahead: the n-gram length less one)")
+    parser.add_argument("--lookahead_window", type=int, default=5, help="--speculative lookahead: Jacobi columns "
+                        "and n-grams verified per pass")
+
+
+def check_speculative_flags(args: argparse.Namespace):
+    """Those flags against the rest of generate.py's: one line for what does not go together."""
+    if args.speculative == "draft" and args.draft_checkpoint_path is None:
+        raise UsageError("--speculative draft needs --draft_checkpoint_path")
+    if args.speculative == "lookahead" and (args.temperature != 0 or args.lookahead_window < 1):
+        raise UsageError("--speculative lookahead decodes greedily: add --temperature 0 (and --lookahead_window >= 1)")
+    if args.speculative and (args.interactive or args.random_weights or args.speculate_k < 1):
+        raise UsageError("--speculative needs --speculate_k >= 1 and a prompt (not --interactive / --random_weights)")

@@ -188,6 +188,13 @@ def common_seed(seed):
     return chosen[0]
 
 
+def quiet_other_ranks():
+    """Under torchrun every rank runs the same command line; rank 0 speaks for all (an error every rank meets is
+    printed once), the others' stdout and stderr go nowhere."""
+    if rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+
+
 def on_rank_0(read):
     """read() on rank 0 (a line typed in a chat, say), the same value on every rank."""
     if world_size() == 1:

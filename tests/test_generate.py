@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-import generate as generate_command
 import generation
+import runtime
+import speculative
 from checkpoint import load_model
 from cli import pick_dtype
 from cpu_kernels import native_kernels
@@ -278,8 +279,8 @@ def test_a_compiled_runs_warm_up_compiles_every_attended_length_the_run_reaches(
     torch._dynamo.reset()
     steps = generation.Steps(decode=torch.compile(generation.decode_one_token, backend=recording_backend,
                                                   fullgraph=True, dynamic=False))
-    setup = generate_command.Setup(model, load_tokenizer(tiny_dir), Sampling(temperature=0), steps, "cpu")
-    generate_command.warm_up(setup, [prompt], 20)
+    setup = runtime.Setup(model, load_tokenizer(tiny_dir), Sampling(temperature=0), steps, "cpu")
+    runtime.warm_up(setup, [prompt], 20)
     warmed = len(compiled_graphs)
     generate(model, [prompt], 20, Sampling(temperature=0), steps=steps)
     assert warmed == 2 and len(compiled_graphs) == warmed
@@ -294,7 +295,7 @@ def test_an_int4_draft_picks_its_own_activations_beside_a_float_target(
         draft_dtypes.append(dtype)
         return load_draft(path, tokenizer, device, dtype)
 
-    monkeypatch.setattr(generate_command, "load_draft", recorded_load_draft)
+    monkeypatch.setattr(speculative, "load_draft", recorded_load_draft)
     status, _, err = run_main(capsys, "--checkpoint_path", tiny_dir, "--speculative", "draft",
                               "--draft_checkpoint_path", int4, "--prompt", "hello", "--max_new_tokens", 6)
     assert status == 0 and "(torch.float32, cpu)" in err and draft_dtypes == [torch.float32]

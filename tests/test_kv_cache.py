@@ -192,5 +192,5 @@ def test_the_server_fills_its_memory_budget_with_slots(tiny_dir):
     args.slots = 3  # --slots, given, is the most it takes
     assert serve.slots_within_budget(args, model, 64) == 3
     args.memory_budget = f"{slot - 1}B"
-    with pytest.raises(UsageError, match="cannot hold one slot of 64 tokens"):
+    with pytest.raises(UsageError, match="cannot hold one row of KV cache for 64 tokens"):
         serve.slots_within_budget(args, model, 64)
