@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 import cpu_kernels
 import cuda_kernels
-from model import ModelArgs, Transformer, swap_layers
+from model import Transformer, swap_layers
+from model_args import ModelArgs
 from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

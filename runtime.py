@@ -20,7 +20,8 @@ from cli import (DEFAULT_CHECKPOINT, DTYPES, UsageError, available_memory_bytes,
                  peak_memory_gb, read_text)
 from generation import (Steps, Timing, attended_lengths, cache_bytes_per_slot, cache_rows_within, generate,
                         kv_cache_bytes, weights_bytes)
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 from sampling import Sampling
 from tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 

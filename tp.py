@@ -35,7 +35,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 from torch import Tensor
 
-from model import ModelArgs, MoEFeedForward
+from model import MoEFeedForward
+from model_args import ModelArgs
 from quantized_layers import NF4Linear
 
 COLUMN_WISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import random_model  # noqa: E402
 from cli import fail  # noqa: E402
 from generation import Steps, compile_steps, weights_bytes  # noqa: E402
-from model import ModelArgs  # noqa: E402
+from model_args import ModelArgs  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, measure, precision_dtype  # noqa: E402
 
 

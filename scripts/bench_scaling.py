@@ -31,7 +31,7 @@ from checkpoint import parameter_count, random_model  # noqa: E402
 from cli import UsageError, fail, parse_size, peak_memory_gb  # noqa: E402
 from generation import (Steps, cache_bytes_per_slot, cache_rows_within, compile_steps, generate,  # noqa: E402
                         weights_bytes)
-from model import ModelArgs  # noqa: E402
+from model_args import ModelArgs  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import PRECISIONS, at_precision, build, precision_dtype, synthetic_tokens  # noqa: E402
 from tokenizer import write_atomic  # noqa: E402

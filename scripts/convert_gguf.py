@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_config, save_safetensors  # noqa: E402
 from cli import UsageError, fail  # noqa: E402
-from model import LLAMA31_ROPE, LLAMA32_ROPE, ModelArgs, rope_frequencies  # noqa: E402
+from model import rope_frequencies  # noqa: E402
+from model_args import LLAMA31_ROPE, LLAMA32_ROPE, ModelArgs  # noqa: E402
 from quantized_layers import INT4_PACKING  # noqa: E402
 from scripts.gguf_vocab import field, tokenizer_files  # noqa: E402
 

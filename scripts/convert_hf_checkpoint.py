@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_config, save_safetensors  # noqa: E402
 from cli import UsageError, fail  # noqa: E402
-from model import ModelArgs  # noqa: E402
+from model_args import ModelArgs  # noqa: E402
 from tokenizer import DIGITS_PATTERN, GPT2_PATTERN, byte_level_ranks, save_tiktoken, write_atomic  # noqa: E402
 
 LAYER_NAMES = {

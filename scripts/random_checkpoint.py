@@ -16,7 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_config, save_safetensors, unique_state_dict  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import Transformer  # noqa: E402
+from model_args import ModelArgs  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.tiktoken", "tokenizer.json", "tokenizer_config.json",

@@ -11,7 +11,7 @@ from checkpoint import load_model
 from cpu_kernels import native_kernels
 from generation import cache_bytes_per_slot
 from conftest import ROOT
-from model import ModelArgs
+from model_args import ModelArgs
 from scripts.bench import main
 from scripts.bench_gpu import main as bench_gpu
 from scripts.bench_kernels import main as bench_kernels

@@ -14,7 +14,8 @@ from cli import UsageError
 from engine import SlotModel
 from generate import main
 from generation import cache_bytes_per_slot, compile_steps, generate, kv_cache_bytes
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 from offload import load_offloaded
 from quantized_kv_cache import Int4KVCache, Int8KVCache
 from sampling import Sampling

@@ -14,7 +14,8 @@ from cpu_kernels import CPUExperts, native_kernels
 from conftest import (IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, plain_model, quantized_copy,
                       save_hf_model_as_gguf)
 from generation import compile_steps, generate, weights_bytes
-from model import ModelArgs, run_experts
+from model import run_experts
+from model_args import ModelArgs
 from quantize import ExpertHessians, set_rtn
 from quantized_layers import Int4Linear, Int8Linear
 from sampling import Sampling

@@ -5,7 +5,8 @@ import torch
 
 from checkpoint import load_model, parameter_count, random_model
 from generation import Steps, compile_steps, decode_one_token, generate, prefill, slots_to_attend
-from model import ForwardOptions, ModelArgs, Transformer
+from model import ForwardOptions, Transformer
+from model_args import ModelArgs
 from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)

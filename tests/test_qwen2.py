@@ -11,7 +11,8 @@ from checkpoint import load_model, parameter_count
 from cpu_kernels import QuantizedCPULinear, native_kernels
 from conftest import (IDS, ROOT, dequantized_twin, forward_logits, plain_model, quantized_copy,
                       save_hf_model_as_gguf)
-from model import BiasAfter, ModelArgs
+from model import BiasAfter
+from model_args import ModelArgs
 from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import convert as convert_gguf
 

@@ -5,7 +5,8 @@ import torch
 from checkpoint import load_model
 from generate import main
 from generation import generate
-from model import ModelArgs, Transformer
+from model import Transformer
+from model_args import ModelArgs
 from sampling import Sampling, probabilities
 from speculative import (DraftModel, Lookahead, lookahead_generate, lookahead_logits, prompt_lookup_guesses,
                          speculative_generate, target_logits, verify)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT, quantized_copy
-from model import ModelArgs
+from model_args import ModelArgs
 from quantized_layers import NF4Linear
 from tp import check_world_size, resized
 
