@@ -42,6 +42,7 @@
 #include <sleef.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -606,23 +607,27 @@ struct Slots {
 };
 
 // One query row q (dim) over one K/V head's slots: y (dim) = softmax(q k^T * scale, masked) v. weights:
-// room for the slots' scores, then their softmax weights.
+// room for the slots' scores, then their softmax weights. Slots past the last one the query may look at
+// are not read: decoding attends a power of two of slots past its position (generation.slots_to_attend),
+// and a server's rows are each at their own.
 void attend(const Slots& c, const float* q, const float* k, const float* v, const bool* look, float* weights,
             float* y) {
-  int64_t t = 0;  // the scores, 8 slots at a time where head_dim allows
-  for (; c.dim % 8 == 0 && t + 8 <= c.count; t += 8)
-    _mm256_storeu_ps(weights + t, _mm256_mul_ps(dot8(q, k + t * c.k_stride, c.k_stride, c.dim), _mm256_set1_ps(c.scale)));
-  for (; t < c.count; t++) weights[t] = dot(q, k + t * c.k_stride, c.dim) * c.scale;
-  for (t = 0; t < c.count; t++)
-    if (!look[t * c.look_stride]) weights[t] = -INFINITY;
-  const float largest = maximum(weights, c.count);  // which softmax subtracts, for exp to stay within fp32
-  if (largest == -INFINITY) {  // nowhere to look
+  int64_t count = c.count;
+  while (count > 0 && !look[(count - 1) * c.look_stride]) count--;
+  if (count == 0) {  // nowhere to look
     std::fill(y, y + c.dim, 0.0f);
     return;
   }
-  const float total = exponentials(weights, c.count, largest);  // masked slots: exp(-inf) = 0
-  for (t = 0; t < c.count; t++) weights[t] /= total;
-  weighted_sum(weights, v, c.v_stride, c.count, c.dim, y);
+  int64_t t = 0;  // the scores, 8 slots at a time where head_dim allows
+  for (; c.dim % 8 == 0 && t + 8 <= count; t += 8)
+    _mm256_storeu_ps(weights + t, _mm256_mul_ps(dot8(q, k + t * c.k_stride, c.k_stride, c.dim), _mm256_set1_ps(c.scale)));
+  for (; t < count; t++) weights[t] = dot(q, k + t * c.k_stride, c.dim) * c.scale;
+  for (t = 0; t < count; t++)
+    if (!look[t * c.look_stride]) weights[t] = -INFINITY;
+  const float largest = maximum(weights, count);  // which softmax subtracts, for exp to stay within fp32
+  const float total = exponentials(weights, count, largest);  // masked slots: exp(-inf) = 0
+  for (t = 0; t < count; t++) weights[t] /= total;
+  weighted_sum(weights, v, c.v_stride, count, c.dim, y);
 }
 
 // Attention of a few query rows over the KV cache: softmax(q k^T / sqrt(head_dim), masked) v for each query
@@ -646,14 +651,24 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const bool* allowed = mask.data_ptr<bool>();
   float* ys = out.data_ptr<float>();
   const Slots cache{k.stride(2), v.stride(2), mask.stride(3), slots, dim, 1.0f / std::sqrt((float)dim)};
-  at::parallel_for(0, batch * heads * seq, grain_for(2 * slots * dim), [&](int64_t begin, int64_t end) {
+  // A task: one query row's heads that share a K/V head, one after another, so that the K/V head's slots are
+  // read from memory once and then from the cache; where there are too few such groups to share out over
+  // the threads (one row), a single query head. Tasks differ in work (a server's rows are each at their own
+  // position), so rather than fixed shares, each thread takes the next task from a shared counter.
+  const int64_t kv_heads = k.size(1), threads = at::get_num_threads();
+  const int64_t heads_per_task = batch * kv_heads * seq >= 4 * threads ? group : 1;
+  const int64_t tasks_per_row = heads / heads_per_task, tasks = batch * seq * tasks_per_row;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, 1 + tasks * 2 * slots * dim / MIN_VALUES_PER_THREAD), 1,
+                   [&](int64_t, int64_t) {
     std::vector<float> weights(slots);
-    for (int64_t task = begin; task < end; task++) {
-      const int64_t b = task / (heads * seq), h = task / seq % heads, s = task % seq;
-      attend(cache, qs + b * q.stride(0) + h * q.stride(1) + s * q.stride(2),
-             ks + b * k.stride(0) + (h / group) * k.stride(1), vs + b * v.stride(0) + (h / group) * v.stride(1),
-             allowed + b * mask_batch_stride + s * mask.stride(2), weights.data(),
-             ys + b * out.stride(0) + h * out.stride(1) + s * out.stride(2));
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t b = task / (seq * tasks_per_row), s = task / tasks_per_row % seq;
+      for (int64_t h = task % tasks_per_row * heads_per_task; h < (task % tasks_per_row + 1) * heads_per_task; h++)
+        attend(cache, qs + b * q.stride(0) + h * q.stride(1) + s * q.stride(2),
+               ks + b * k.stride(0) + (h / group) * k.stride(1), vs + b * v.stride(0) + (h / group) * v.stride(1),
+               allowed + b * mask_batch_stride + s * mask.stride(2), weights.data(),
+               ys + b * out.stride(0) + h * out.stride(1) + s * out.stride(2));
     }
   });
   return out;

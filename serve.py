@@ -440,18 +440,18 @@ def serve(args) -> int:
         raise
     name = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
     server.tokenizer, server.model_name = tokenizer, name.name
-    loop = threading.Thread(target=engine.run, daemon=True)
-    loop.start()
     server.engine = engine
     print(f"serving {server.model_name} on http://{args.host}:{server.server_port}/v1 ({len(engine.slots)} slots)",
           file=sys.stderr, flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
+    # Ctrl-C stops the engine after its iteration (under torchrun, the other ranks with it), from a thread of its
+    # own: the handler may run while this thread holds the engine's lock
+    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=engine.stop).start())
+    # The engine loops on this thread, the one that loaded and measured the model. GNU OpenMP gives each thread
+    # that opens parallel regions a team of its own, and once the teams' threads outnumber the cores, their
+    # workers stop spinning between regions: on another thread every small parallel op of a step would wait
+    # for a wake-up (docs/serving.md).
+    engine.run()
     server.shutdown()
-    engine.stop()
-    loop.join()
     return 0
 
 

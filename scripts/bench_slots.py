@@ -31,15 +31,19 @@ def tokens_per_second(model, slots: int, tokens: int) -> float:
     started = time.perf_counter()
     for request in requests:
         engine.submit(request)
-    loop = threading.Thread(target=engine.run)
-    loop.start()
-    try:
-        for request in requests:
-            while not isinstance(request.events.get(timeout=600), str):
-                pass
-    finally:
-        engine.stop()
-        loop.join(600)
+
+    def stop_when_answered():
+        try:
+            for request in requests:
+                while not isinstance(request.events.get(timeout=600), str):
+                    pass
+        finally:
+            engine.stop()
+
+    waiter = threading.Thread(target=stop_when_answered)
+    waiter.start()
+    engine.run()  # on the main thread, as serve.py runs it (why: docs/serving.md)
+    waiter.join(600)
     return slots * tokens / (time.perf_counter() - started)
 
 
