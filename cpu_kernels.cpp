@@ -710,8 +710,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const Weight& w, bool int4) {
 // x: (..., in) fp32, contiguous; for int4, in may be less than the weight's columns (zero padding follows).
 void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t groupsize,
                   int64_t in) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous float32 CPU tensor (..., in)");
+  check_fp32(x, "x (..., in)");
   TORCH_CHECK(x.size(-1) <= in && x.size(-1) > in - groupsize, "x has ", x.size(-1), " columns, the weight ", in);
   TORCH_CHECK(weight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == at::kHalf,
               "weight and scales must be contiguous, scales float16");
@@ -756,8 +755,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // x (..., in) fp32 times a float weight (out, in) in fp32, bf16 or fp16, transposed: (..., out) fp32.
 at::Tensor float_linear(const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
-              "x must be a contiguous float32 CPU tensor (..., in)");
+  check_fp32(x, "x (..., in)");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(-1), "weight must be a "
               "contiguous (out, in) matrix with in = ", x.size(-1));
   const int64_t in = x.size(-1), rows = x.numel() / in, out_features = weight.size(0);

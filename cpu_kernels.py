@@ -380,7 +380,7 @@ def cpu_form(module: nn.Module, compiled_decode: bool = False) -> nn.Module:
 
 
 def swap_in(model: Transformer, compiled_decode: bool = False) -> Transformer:
-    """Give every block's layers and attention, and the output head, their CPU forms (after loading or
-    quantizing; a layer already swapped is kept). compiled_decode: the decode step will be compiled, which
-    gives a mixture's float experts their fused loops too."""
+    """Give every block's layers, norms, rotation and attention, and the final norm and output head, their CPU
+    forms (after loading or quantizing; a layer already swapped is kept). compiled_decode: the decode step will
+    be compiled, which gives a mixture's float experts their fused loops too."""
     return swap_layers(model, lambda module: cpu_form(module, compiled_decode))

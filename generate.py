@@ -130,6 +130,11 @@ def uses_packages(args, device: str) -> bool:
     return args.aot or (device == "cpu" and plain_eager)
 
 
+def cache_budget(args):
+    """--memory_budget where it budgets the KV cache (without --offload, where it budgets the weights); else None."""
+    return args.memory_budget if args.offload == "none" else None
+
+
 def run_prompts(args, setup: Setup, texts: list, prompts: list):
     """Each prompt (texts, and their token ids) continued, or answered with --chat, --num_samples times, in
     batches of --batch_size."""
@@ -138,7 +143,7 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
         raise UsageError("--speculative runs one prompt at a time: pass a single --prompt")
     batch_size = min(args.batch_size or len(prompts), len(prompts))
     cache_length = max(map(len, prompts)) + args.max_new_tokens
-    budget = args.memory_budget if args.offload == "none" else None  # with --offload it budgets the weights
+    budget = cache_budget(args)
     # A package is built for one cache shape: round it up, so that other prompt lengths reuse it (not under a
     # memory budget, unless --aot asks for a package: rounding up changes what fits)
     if args.aot or (isinstance(setup.steps.decode, AheadOfTimeDecode) and budget is None):
@@ -146,13 +151,11 @@ def run_prompts(args, setup: Setup, texts: list, prompts: list):
     if budget is not None:
         batch_size = min(batch_size, cache_rows_in_budget(setup.model, budget, cache_length, args.kv_cache))
     setup.model.setup_caches(batch_size, cache_length)
-    draft = None
-    if args.speculative == "draft":
-        draft = draft_model(args.draft_checkpoint_path, setup, args.dtype, args.kv_cache)
+    draft = (draft_model(args.draft_checkpoint_path, setup, args.dtype, args.kv_cache)
+             if args.speculative == "draft" else None)
     announce_cache(setup.model, args.kv_cache)
-    verify_forward = None  # with --compile, speculative decoding compiles its verify pass, not the decode step
-    if args.speculative and args.compile:
-        verify_forward = compiled_verify_forward(args.speculative, setup.device)
+    verify_forward = (compiled_verify_forward(args.speculative, setup.device)  # --compile: the verify pass
+                      if args.speculative and args.compile else None)
     if not args.speculative:
         warm_up(setup, prompts[:batch_size], args.max_new_tokens)
     for sample_index in range(args.num_samples):
@@ -195,7 +198,7 @@ def run_batch(args, setup: Setup, texts: list, prompts: list, label: str, stream
 def interactive(args, setup: Setup):
     """The chat (runtime.chat) in a KV cache of --max_seq_length tokens (default 2048), or with --memory_budget
     of the longest context that fits."""
-    budget = args.memory_budget if args.offload == "none" else None  # with --offload it budgets the weights
+    budget = cache_budget(args)
     setup.model.setup_caches(1, chat_length(setup.model, args.max_seq_length, budget, args.max_new_tokens))
     chat(setup, args.max_new_tokens, args.system, args.kv_cache)
 
