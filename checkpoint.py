@@ -3,8 +3,8 @@ and the config.json that gives the model's shape.
 
 Loading builds the model on the meta device (no memory, no random init), gives it the layer types the
 file's tensors call for (int8 / int4 / NF4 layers where quantize.py wrote them), assigns the tensors of the
-memory-mapped file, so the weights sit in RAM once, and finally swaps in the device's faster layer forms
-(cpu_kernels.py, cuda_kernels.py). Writing streams one tensor at a time under a temporary name, so a
+memory-mapped file, so the weights sit in RAM once; the model it gives has the plain layers, which prepare.py
+then gives their device's forms. Writing streams one tensor at a time under a temporary name, so a
 checkpoint larger than RAM can be written and no half-written file is ever left under the final name.
 """
 import json
@@ -18,8 +18,6 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import cpu_kernels
-import cuda_kernels
 from model import Transformer, swap_layers
 from model_args import ModelArgs
 from quantized_layers import INT4_PACKING, Int4Linear, Int8Linear, NF4Linear, QuantizedEmbedding
@@ -119,16 +117,6 @@ def empty_model(args: ModelArgs, tensors: dict, metadata: dict, weights_file) ->
     return model
 
 
-def with_device_kernels(model: Transformer, device: str) -> Transformer:
-    """The model with its device's faster layer forms swapped in (none on other devices)."""
-    kind = torch.device(device).type
-    if kind == "cpu":
-        return cpu_kernels.swap_in(model)
-    if kind == "cuda":
-        return cuda_kernels.swap_in(model)
-    return model
-
-
 def tied(model: Transformer) -> Transformer:
     """A float output head tied to the embedding again, sharing its tensor: assigning a file's tensors, or
     to_empty, gives each of the two a tensor of its own. (A quantized head is the embedding's table already.)"""
@@ -137,12 +125,12 @@ def tied(model: Transformer) -> Transformer:
     return model
 
 
-def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None, device_forms=True) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None) -> Transformer:
     """The model of a checkpoint, on device, floating-point tensors in dtype (integer weights keep their
     type). shard(model, tensors) -> tensors, given by tp.py, resizes the empty model to one rank's share
     and slices the tensors to match, before any byte of the file is read (the mapped pages of the other
-    ranks' shares are never touched). device_forms=False keeps the plain layers of model.py and
-    quantized_layers.py (quantize.py replaces them) instead of the device's forms (with_device_kernels)."""
+    ranks' shares are never touched). The layers are the plain ones of model.py and quantized_layers.py:
+    prepare.py gives them their device's forms."""
     weights_file, args = checkpoint_files(checkpoint_path)
     try:
         with safe_open(weights_file, framework="pt") as file:
@@ -158,8 +146,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, shard=None, d
     state_dict = {name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
                   for name, tensor in state_dict.items()}
     model.load_state_dict(state_dict, assign=True, strict=False)
-    model = tied(model).eval()
-    return with_device_kernels(model, device) if device_forms else model
+    return tied(model).eval()
 
 
 def parameter_count(args: ModelArgs) -> int:
@@ -220,7 +207,7 @@ def random_model(args: ModelArgs, device="cpu", dtype=torch.float32, shard=None,
             layer.weight.random_(0, 256)  # two codes a byte, each uniform on [0, 15]: mean 7.5, deviation 4.61
             layer.scales.fill_(0.02 / 4.61)
             layer.zeros.fill_(0.5 * 0.02 / 4.61)  # (q - 8) * scale + zero averages 0
-    return with_device_kernels(model.eval(), device)
+    return model.eval()
 
 
 def save_safetensors(path, shapes: dict, tensors, metadata: Optional[dict] = None):

@@ -1,5 +1,5 @@
 """What every command line shares (generate.py, quantize.py, eval.py, serve.py, scripts/): the default
-checkpoint, dtype names, device and dtype choice, reading text files and sizes, the peak-memory figure, and the
+checkpoint, dtype names, device choice, reading text files and sizes, the peak-memory figure, and the
 one way bad input is reported: a single line on stderr and exit status 2."""
 import re
 import resource
@@ -41,23 +41,6 @@ def pick_device(name: str) -> str:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps: MPS is not available (use --device cpu)")
     return name
-
-
-def pick_dtype(name: str, device: str, compiled_decode: bool = False, weights: str = "float") -> torch.dtype:
-    """--dtype. auto is bf16 on CUDA, fp16 on MPS. On a CPU it is fp32, except for float weights in a compiled
-    decode step, which reads bf16 weights, half the bytes, faster than fp32 ones (docs/cpu_kernels.md).
-    Quantized weights take fp32 activations: brisk's kernels round them to int8 themselves (cpu_kernels.py).
-    weights: "float", "int8" or "int4", what the checkpoint stores (checkpoint.stored_weights)."""
-    if name == "auto":
-        cpu_bf16 = weights == "float" and compiled_decode
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device, torch.bfloat16 if cpu_bf16 else torch.float32)
-    dtype = DTYPES[name]
-    try:
-        probe = torch.ones(2, 2, dtype=dtype, device=device)
-        (probe @ probe).sum().item()
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--dtype {name} is not supported on {device}: try --dtype fp32") from None
-    return dtype
 
 
 def read_text(path: Path, flag: str) -> str:

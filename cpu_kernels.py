@@ -7,7 +7,7 @@ behind each choice are in docs/cpu_kernels.md.
   (cpu_kernels.cpp): the activations rounded to int8 in blocks of 32 and multiplied in integers, as
   llama.cpp does, eagerly, compiled and in an AOT package alike, for any number of rows. They take fp32
   activations (other dtypes are widened for the call), so a quantized checkpoint runs in fp32 on every CPU
-  (cli.pick_dtype). Their weight is reordered once, at load, into the order the kernel streams it, and the
+  (prepare.activation_dtype). Their weight is reordered once, at load, into the order the kernel streams it, and the
   plain copy is let go (QuantizedCPULinear). The kernels are built once into torch's extensions cache
   (scripts/setup.sh does it); where they cannot be built or run (no compiler, not an x86 CPU with AVX2),
   one line on stderr says so and the plain layers compute.

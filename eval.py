@@ -25,6 +25,7 @@ import quantized_kv_cache
 from checkpoint import load_model
 from cli import DTYPES, UsageError, fail, pick_device, read_text
 from generation import generate
+from prepare import prepare
 from sampling import Sampling
 from tokenizer import load_tokenizer
 
@@ -191,7 +192,8 @@ def run(args) -> int:
     text = read_text(args.text_file, "--text_file") if args.text_file else None
     device = pick_device(args.device)
     try:
-        model, tokenizer = load_model(args.checkpoint_path, device, DTYPES[args.dtype]), load_tokenizer(args.checkpoint_path)
+        model = prepare(load_model(args.checkpoint_path, device, DTYPES[args.dtype]), device)
+        tokenizer = load_tokenizer(args.checkpoint_path)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None
     max_seq_length = args.max_seq_length or min(1024, model.args.max_seq_length)

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-import cpu_kernels
 import offload
 import quantized_kv_cache
 import tp
 from aot_step import AheadOfTimeDecode, default_cache_dir
 from checkpoint import RANDOM_WEIGHTS, stored_weights
-from cli import UsageError, fail, parse_size, pick_device, pick_dtype
+from cli import UsageError, fail, parse_size, pick_device
 from generation import Steps, compile_steps, generate, slots_to_attend
 from model import Transformer
+from prepare import activation_dtype, prepare
 from runtime import (Setup, announce_build, announce_cache, cache_rows_in_budget, chat, chat_length, check_length,
                      check_vocabulary, checkpoint_tokenizer, encode_prompts, load_checkpoint, model_flags,
                      random_weights_model, read_prompts, report, streaming, warm_up)
@@ -211,9 +211,9 @@ def main(argv=None):
         if args.aot and device != "cpu":
             raise UsageError(f"--aot builds a CPU decode step: on {device} use --compile (CUDA graphs on CUDA)")
         weights = args.random_format.split("-")[0] if args.random_weights else stored_weights(args.checkpoint_path)
-        # --aot over float weights keeps fp32: its package of a bf16 model ran at eager speed (docs/experiments.md)
-        compiled_decode = (args.compile or (args.aot and weights != "float")) and not args.speculative
-        dtype = pick_dtype(args.dtype, device, compiled_decode, weights)
+        packages = uses_packages(args, device)
+        step = "aot" if packages else "compiled" if args.compile else "eager"
+        dtype = activation_dtype(args.dtype, device, step, weights)
         tp.init(device)
         tp.quiet_other_ranks()  # every rank generates the same text; rank 0 shows it
         seed = tp.common_seed(args.seed)
@@ -225,10 +225,7 @@ def main(argv=None):
         if args.random_weights:
             check_vocabulary(prompts, args.random_weights)
         started = time.perf_counter()
-        model = quantized_kv_cache.use(load(args, device, dtype), args.kv_cache)
-        packages = uses_packages(args, device)
-        if device == "cpu" and (args.compile or packages):  # eagerly these forms compute as the plain ones do
-            cpu_kernels.swap_in(model, compiled_decode=True)  # a mixture's float experts: fused loops
+        model = prepare(quantized_kv_cache.use(load(args, device, dtype), args.kv_cache), device, step)
         print(f"loaded {args.random_weights or args.checkpoint_path} ({dtype}, {device}) in "
               f"{time.perf_counter() - started:.2f} s", file=sys.stderr)
         steps = compile_steps(device, args.compile and not args.speculative, args.compile_prefill)

@@ -227,24 +227,13 @@ def run_expert(experts: nn.Module, x: Tensor, expert) -> Tensor:
 
 def run_experts(experts: nn.Module, tokens: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
     """sum over j of weights[t, j] * expert chosen[t, j] (tokens[t]), for tokens (T, dim) and chosen,
-    weights (T, k). A few tokens (decoding) run each of their own experts: a step reads only those. More
-    tokens run each chosen expert over the tokens routed to it, eagerly (which experts, read on the host:
-    free on a CPU); a compiled graph has static shapes, so there every expert runs over every token, each
-    output weighted by how much that token chose the expert (zero if not at all)."""
-    compiling = torch.compiler.is_compiling()
-    if chosen.numel() <= experts.n_experts:
-        picked = chosen if compiling else chosen.tolist()  # eagerly ints, which slice an expert's rows
-        return torch.cat([sum(run_expert(experts, tokens[t:t + 1], picked[t][j]) * weights[t, j]
-                              for j in range(chosen.shape[1])) for t in range(chosen.shape[0])])
+    weights (T, k): each chosen expert runs once, over the tokens routed to it, so a step reads only the
+    chosen experts' weights. Which experts were chosen is read on the host (.tolist()), which a compiled graph
+    cannot do: a compiled step runs prepare.CompiledExperts instead."""
     out = torch.zeros_like(tokens)
-    if not compiling:
-        for expert in chosen.unique().tolist():
-            rows, slot = torch.where(chosen == expert)
-            out.index_add_(0, rows, run_expert(experts, tokens[rows], expert) * weights[rows, slot, None])
-        return out
-    for expert in range(experts.n_experts):
-        share = (weights * (chosen == expert)).sum(-1, keepdim=True)  # (T, 1)
-        out += run_expert(experts, tokens, expert) * share
+    for expert in chosen.unique().tolist():
+        rows, slot = torch.where(chosen == expert)
+        out.index_add_(0, rows, run_expert(experts, tokens[rows], expert) * weights[rows, slot, None])
     return out
 
 

@@ -347,7 +347,7 @@ def run(args) -> int:
         raise UsageError(f"--output {output}: there is no directory {output.parent}")
     started = time.perf_counter()
     try:
-        model = load_model(checkpoint_dir / "model.safetensors", "cpu", torch.float32, device_forms=False)
+        model = load_model(checkpoint_dir / "model.safetensors", "cpu", torch.float32)
         tokenizer = load_tokenizer(checkpoint_dir) if args.mode == "int4-gptq" else None
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(str(error)) from None

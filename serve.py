@@ -26,14 +26,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-import cpu_kernels
 import quantized_kv_cache
 import tp
 from checkpoint import stored_weights
-from cli import UsageError, fail, pick_device, pick_dtype
+from cli import UsageError, fail, pick_device
 from engine import Busy, Engine, Histogram, Request, SlotModel, TextStream, decode_logits
 from generation import cache_bytes_per_slot, compile_step, slots_to_attend
 from model import Transformer
+from prepare import activation_dtype, prepare
 from runtime import cache_rows_in_budget, checkpoint_tokenizer, load_checkpoint, model_flags
 from sampling import Sampling
 from scheduler import SkipJoinMLFQ
@@ -375,11 +375,11 @@ def load(args) -> tuple:
     """The tokenizer, the model (this rank's share of it under torchrun) with its KV cache type, its decode step,
     the context and the number of slots."""
     device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device, args.compile, stored_weights(args.checkpoint_path))
+    step = "compiled" if args.compile else "eager"
+    dtype = activation_dtype(args.dtype, device, step, stored_weights(args.checkpoint_path))
     tokenizer = checkpoint_tokenizer(args.checkpoint_path)
-    model = quantized_kv_cache.use(load_checkpoint(args.checkpoint_path, device, dtype), args.kv_cache)
-    if device == "cpu" and args.compile:  # the forms generate.py's compiled step runs (a mixture's float experts)
-        cpu_kernels.swap_in(model, compiled_decode=True)
+    model = prepare(quantized_kv_cache.use(load_checkpoint(args.checkpoint_path, device, dtype), args.kv_cache),
+                    device, step)
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
     return tokenizer, model, decode, max_seq_length, slots_within_budget(args, model, max_seq_length)

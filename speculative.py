@@ -28,9 +28,10 @@ from torch import Tensor
 
 import quantized_kv_cache
 from checkpoint import load_model, stored_weights
-from cli import UsageError, pick_dtype
+from cli import UsageError
 from generation import compile_step
 from model import ForwardOptions, Transformer
+from prepare import activation_dtype, prepare
 from runtime import Setup, compile_announced, streaming
 from sampling import Sampling, probabilities
 from tokenizer import Tokenizer, load_tokenizer
@@ -310,7 +311,7 @@ def draft_model(checkpoint_path, setup: Setup, dtype_name: str, kv_cache: str) -
     """--speculative draft's model for the target of setup, in its own activations (--dtype auto picks them by
     what its file stores), its KV cache of the kind kv_cache; one line for a draft that cannot be used."""
     try:
-        dtype = pick_dtype(dtype_name, setup.device, weights=stored_weights(checkpoint_path))
+        dtype = activation_dtype(dtype_name, setup.device, weights=stored_weights(checkpoint_path))
         draft = load_draft(checkpoint_path, setup.tokenizer, setup.device, dtype)
     except (FileNotFoundError, ValueError) as error:
         raise UsageError(f"--draft_checkpoint_path: {error}") from None
@@ -326,7 +327,7 @@ def load_draft(checkpoint_path, tokenizer: Tokenizer, device: str, dtype: torch.
             tokenizer.vocab_size, tokenizer.special_tokens, tokenizer.encode(probe)):
         raise ValueError(f"the draft at {checkpoint_path} has a different vocabulary from the target: "
                          "use a draft with the same tokenizer")
-    return DraftModel(load_model(checkpoint_path, device, dtype))
+    return DraftModel(prepare(load_model(checkpoint_path, device, dtype), device))
 
 
 def compiled_verify_forward(kind: str, device: str) -> Callable:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cpu_kernels  # noqa: E402
 import quantize  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from cli import peak_memory_gb, pick_dtype  # noqa: E402
+from cli import peak_memory_gb  # noqa: E402
 from generation import Steps, compile_steps, generate, weights_bytes  # noqa: E402
+from prepare import prepare  # noqa: E402
 from sampling import Sampling  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
@@ -44,24 +44,22 @@ def machine_bandwidth_gbs(gigabytes: float = 1.0, repeats: int = 5) -> float:
     return matrix.numel() * 4 / best / 1e9
 
 
-def build(checkpoint: Path, precision: str, groupsize: int, compiled: bool = False):
-    model = load_model(checkpoint, "cpu", precision_dtype(precision), device_forms=False)
-    return at_precision(model, precision, groupsize, compiled)
+def build(checkpoint: Path, precision: str, groupsize: int, step: str = "eager"):
+    return at_precision(load_model(checkpoint, "cpu", precision_dtype(precision)), precision, groupsize, step)
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    """The dtype a precision's model is loaded in (int8 / int4 are quantized from fp32 weights)."""
+    """The dtype a precision's model is loaded in (int8 / int4 are quantized from fp32 weights, and keep fp32
+    activations, as `--dtype auto` gives a quantized checkpoint: prepare.activation_dtype)."""
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def at_precision(model, precision: str, groupsize: int, compiled: bool = False):
+def at_precision(model, precision: str, groupsize: int, step: str = "eager"):
     """int8 / int4 (round to nearest) quantized in memory: the embedding / output head too, as llama.cpp's
-    Q8_0 / Q4 files hold it, then given the activations `--dtype auto` gives such a checkpoint, eagerly or
-    compiled (cli.pick_dtype); every model with the CPU forms of its layers for that step (cpu_kernels.swap_in)."""
+    Q8_0 / Q4 files hold it; every model then prepared for a CPU step (prepare.prepare)."""
     if precision in ("int8", "int4"):
         quantize.quantize_rtn(model, precision, groupsize, quantize_embedding=True)
-        model = model.to(pick_dtype("auto", "cpu", compiled, weights=precision))
-    return cpu_kernels.swap_in(model, compiled_decode=compiled).eval()
+    return prepare(model, "cpu", step)
 
 
 def synthetic_tokens(length: int, vocab_size: int) -> list:
@@ -115,7 +113,7 @@ def main(argv=None):
     for precision in args.precisions:
         modes = [("eager", Steps())] + ([] if args.no_compile else [("compiled", compile_steps("cpu"))])
         for mode, step in modes:
-            model = build(args.checkpoint_path, precision, args.groupsize, compiled=mode == "compiled")
+            model = build(args.checkpoint_path, precision, args.groupsize, mode)
             result = {"precision": precision, "mode": mode, **measure(
                 model, step, args.max_new_tokens, args.prefill_lengths, args.repeats)}
             result["weights_mb"] = weights_bytes(model) / 1e6

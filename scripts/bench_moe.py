@@ -51,11 +51,10 @@ def main(argv=None):
     rows = []
     for precision in args.precisions:
         for mode in ["eager"] + ([] if args.no_compile else ["compiled"]):
-            compiled = mode == "compiled"
             models = {kind: at_precision(random_model(shape, dtype=precision_dtype(precision)), precision, 32,
-                                         compiled) for kind, shape in shapes(args.base, args.experts,
-                                                                             args.per_token).items()}
-            steps = compile_steps("cpu") if compiled else Steps()
+                                         mode) for kind, shape in shapes(args.base, args.experts,
+                                                                         args.per_token).items()}
+            steps = compile_steps("cpu") if mode == "compiled" else Steps()
             speeds = {kind: [] for kind in models}
             for _ in range(args.repeats):
                 for kind, model in models.items():

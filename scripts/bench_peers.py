@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aot_step import AheadOfTimeDecode, default_cache_dir  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from cli import pick_dtype  # noqa: E402
 from generation import Steps, compile_steps, generate  # noqa: E402
+from prepare import activation_dtype, prepare  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from scripts.bench import build, synthetic_tokens  # noqa: E402
 from scripts.prepare_default import embedded_gguf  # noqa: E402
@@ -99,10 +99,9 @@ def timed_rate(forward, tokens: int) -> float:
 def brisk_engine(checkpoint: Path, precision: str, mode: str, prompt: list, new_tokens: int, long_prompt: list):
     """(decode, prefill) rate functions, the decode step eager, "compiled" (torch.compile) or "aot" (aot_step.py,
     its package built into the cache directory on the first run). Prefill is the eager forward in every mode."""
-    compiled = mode != "eager"
-    # int4: the kept Q4_1 file, with the activations `--dtype auto` gives it (eagerly bf16, for the int4 kernel)
-    model = build(checkpoint, precision, 32, compiled) if precision != "int4" else load_model(
-        checkpoint / "model_q4_1.safetensors", "cpu", pick_dtype("auto", "cpu", compiled, weights="int4"))
+    # int4: the kept Q4_1 file, with the activations `--dtype auto` gives it
+    model = build(checkpoint, precision, 32, mode) if precision != "int4" else prepare(load_model(
+        checkpoint / "model_q4_1.safetensors", "cpu", activation_dtype("auto", "cpu", mode, "int4")), "cpu", mode)
     model.setup_caches(1, max(len(prompt) + new_tokens + 1, len(long_prompt)))
     steps = {"eager": Steps(), "compiled": compile_steps("cpu"),
              "aot": Steps(decode=AheadOfTimeDecode(default_cache_dir()))}[mode]

@@ -75,13 +75,13 @@ def decode_rate(model, compiled: bool, batch: int, context: int, new_tokens: int
     return statistics.median(rates)
 
 
-def models(checkpoint: Path, precision: str, groupsize: int, sizes, compiled: bool):
+def models(checkpoint: Path, precision: str, groupsize: int, sizes, step: str):
     """(name, model) for the real checkpoint, then each random shape in `sizes`, one in memory at a time."""
-    yield checkpoint.name, build(checkpoint, precision, groupsize, compiled)
+    yield checkpoint.name, build(checkpoint, precision, groupsize, step)
     for name in sizes:
         torch.manual_seed(0)
         yield name, at_precision(random_model(ModelArgs.from_name(name), "cpu", precision_dtype(precision)),
-                                 precision, groupsize, compiled)
+                                 precision, groupsize, step)
 
 
 def run(args) -> list:
@@ -98,7 +98,8 @@ def run(args) -> list:
               file=sys.stderr, flush=True)
         points.append(point)
 
-    sized = models(args.checkpoint_path, args.precision, args.groupsize, args.sizes, args.compile)
+    sized = models(args.checkpoint_path, args.precision, args.groupsize, args.sizes,
+                   "compiled" if args.compile else "eager")
     for index, (name, model) in enumerate(sized):
         if index == 0:
             for kv_cache in args.kv_caches:

@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, stored_weights  # noqa: E402
-from cli import DEFAULT_CHECKPOINT, pick_dtype  # noqa: E402
+from cli import DEFAULT_CHECKPOINT  # noqa: E402
 from engine import Engine, Request  # noqa: E402
+from prepare import activation_dtype, prepare  # noqa: E402
 
 PROMPT = list(range(1000, 1024))  # 24 tokens: prefill is a small part of each run
 
@@ -57,8 +58,8 @@ def main(argv=None):
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    model = load_model(args.checkpoint_path, "cpu", pick_dtype(args.dtype, "cpu", False,
-                                                               stored_weights(args.checkpoint_path)))
+    dtype = activation_dtype(args.dtype, "cpu", "eager", stored_weights(args.checkpoint_path))
+    model = prepare(load_model(args.checkpoint_path, "cpu", dtype), "cpu")
     tokens_per_second(model, 1, 4)  # warm-up
     speeds = {slots: [] for slots in args.slots}
     for _ in range(args.repeats):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, stored_weights  # noqa: E402
-from cli import pick_dtype  # noqa: E402
 from generation import generate  # noqa: E402
+from prepare import activation_dtype, prepare  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from speculative import DraftModel, lookahead_generate, speculative_generate  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -41,11 +41,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    target, tokenizer = load_model(args.checkpoint_path), load_tokenizer(args.checkpoint_path)
+    target, tokenizer = prepare(load_model(args.checkpoint_path), "cpu"), load_tokenizer(args.checkpoint_path)
     draft = None
     if args.draft_checkpoint_path.is_file():  # with the activations --dtype auto gives it, as generate.py does
-        weights = stored_weights(args.draft_checkpoint_path)
-        draft = load_model(args.draft_checkpoint_path, "cpu", pick_dtype("auto", "cpu", weights=weights))
+        dtype = activation_dtype("auto", "cpu", weights=stored_weights(args.draft_checkpoint_path))
+        draft = prepare(load_model(args.draft_checkpoint_path, "cpu", dtype), "cpu")
     target.setup_caches(1, 1024)
     if draft:
         draft.setup_caches(1, 1024)

@@ -17,6 +17,7 @@ import tp  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from cli import DTYPES, UsageError, fail, peak_memory_gb, pick_device  # noqa: E402
 from generation import generate  # noqa: E402
+from prepare import prepare  # noqa: E402
 from sampling import Sampling  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -45,7 +46,7 @@ def main(argv=None):
         device, dtype = pick_device(args.device), DTYPES[args.dtype]
         tp.init(device)
         try:
-            model = load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader())
+            model = prepare(load_model(args.checkpoint_path, device, dtype, shard=tp.sharded_loader()), device)
             quantized_kv_cache.use(model, args.kv_cache)
             prompt = load_tokenizer(args.checkpoint_path).encode(args.prompt)
         except (FileNotFoundError, ValueError) as error:
@@ -53,7 +54,8 @@ def main(argv=None):
         logits, generated = prompt_logits_and_tokens(model, prompt, args.max_new_tokens, device)
         memory = tp.gathered(round(peak_memory_gb(), 3))
         if tp.rank() == 0:
-            whole = quantized_kv_cache.use(load_model(args.checkpoint_path, device, dtype), args.kv_cache)
+            whole = quantized_kv_cache.use(prepare(load_model(args.checkpoint_path, device, dtype), device),
+                                           args.kv_cache)
             expected_logits, expected = prompt_logits_and_tokens(whole, prompt, args.max_new_tokens, device)
             result = dict(world_size=tp.world_size(), dtype=args.dtype, device=device,
                           max_abs_logit_diff=(logits - expected_logits).abs().max().item(),

@@ -320,7 +320,7 @@ def quantized_copy(checkpoint_dir: Path, directory: Path, *argv) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_weight(smollm2_dir):
     """A real weight: SmolLM2's first feed-forward gate projection, (1536, 576)."""
-    return plain_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
+    return load_model(smollm2_dir).layers[0].feed_forward.w1.weight.detach().clone()
 
 
 class AtenCalls(TorchDispatchMode):
@@ -343,12 +343,6 @@ def plain_layers(monkeypatch):
     """Quantized layers loaded in this test compute with their plain (dequantized) products, exactly, instead of
     brisk's CPU kernels, which round the activations to int8 (as BRISK_CPU_KERNELS=off does for a process)."""
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
-
-
-def plain_model(path):
-    """The model of a file with its plain layers, not brisk's kernel forms (which keep no plain weights): the
-    dequantized weights' exact products, beside a model of the same file that runs the kernels."""
-    return load_model(path, device_forms=False)
 
 
 def filled(layer, weight):

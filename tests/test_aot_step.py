@@ -8,6 +8,7 @@ import generate as generate_command
 from aot_step import AheadOfTimeDecode, DecodePass, package_name
 from checkpoint import load_model
 from generation import Steps, generate
+from prepare import prepare
 from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)
@@ -31,7 +32,7 @@ def refuse_builds(monkeypatch):
 
 @pytest.mark.slow
 def test_an_ahead_of_time_step_decodes_the_tokens_eager_decoding_does(tiny_dir, package_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     eager, _ = generate(model, [PROMPT], 16, GREEDY)
     ahead_of_time, _ = generate(model, [PROMPT], 16, GREEDY, steps=aot_steps(package_dir))
@@ -41,11 +42,11 @@ def test_an_ahead_of_time_step_decodes_the_tokens_eager_decoding_does(tiny_dir, 
 
 @pytest.mark.slow
 def test_a_later_run_loads_the_package_from_the_cache_without_building(tiny_dir, package_dir, monkeypatch):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     generate(model, [PROMPT], 2, GREEDY, steps=aot_steps(package_dir))  # built here, or by the test above
     eager, _ = generate(model, [PROMPT], 16, GREEDY)
-    reloaded_model = load_model(tiny_dir)
+    reloaded_model = prepare(load_model(tiny_dir), "cpu")
     reloaded_model.setup_caches(1, 64)
     refuse_builds(monkeypatch)
     ahead_of_time, _ = generate(reloaded_model, [PROMPT], 16, GREEDY, steps=aot_steps(package_dir))
@@ -54,7 +55,7 @@ def test_a_later_run_loads_the_package_from_the_cache_without_building(tiny_dir,
 
 @pytest.mark.slow
 def test_the_package_reads_the_models_weights_and_kv_cache_in_place(tiny_dir, package_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     steps = aot_steps(package_dir)
     generate(model, [PROMPT], 3, GREEDY, steps=steps)
@@ -69,7 +70,7 @@ def test_the_package_reads_the_models_weights_and_kv_cache_in_place(tiny_dir, pa
 @pytest.mark.slow
 def test_a_padded_batch_decodes_as_eager_decoding_does(tiny_dir, package_dir):
     prompts = [[5], [6, 17], [7, 17, 29]]
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(len(prompts), 64)
     eager, _ = generate(model, prompts, 8, GREEDY)
     ahead_of_time, _ = generate(model, prompts, 8, GREEDY, steps=aot_steps(package_dir))
@@ -79,7 +80,7 @@ def test_a_padded_batch_decodes_as_eager_decoding_does(tiny_dir, package_dir):
 
 @pytest.mark.slow
 def test_a_cache_allocated_again_is_the_one_the_package_reads(tiny_dir, package_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     steps = aot_steps(package_dir)
     for cache_length in (64, 128, 64):  # the second 64-slot cache is new tensors of the first one's shape
         model.setup_caches(1, cache_length)
@@ -89,7 +90,7 @@ def test_a_cache_allocated_again_is_the_one_the_package_reads(tiny_dir, package_
 
 
 def test_the_package_name_follows_the_shapes_and_dtypes_not_the_weights(tiny_dir):
-    model, same_shapes = load_model(tiny_dir), load_model(tiny_dir)
+    model, same_shapes = prepare(load_model(tiny_dir), "cpu"), prepare(load_model(tiny_dir), "cpu")
     for each in (model, same_shapes):
         each.setup_caches(2, 64)
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_the_package_name_follows_the_shapes_and_dtypes_not_the_weights(tiny_dir
     assert package_name(DecodePass(same_shapes, 64), 1, False) == name
     assert package_name(DecodePass(model, 64), 2, False) != name
     assert package_name(DecodePass(model, 64), 1, True) != name
-    bf16 = load_model(tiny_dir, dtype=torch.bfloat16)
+    bf16 = prepare(load_model(tiny_dir, dtype=torch.bfloat16), "cpu")
     bf16.setup_caches(2, 64)
     assert package_name(DecodePass(bf16, 64), 1, False) != name
     model.setup_caches(2, 128)
@@ -130,7 +131,7 @@ def test_generate_aot_prints_what_eager_decoding_prints_and_builds_once(capsys, 
 
 
 def test_a_step_without_a_package_decodes_eagerly_where_building_is_off(tiny_dir, tmp_path, monkeypatch):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     eager, _ = generate(model, [PROMPT], 8, GREEDY)
     refuse_builds(monkeypatch)

@@ -264,7 +264,7 @@ def smollm2_kept(smollm2_gguf, smollm2_dir):
     return convert(smollm2_gguf, smollm2_dir, keep_quantized=True)
 
 
-def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept, plain_layers):
+def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -272,7 +272,7 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept, plain_layer
     assert smollm2_kept.name == "model_q4_1.safetensors"
     model = load_model(smollm2_kept)
     tensors = {tensor.name: tensor for tensor in GGUFReader(smollm2_gguf).tensors}
-    # the loaded layers, plain (brisk's kernels keep the weights in their own order)
+    # the loaded layers, plain (prepare would give them brisk's kernels, which keep the weights in their own order)
     for gguf_name, layer, heads in [("blk.7.attn_q.weight", model.layers[7].attention.wq, 9),
                                     ("blk.7.attn_k.weight", model.layers[7].attention.wk, 3),
                                     ("blk.29.ffn_down.weight", model.layers[29].feed_forward.w2, None),
@@ -286,7 +286,7 @@ def test_kept_blocks_are_the_gguf_values(smollm2_gguf, smollm2_kept, plain_layer
     assert model.tok_embeddings.table is model.output
 
 
-def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept, plain_layers):
+def test_kept_model_computes_the_float_model_logits(smollm2_dir, smollm2_kept):
     tokens, positions = torch.tensor([[504, 3575, 282, 4649, 314]]), torch.arange(5)
     logits = []
     for path in (smollm2_dir / "model.safetensors", smollm2_kept):

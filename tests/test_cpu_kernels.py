@@ -15,6 +15,7 @@ from cpu_kernels import (CPU_HAS_BF16_ARITHMETIC, DecodeAttention, FloatLinear, 
                          decode_attention, native_kernels)
 from generation import decode_one_token, generate
 from model import ScaledDotProductAttention
+from prepare import prepare
 from quantized_layers import Int4Linear, Int8Linear, NF4Linear
 from sampling import Sampling
 from tokenizer import load_tokenizer
@@ -280,13 +281,11 @@ def smollm2_kept(smollm2_gguf, tmp_path_factory):
 
 
 @pytest.mark.parametrize("text", ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small"])
-def test_smollm2s_q4_1_file_through_the_kernels_gives_the_exact_greedy_tokens(smollm2_kept, monkeypatch, text):
+def test_smollm2s_q4_1_file_through_the_kernels_gives_the_exact_greedy_tokens(smollm2_kept, text):
     """32 greedy tokens through the kernels equal those of the plain layers (the dequantized weights in
     fp32), or differ first where the plain layers' two best tokens are a near-tie: logits within 0.5 of each
     other (probabilities within a factor of 1.65), which rounding the activations to int8 can swap."""
-    kernel_model = load_model(smollm2_kept)
-    monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
-    exact_model = load_model(smollm2_kept)
+    kernel_model, exact_model = prepare(load_model(smollm2_kept), "cpu"), load_model(smollm2_kept)
     prompt = load_tokenizer(smollm2_kept.parent).encode(text)
     kernel_model.setup_caches(1, len(prompt) + 32)
     exact_model.setup_caches(1, len(prompt) + 32)
@@ -339,13 +338,13 @@ def test_bf16_attention_computes_in_fp32_eagerly_on_a_cpu_without_bf16_arithmeti
 
 @needs_kernels
 def test_fp32_layers_take_the_float_kernel(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     assert isinstance(model.layers[0].attention.wq, FloatLinear) and isinstance(model.output, FloatLinear)
 
 
 def test_without_the_kernels_fp32_layers_stay_plain(tiny_dir, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     assert type(model.layers[0].attention.wq) is torch.nn.Linear and type(model.output) is torch.nn.Linear
 
 
@@ -356,6 +355,7 @@ def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_di
     else:
         model = load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", kind, "--groupsize", 32,
                                           "--quantize_embedding"))
+    prepare(model, "cpu", "compiled")
     model.setup_caches(1, 32)
     calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
     assert not calls & {"linear", "scaled_dot_product_attention"}
@@ -364,7 +364,7 @@ def test_a_loaded_models_compiled_decode_step_runs_no_matmul_and_no_sdpa(tiny_di
 
 
 def test_swapping_twice_changes_nothing(tiny_dir):
-    model = load_model(tiny_dir, "cpu", torch.bfloat16)
+    model = prepare(load_model(tiny_dir, "cpu", torch.bfloat16), "cpu")
     layers = [module for module in model.modules()]
     cpu_kernels.swap_in(model)
     assert [module for module in model.modules()] == layers

@@ -11,6 +11,7 @@ from conftest import AtenCalls
 from cpu_kernels import FusedRMSNorm, FusedRotaryEmbedding, native_kernels
 from generation import decode_one_token
 from model import RMSNorm, RotaryEmbedding, apply_rope, rms_norm
+from prepare import prepare
 from sampling import Sampling
 from test_cpu_kernels import traced_functions
 
@@ -68,7 +69,7 @@ def test_the_attention_op_refuses_a_float_mask_in_one_line():
 
 
 def test_an_eager_decode_step_runs_the_norm_rope_and_attention_ops(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 32)
     with AtenCalls() as calls, torch.no_grad():
         decode_one_token(model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
@@ -77,20 +78,20 @@ def test_an_eager_decode_step_runs_the_norm_rope_and_attention_ops(tiny_dir):
 
 
 def test_a_compiled_decode_step_keeps_the_plain_norm_rope_and_attention(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu", "compiled")
     model.setup_caches(1, 32)
     calls = traced_functions(decode_one_token, model, torch.tensor([[5]]), torch.tensor([3]), None, Sampling(0))
     assert {"cat", "softmax"} <= calls and not calls & {"rope", "attention"}
 
 
 def test_norms_and_rotations_take_their_forms_and_stay_plain_without_the_kernels(tiny_dir, monkeypatch):
-    block = load_model(tiny_dir).layers[0]
+    block = prepare(load_model(tiny_dir), "cpu").layers[0]
     assert isinstance(block.attention_norm, FusedRMSNorm) and isinstance(block.attention.rotary, FusedRotaryEmbedding)
     monkeypatch.setattr(cpu_kernels, "native_kernels", lambda: False)
-    block = load_model(tiny_dir).layers[0]
+    block = prepare(load_model(tiny_dir), "cpu").layers[0]
     assert type(block.attention_norm) is RMSNorm and type(block.attention.rotary) is RotaryEmbedding
 
 
 def test_a_bf16_models_norms_stay_plain(tiny_dir):
-    model = load_model(tiny_dir, "cpu", torch.bfloat16)
+    model = prepare(load_model(tiny_dir, "cpu", torch.bfloat16), "cpu")
     assert type(model.norm) is RMSNorm and type(model.layers[0].ffn_norm) is RMSNorm

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from prepare import prepare
 from torch._dynamo.utils import counters
 
 import offload
@@ -43,7 +44,8 @@ def greedy_tokens(model, tokenizer, steps: Steps = Steps(), max_new_tokens: int 
 
 
 def test_decode_compiled_into_cuda_graphs_gives_the_eager_tokens(checkpoint_dir):
-    model, tokenizer = load_model(checkpoint_dir, "cuda", torch.float32), load_tokenizer(checkpoint_dir)
+    model = prepare(load_model(checkpoint_dir, "cuda", torch.float32), "cuda")
+    tokenizer = load_tokenizer(checkpoint_dir)
     eager = greedy_tokens(model, tokenizer)
     counters.clear()
     compiled = greedy_tokens(model, tokenizer, compile_steps("cuda"))
@@ -56,7 +58,7 @@ def test_compiled_int4_decode_through_tinygemm_gives_the_eager_tokens(checkpoint
     takes (a multiple of 128: SmolLM2's 1536-wide down projections) run through it."""
     path = quantized_copy(checkpoint_dir, tmp_path / "int4", "--mode", "int4", "--groupsize", 32,
                           "--quantize_embedding")
-    model, tokenizer = load_model(path, "cuda", torch.bfloat16), load_tokenizer(path.parent)
+    model, tokenizer = prepare(load_model(path, "cuda", torch.bfloat16), "cuda"), load_tokenizer(path.parent)
     eager = greedy_tokens(model, tokenizer, max_new_tokens=8)
     assert greedy_tokens(model, tokenizer, compile_steps("cuda"), max_new_tokens=8) == eager
 
@@ -84,7 +86,7 @@ def test_an_int4_layer_tinygemm_cannot_take_stays_the_plain_layer():
 @pytest.mark.parametrize("mode", ["cpu", "disk"])
 def test_blocks_streamed_over_a_side_stream_give_the_in_memory_tokens(checkpoint_dir, mode):
     tokenizer = load_tokenizer(checkpoint_dir)
-    expected = greedy_tokens(load_model(checkpoint_dir, "cuda", torch.float32), tokenizer)
+    expected = greedy_tokens(prepare(load_model(checkpoint_dir, "cuda", torch.float32), "cuda"), tokenizer)
     streamed = offload.load_offloaded(checkpoint_dir, "cuda", torch.float32, mode)  # no budget: every block
     assert streamed.streamer.copy_stream is not None
     assert greedy_tokens(streamed, tokenizer) == expected
@@ -92,7 +94,8 @@ def test_blocks_streamed_over_a_side_stream_give_the_in_memory_tokens(checkpoint
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "cuda-graphs"])
 def test_the_servers_batched_steps_give_each_request_its_tokens_alone(checkpoint_dir, compiled):
-    model, tokenizer = load_model(checkpoint_dir, "cuda", torch.float32), load_tokenizer(checkpoint_dir)
+    model = prepare(load_model(checkpoint_dir, "cuda", torch.float32), "cuda")
+    tokenizer = load_tokenizer(checkpoint_dir)
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colours.",
                  "What is 12 times 12?", "Say hello in Spanish."]
     prompts = [tokenizer.encode(question) for question in questions]

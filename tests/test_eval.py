@@ -11,6 +11,7 @@ import eval as evaluate
 import quantize
 from checkpoint import load_model
 from conftest import shared_text
+from prepare import prepare
 from tokenizer import load_tokenizer
 
 
@@ -33,7 +34,7 @@ def text_tokens(checkpoint, n):
 
 
 def test_perplexity_equals_the_logits_by_hand(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     tokens = text_tokens(tiny_dir, 200)
     model.setup_caches(1, 256)
     with torch.no_grad():
@@ -46,7 +47,7 @@ def test_perplexity_equals_the_logits_by_hand(tiny_dir):
 
 
 def test_one_token_at_a_time_scores_what_one_pass_scores_a_pass_per_position(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     tokens = [(7 * i + 10) % model.args.vocab_size for i in range(96)]  # windows 0-64 and 32-96
     one_pass = evaluate.perplexity(model, tokens, max_seq_length=64, stride=32)
     passes = []
@@ -58,7 +59,7 @@ def test_one_token_at_a_time_scores_what_one_pass_scores_a_pass_per_position(tin
 
 
 def test_same_numbers_whatever_the_batch_size(smollm2_dir):
-    model = load_model(smollm2_dir)
+    model = prepare(load_model(smollm2_dir), "cpu")
     tokens = text_tokens(smollm2_dir, 700)
     one, three = (evaluate.perplexity(model, tokens, 128, 64, batch_size) for batch_size in (1, 3))
     assert one["tokens_scored"] == three["tokens_scored"] == 699
@@ -81,7 +82,7 @@ def test_quantized_checkpoint_is_evaluated_through_its_metadata(tiny_dir, tmp_pa
 
 
 def test_continuation_scores_sum_the_continuation_log_probs(tiny_dir):
-    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    model, tokenizer = prepare(load_model(tiny_dir), "cpu"), load_tokenizer(tiny_dir)
     context, continuation = "the quick brown", " fox jumps"
     [(log_prob, is_greedy)] = evaluate.continuation_scores(model, tokenizer, [(context, continuation)])
     ids = tokenizer.encode(context) + tokenizer.encode(continuation)
@@ -161,7 +162,7 @@ def test_lm_evaluation_harness_runs_local_tasks_of_each_request_type(smollm2_dir
         (tmp_path / f"{name}.yaml").write_text(
             f"task: brisk_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
             f"test_split: test\n{kinds[name]}")
-    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    model, tokenizer = prepare(load_model(smollm2_dir), "cpu"), load_tokenizer(smollm2_dir)
     results = evaluate.run_tasks(model, tokenizer, ["brisk_capitals", "brisk_texts", "brisk_qa"], 256,
                                  include_path=tmp_path)
     assert results["brisk_capitals"]["acc,none"] == 1.0

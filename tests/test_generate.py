@@ -9,11 +9,11 @@ import generation
 import runtime
 import speculative
 from checkpoint import load_model
-from cli import pick_dtype
 from cpu_kernels import native_kernels
 from conftest import ROOT, quantized_copy
 from generate import main
 from generation import generate
+from prepare import prepare
 from sampling import Sampling, sample
 from speculative import load_draft
 from tokenizer import load_tokenizer
@@ -58,7 +58,7 @@ def test_interactive_chat_reusing_the_cache_equals_fresh_runs(capsys, monkeypatc
                                 "--max_new_tokens", 30)
     assert status == 0
 
-    tokenizer, model = load_tokenizer(smollm2_dir), load_model(smollm2_dir)
+    tokenizer, model = load_tokenizer(smollm2_dir), prepare(load_model(smollm2_dir), "cpu")
     model.setup_caches(1, 256)
     messages, expected = [], ""
     for question in questions:  # each turn from scratch: the whole conversation prefilled again
@@ -243,19 +243,6 @@ def test_profile_writes_a_chrome_trace(capsys, tiny_dir, tmp_path):
     assert any(event.get("name") in attention for event in events)
 
 
-def test_auto_dtype_on_cpu_is_fp32_eager_and_bf16_for_a_compiled_decode_step():
-    assert pick_dtype("auto", "cpu") == torch.float32
-    assert pick_dtype("auto", "cpu", compiled_decode=True) == torch.bfloat16
-    assert pick_dtype("fp32", "cpu", compiled_decode=True) == torch.float32
-
-
-def test_auto_dtype_on_cpu_for_quantized_weights_is_fp32_which_the_kernels_round_themselves():
-    for weights in ("int4", "int8"):
-        assert pick_dtype("auto", "cpu", weights=weights) == torch.float32
-        assert pick_dtype("auto", "cpu", compiled_decode=True, weights=weights) == torch.float32
-    assert pick_dtype("bf16", "cpu", weights="int4") == torch.bfloat16
-
-
 def test_an_int4_checkpoint_runs_with_fp32_activations_by_default(capsys, tiny_dir, tmp_path):
     int4 = quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "int4", "--groupsize", 32)
     status, _, err = run_main(capsys, "--checkpoint_path", int4, "--max_new_tokens", 3)
@@ -273,7 +260,7 @@ def test_a_compiled_runs_warm_up_compiles_every_attended_length_the_run_reaches(
         compiled_graphs.append(graph_module)
         return graph_module.forward
 
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu", "compiled")
     prompt = list(range(5, 250))
     model.setup_caches(1, len(prompt) + 20)  # decoding crosses slot 256: attention over 256, then 265 slots
     torch._dynamo.reset()

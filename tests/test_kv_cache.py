@@ -17,6 +17,7 @@ from generation import cache_bytes_per_slot, compile_steps, generate, kv_cache_b
 from model import Transformer
 from model_args import ModelArgs
 from offload import load_offloaded
+from prepare import prepare
 from quantized_kv_cache import Int4KVCache, Int8KVCache
 from sampling import Sampling
 from speculative import speculative_generate
@@ -72,7 +73,7 @@ def test_cache_bytes_count_what_each_type_stores():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    return load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    return prepare(load_model(smollm2_dir), "cpu"), load_tokenizer(smollm2_dir)
 
 
 def greedy(model, prompts: list, n: int, kind: str) -> list:
@@ -111,7 +112,7 @@ def test_int4_cache_changes_what_smollm2_reads(smollm2):
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_a_batch_with_a_quantized_cache_equals_each_prompt_alone(tiny_dir, kind):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     prompts = [[5, 17, 29, 3], [60], [200, 7, 31]]
     assert greedy(model, prompts, 12, kind) == [greedy(model, [prompt], 12, kind)[0] for prompt in prompts]
 
@@ -131,13 +132,13 @@ def test_speculative_decoding_with_a_quantized_cache_equals_its_plain_greedy(smo
 def test_a_streamed_model_with_a_quantized_cache_equals_the_in_memory_one(tiny_dir, kind):
     prompts = [[5, 17, 29, 3], [60, 2]]
     streamed = load_offloaded(tiny_dir, "cpu", torch.float32, "disk")
-    assert greedy(streamed, prompts, 12, kind) == greedy(load_model(tiny_dir), prompts, 12, kind)
+    assert greedy(streamed, prompts, 12, kind) == greedy(prepare(load_model(tiny_dir), "cpu"), prompts, 12, kind)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_compiled_decode_with_a_quantized_cache_equals_eager(tiny_dir, kind):
-    model = quantized_kv_cache.use(load_model(tiny_dir), kind)
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), kind)
     model.setup_caches(2, 64)
     eager, _ = generate(model, [[5, 17, 29], [8]], 12, GREEDY)
     compiled, _ = generate(model, [[5, 17, 29], [8]], 12, GREEDY, steps=compile_steps("cpu"))
@@ -146,7 +147,7 @@ def test_compiled_decode_with_a_quantized_cache_equals_eager(tiny_dir, kind):
 
 def test_a_preempted_rows_quantized_slots_come_back_whole(tiny_dir):
     """The engine swaps every buffer of a row out and back: values, scales and minimums."""
-    model = quantized_kv_cache.use(load_model(tiny_dir), "int4")
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), "int4")
     slot_model = SlotModel(model, slots=2, max_seq_length=64)
     with torch.no_grad():
         slot_model.prefill(0, [5, 17, 29, 3, 60, 2, 7, 31], 0, 64)
@@ -172,7 +173,7 @@ def test_memory_budget_picks_the_largest_batch_that_fits(tiny_dir, capsys, tmp_p
     prompts = ["one", "two", "three", "four", "five"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     slots = max(len(load_tokenizer(tiny_dir).encode(prompt)) for prompt in prompts) + 20
-    row = slots * cache_bytes_per_slot(quantized_kv_cache.use(load_model(tiny_dir), "int4"))
+    row = slots * cache_bytes_per_slot(quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), "int4"))
     argv = ["--checkpoint_path", str(tiny_dir), "--prompt_file", str(tmp_path / "prompts.txt"),
             "--max_new_tokens", "20", "--kv_cache", "int4", "--temperature", "0", "--dtype", "fp32"]
     assert main(argv + ["--memory_budget", f"{2 * row + 10}B"]) == 0
@@ -186,7 +187,7 @@ def test_memory_budget_picks_the_largest_batch_that_fits(tiny_dir, capsys, tmp_p
 
 
 def test_the_server_fills_its_memory_budget_with_slots(tiny_dir):
-    model = quantized_kv_cache.use(load_model(tiny_dir), "int8")
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), "int8")
     slot = cache_bytes_per_slot(model) * 64  # one slot of 64 tokens
     args = argparse.Namespace(memory_budget=f"{5 * slot + 1}B", slots=None, kv_cache="int8")
     assert serve.slots_within_budget(args, model, 64) == 5

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from checkpoint import load_model
 from cpu_kernels import CPUExperts, native_kernels
-from conftest import (IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, plain_model, quantized_copy,
-                      save_hf_model_as_gguf)
+from conftest import IDS, ROOT, AtenCalls, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
 from generation import compile_steps, generate, weights_bytes
-from model import run_experts
 from model_args import ModelArgs
+from prepare import CompiledExperts, prepare
 from quantize import ExpertHessians, set_rtn
 from quantized_layers import Int4Linear, Int8Linear
 from sampling import Sampling
@@ -34,21 +33,23 @@ def test_the_converted_checkpoint_holds_each_projections_experts_as_one_layer(ti
 
 
 def spied_experts(model):
-    """The first block's experts, recording which expert each product is asked of."""
+    """The first block's experts (under a compiled step's form, the experts it runs through), recording which
+    expert each product is asked of."""
     experts = model.layers[0].feed_forward.experts
+    experts = getattr(experts, "experts", experts)
     asked, project = [], experts.project
     experts.project = lambda name, x, expert: asked.append(int(expert)) or project(name, x, expert)
     return experts, asked
 
 
-@pytest.mark.parametrize("compiling", [False, True])
-def test_a_decode_step_reads_only_the_chosen_experts(tiny_mixtral_dir, monkeypatch, compiling):
-    """Eagerly each chosen expert runs over its tokens; in a compiled step (is_compiling), one token runs each
-    of its chosen experts. Either way a decode step of one token multiplies by 2 experts of 4, no more."""
-    model = load_model(tiny_mixtral_dir)
+@pytest.mark.parametrize("step", ["eager", "compiled"])
+def test_a_decode_step_reads_only_the_chosen_experts(tiny_mixtral_dir, step):
+    """Eagerly each chosen expert runs over its tokens; in a compiled step's form (CompiledExperts), one token
+    runs each of its chosen experts. Either way a decode step of one token multiplies by 2 experts of 4, no
+    more."""
+    model = prepare(load_model(tiny_mixtral_dir), "cpu", step)
     forward_logits(model, IDS[:5])
     experts, asked = spied_experts(model)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     with torch.no_grad():
         model(torch.tensor([[IDS[5]]]), torch.tensor([5]))
     assert len(asked) == 3 * 2 and len(set(asked)) == 2
@@ -68,36 +69,40 @@ def by_definition(experts, x, chosen, weights):
 
 
 @pytest.mark.parametrize("weights_in", ["fp32", "int4"])
-@pytest.mark.parametrize("compiling", [False, True])
+@pytest.mark.parametrize("form", ["eager", "compiled"])
 @pytest.mark.parametrize("tokens", [1, 2, 9])
-def test_every_way_of_running_experts_computes_the_definition(tiny_mixtral_dir, int4_mixtral_file, monkeypatch, tokens,
-                                                              compiling, weights_in):
+def test_every_way_of_running_experts_computes_the_definition(tiny_mixtral_dir, int4_mixtral_file, tokens, form,
+                                                              weights_in):
     """A few tokens (1 or 2: 2 or 4 experts chosen of 4) run their own experts, by int eagerly and by tensor
-    in a compiled step; more (9) run each chosen expert over its tokens eagerly, and every expert over every
-    token, weighted, compiled (is_compiling); float experts and int4 ones alike (int4 through brisk's kernel,
-    which rounds the activations to int8 blocks: within 3% of the largest output, through two layers)."""
-    model = load_model(int4_mixtral_file) if weights_in == "int4" else load_model(tiny_mixtral_dir)
+    in a compiled step's form; more (9) run each chosen expert over its tokens eagerly, and every expert over
+    every token, weighted, in the compiled step's form; float experts and int4 ones alike (int4 through brisk's
+    kernel, which rounds the activations to int8 blocks: within 3% of the largest output, through two
+    layers)."""
+    model = prepare(load_model(int4_mixtral_file if weights_in == "int4" else tiny_mixtral_dir), "cpu")
     experts = model.layers[1].feed_forward.experts
-    plain = plain_model(int4_mixtral_file).layers[1].feed_forward.experts if weights_in == "int4" else experts
+    plain = load_model(int4_mixtral_file).layers[1].feed_forward.experts if weights_in == "int4" else experts
     torch.manual_seed(0)
     x, chosen = torch.randn(tokens, 64), torch.stack([torch.randperm(4)[:2] for _ in range(tokens)])
     weights = torch.rand(tokens, 2).softmax(-1)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    run = experts if form == "eager" else CompiledExperts(experts)
     with torch.no_grad():
-        out, expected = run_experts(experts, x, chosen, weights), by_definition(plain, x, chosen, weights)
+        out, expected = run(x, chosen, weights), by_definition(plain, x, chosen, weights)
     tolerance = 1e-5 if weights_in == "fp32" or not native_kernels() else 0.03 * expected.abs().max()
     assert torch.allclose(out, expected, rtol=0, atol=tolerance)
 
 
 @pytest.mark.slow
 def test_compiled_steps_equal_eager(tiny_mixtral_dir):
-    """One row (gathered experts) and three rows (every expert, weighted), compiled as --compile compiles."""
-    model = load_model(tiny_mixtral_dir)
+    """One row (gathered experts) and three rows (every expert, weighted), compiled as --compile compiles,
+    give the eager model's tokens."""
+    eager_model = prepare(load_model(tiny_mixtral_dir), "cpu")
+    compiled_model = prepare(load_model(tiny_mixtral_dir), "cpu", "compiled")
     greedy = Sampling(temperature=0)
     for prompts in ([IDS[:9]], [IDS[:9], IDS[20:29], IDS[40:49]]):
-        model.setup_caches(len(prompts), 64)
-        eager, _ = generate(model, prompts, 10, greedy)
-        compiled, _ = generate(model, prompts, 10, greedy, steps=compile_steps("cpu"))
+        eager_model.setup_caches(len(prompts), 64)
+        compiled_model.setup_caches(len(prompts), 64)
+        eager, _ = generate(eager_model, prompts, 10, greedy)
+        compiled, _ = generate(compiled_model, prompts, 10, greedy, steps=compile_steps("cpu"))
         assert compiled == eager
 
 
@@ -126,7 +131,7 @@ def test_a_mixtral_gguf_with_stacked_experts_converts_to_the_logits_of_transform
     assert (args.n_experts, args.experts_per_token) == (4, 2)
     with torch.no_grad():
         expected = mixtral_reference(torch.tensor([IDS])).logits[0]
-    assert (forward_logits(load_model(out), IDS) - expected).abs().max().item() <= 1e-4
+    assert (forward_logits(prepare(load_model(out), "cpu"), IDS) - expected).abs().max().item() <= 1e-4
 
 
 def test_a_gguf_with_one_tensor_per_expert_is_refused_in_one_line(tmp_path):
@@ -160,7 +165,8 @@ def test_quantized_experts_compute_with_their_dequantized_weights(tiny_mixtral_d
                                                                   plain_layers):
     """Every expert's projections are quantized, the router is not (rounding it would change the routing),
     and the quantized model's plain layers give the logits of the float model with the dequantized weights."""
-    quantized = load_model(quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32"))
+    quantized = prepare(load_model(quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize",
+                                                  "32")), "cpu")
     feed_forward = quantized.layers[0].feed_forward
     assert isinstance(feed_forward.experts, CPUExperts)  # the CPU's form, holding the plain experts
     assert all(isinstance(getattr(feed_forward.experts.layer, name), layer_type) for name in ("w1", "w2", "w3"))
@@ -176,8 +182,8 @@ def test_the_cpu_kernel_multiplies_by_one_experts_rows(tiny_mixtral_dir, tmp_pat
     by an int (eagerly) or a 0-d tensor (compiled): it equals the plain experts' product, dequantized rows
     times the rows x, to the kernel's rounding of x to int8 blocks."""
     path = quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
-    experts = load_model(path).layers[1].feed_forward.experts
-    plain = plain_model(path).layers[1].feed_forward.experts
+    experts = prepare(load_model(path), "cpu").layers[1].feed_forward.experts
+    plain = load_model(path).layers[1].feed_forward.experts
     assert set(experts.kernels) == {"w1", "w3", "w2"} and experts.layer is None  # no plain copy kept
     torch.manual_seed(0)
     for name, width in (("w1", 64), ("w2", 128)):
@@ -238,7 +244,7 @@ def test_an_expert_no_calibration_token_chose_is_rounded_to_nearest(tiny_mixtral
 def test_a_gptq_file_of_a_mixture_computes_with_its_dequantized_weights(tiny_mixtral_dir, tmp_path, plain_layers):
     quantized = load_model(quantized_copy(tiny_mixtral_dir, tmp_path / "q", "--mode", "int4-gptq", "--groupsize", "32",
                                           "--calibration_samples", "4", "--calibration_seq_length", "64"))
-    assert isinstance(quantized.layers[1].feed_forward.experts.layer.w2, Int4Linear)
+    assert isinstance(quantized.layers[1].feed_forward.experts.w2, Int4Linear)
     expected = forward_logits(dequantized_twin(load_model(tiny_mixtral_dir), quantized), IDS)
     assert (forward_logits(quantized, IDS) - expected).abs().max().item() <= 1e-3
 

@@ -7,6 +7,7 @@ from checkpoint import load_model, parameter_count, random_model
 from generation import Steps, compile_steps, decode_one_token, generate, prefill, slots_to_attend
 from model import ForwardOptions, Transformer
 from model_args import ModelArgs
+from prepare import prepare
 from sampling import Sampling
 
 GREEDY = Sampling(temperature=0)
@@ -20,7 +21,7 @@ def full_logits(model, ids):
 
 
 def test_tiny_logits_equal_transformers(tiny_dir, tiny_reference):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     ids = list(range(3, 200, 3))
     with torch.no_grad():
         expected = tiny_reference(torch.tensor([ids])).logits
@@ -28,14 +29,14 @@ def test_tiny_logits_equal_transformers(tiny_dir, tiny_reference):
 
 
 def test_smollm2_logits_equal_transformers(smollm2_dir, smollm2_reference):
-    model = load_model(smollm2_dir)
+    model = prepare(load_model(smollm2_dir), "cpu")
     with torch.no_grad():
         expected = smollm2_reference(torch.tensor([PROMPT])).logits
     assert (full_logits(model, PROMPT) - expected).abs().max().item() <= 1e-3
 
 
 def test_smollm2_greedy_32_tokens_equal_transformers_generate(smollm2_dir, smollm2_reference):
-    model = load_model(smollm2_dir)
+    model = prepare(load_model(smollm2_dir), "cpu")
     model.setup_caches(1, len(PROMPT) + 32)
     [ours], _ = generate(model, [PROMPT], 32, GREEDY)
     with torch.no_grad():
@@ -45,7 +46,7 @@ def test_smollm2_greedy_32_tokens_equal_transformers_generate(smollm2_dir, smoll
 
 
 def test_cached_decoding_equals_full_forward(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     ids = list(range(5, 69))
     expected = full_logits(model, ids)[0]
     model.setup_caches(1, 256)
@@ -57,7 +58,7 @@ def test_cached_decoding_equals_full_forward(tiny_dir):
 
 @pytest.mark.parametrize("checkpoint", ["tiny_dir", "smollm2_dir"])
 def test_batch_of_different_lengths_equals_each_alone(checkpoint, request):
-    model = load_model(request.getfixturevalue(checkpoint))
+    model = prepare(load_model(request.getfixturevalue(checkpoint)), "cpu")
     prompts = [[i % model.args.vocab_size for i in prompt]
                for prompt in (PROMPT, PROMPT[:4], [28, 253, 1090], PROMPT[2:11])]
     model.setup_caches(len(prompts), len(PROMPT) + 24)
@@ -68,7 +69,7 @@ def test_batch_of_different_lengths_equals_each_alone(checkpoint, request):
 
 def test_rows_each_at_their_own_position_equal_each_alone(tiny_dir):
     # a server's cache: each row a sequence of its own, prefilled row by row (cache_row), then decoded together
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     prompts = [list(range(5, 45)), [7, 8, 9], list(range(100, 117))]
     model.setup_caches(len(prompts), 64)
     with torch.no_grad():
@@ -81,7 +82,7 @@ def test_rows_each_at_their_own_position_equal_each_alone(tiny_dir):
 
 
 def test_attention_never_reads_the_cache_past_the_attended_slots(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     ids = torch.tensor([[5, 17, 29, 41]])
     with torch.no_grad():
@@ -107,7 +108,7 @@ WHOLE_CACHE = Steps(prefill=lambda model, tokens, input_pos, left_pad, sampling,
 
 
 def test_decoding_past_256_slots_equals_attending_the_whole_cache(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(2, 1024)
     prompts = [list(range(5, 255)), list(range(7, 250))]  # left-padded; decoding crosses slot 256
     bounded, timing = generate(model, prompts, 20, GREEDY)
@@ -117,7 +118,7 @@ def test_decoding_past_256_slots_equals_attending_the_whole_cache(tiny_dir):
 
 
 def test_generation_stops_at_a_stop_token_and_keeps_it(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     prompt = [5, 17, 29, 41, 53]
     [free], _ = generate(model, [prompt], 20, GREEDY)
@@ -136,7 +137,7 @@ def test_head_dim_different_from_dim_over_heads():
 
 @pytest.mark.slow
 def test_compiled_decode_equals_eager(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     prompt = [5, 17, 29, 41, 53, 65]
     eager, _ = generate(model, [prompt], 16, GREEDY)
@@ -146,7 +147,7 @@ def test_compiled_decode_equals_eager(tiny_dir):
 
 @pytest.mark.slow
 def test_compiled_decoding_past_256_slots_equals_eager(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 1024)
     prompt = list(range(5, 250))
     eager, _ = generate(model, [prompt], 16, GREEDY)
@@ -156,7 +157,7 @@ def test_compiled_decoding_past_256_slots_equals_eager(tiny_dir):
 
 @pytest.mark.slow
 def test_one_compiled_step_serves_a_single_prompt_then_a_padded_batch(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     compiled_steps = compile_steps("cpu")
     for prompts in ([[5, 17]], [[5], [6, 17], [7, 17, 29]]):
         model.setup_caches(len(prompts), 64)
@@ -191,7 +192,7 @@ def test_llama2c_stories_shapes_share_the_classifier_as_their_names_count(name, 
 
 
 @pytest.mark.parametrize("weights", ["float", "int8", "int4-g64"])
-def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights, plain_layers):
+def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights):
     layer = random_model(ModelArgs.from_name("stories15M"), weights=weights).layers[0].feed_forward.w1
     values = layer.weight if weights == "float" else layer.dequantized()
     assert abs(values.mean()) < 2e-4 and values.std().item() == pytest.approx(0.02, rel=0.02)
@@ -199,8 +200,7 @@ def test_random_weights_in_every_format_spread_like_a_normal_of_std_0_02(weights
 
 def test_random_weights_keep_a_tied_embedding_one_tensor():
     model = random_model(ModelArgs.from_name("stories15M"))
-    head = getattr(model.output, "layer", model.output)  # nn.Linear, or within its CPU form
-    assert head.weight is model.tok_embeddings.weight
+    assert model.output.weight is model.tok_embeddings.weight
 
 
 def test_hf_config_round_trips():
@@ -220,7 +220,7 @@ def test_load_rejects_weights_that_do_not_match_the_config(tiny_dir, tmp_path):
 
 
 def test_logits_from_the_last_position_are_the_last_row_of_all_logits(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     model.setup_caches(1, 64)
     ids = torch.tensor([[5, 17, 29, 41, 53]])
     with torch.no_grad():

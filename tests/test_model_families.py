@@ -10,6 +10,7 @@ import torch
 from checkpoint import load_model
 from conftest import IDS, ROOT, forward_logits
 from generation import generate
+from prepare import prepare
 from sampling import Sampling
 
 # family -> (its converted checkpoint, transformers' model of the same directory): fixture names
@@ -26,12 +27,12 @@ def test_logits_equal_transformers(family):
     checkpoint, reference = family
     with torch.no_grad():
         expected = reference(torch.tensor([IDS])).logits[0]
-    assert (forward_logits(load_model(checkpoint), IDS) - expected).abs().max().item() <= 1e-4
+    assert (forward_logits(prepare(load_model(checkpoint), "cpu"), IDS) - expected).abs().max().item() <= 1e-4
 
 
 def test_greedy_tokens_equal_transformers_generate(family):
     checkpoint, reference = family
-    model = load_model(checkpoint)
+    model = prepare(load_model(checkpoint), "cpu")
     model.setup_caches(1, 64)
     [ours], _ = generate(model, [IDS[:10]], 24, Sampling(temperature=0))
     with torch.no_grad():
@@ -41,7 +42,7 @@ def test_greedy_tokens_equal_transformers_generate(family):
 
 
 def test_cached_decoding_equals_the_full_forward(family):
-    model = load_model(family[0])
+    model = prepare(load_model(family[0]), "cpu")
     expected = forward_logits(model, IDS)
     with torch.no_grad():
         prefill = model(torch.tensor([IDS[:40]]), torch.arange(40))[0]
@@ -50,7 +51,7 @@ def test_cached_decoding_equals_the_full_forward(family):
 
 
 def test_a_batch_of_different_lengths_equals_each_alone(family):
-    model = load_model(family[0])
+    model = prepare(load_model(family[0]), "cpu")
     prompts = [IDS[:7], IDS[:19], IDS[:3]]
     alone = []
     for prompt in prompts:

@@ -8,6 +8,7 @@ import quantize
 from checkpoint import load_model
 from conftest import filled, has_module, quantized_copy
 from cpu_kernels import NF4CPULinear, nf4_values
+from prepare import prepare
 from quantized_layers import (ABSMAX_BLOCK, DYNAMIC_MAP, NF4_TABLE, NF4Linear, pack_int4, quantize_nf4,
                               quantile_midpoints)
 
@@ -124,9 +125,9 @@ def test_embedding_rows_are_the_dequantized_weight_rows(double_quant):
 
 @pytest.mark.parametrize("flag, double_quant", [([], True), (["--no_double_quant"], False)])
 def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, flag, double_quant):
-    model = quantize.quantize_rtn(load_model(tiny_dir, device_forms=False), "nf4", 32, True, double_quant)
-    loaded = load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "nf4", "--groupsize", 32,
-                                       "--quantize_embedding", *flag))
+    model = quantize.quantize_rtn(load_model(tiny_dir), "nf4", 32, True, double_quant)
+    loaded = prepare(load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "nf4", "--groupsize", 32,
+                                               "--quantize_embedding", *flag)), "cpu")
     tokens, positions = torch.tensor([[5, 60, 200, 7, 31]]), torch.arange(5)
     model.setup_caches(1, 16), loaded.setup_caches(1, 16)
     with torch.no_grad():
@@ -156,6 +157,6 @@ def test_compiled_one_row_fused_loop_equals_the_plain_layer(smollm2_weight, doub
 
 
 def test_loaded_nf4_layers_get_their_cpu_form(tiny_dir, tmp_path):
-    model = load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "nf4", "--groupsize", 32))
+    model = prepare(load_model(quantized_copy(tiny_dir, tmp_path / "tiny", "--mode", "nf4", "--groupsize", 32)), "cpu")
     assert isinstance(model.layers[0].feed_forward.w2, NF4CPULinear)
     assert cpu_kernels.swap_in(model).layers[0].feed_forward.w2.layer is model.layers[0].feed_forward.w2.layer

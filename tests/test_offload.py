@@ -72,9 +72,9 @@ def test_streamed_smollm2_gives_the_in_memory_tokens(smollm2_dir, mode):
 
 
 @pytest.mark.parametrize("mode, groupsize", [("int8", None), ("int4", 64)])
-def test_streamed_quantized_smollm2_gives_its_in_memory_tokens(smollm2_dir, tmp_path, mode, groupsize, plain_layers):
-    """Streamed blocks compute with the plain (dequantized) products, as the in-memory model does without brisk's
-    CPU kernels."""
+def test_streamed_quantized_smollm2_gives_its_in_memory_tokens(smollm2_dir, tmp_path, mode, groupsize):
+    """Streamed blocks compute with the plain (dequantized) products, as the in-memory model loaded (not
+    prepared for brisk's CPU kernels) does."""
     directory = tmp_path / "smollm2"
     shutil.copytree(smollm2_dir, directory)
     quantize.main(["--checkpoint_path", str(directory), "--mode", mode, "--output", str(directory / "q.safetensors"),

@@ -5,14 +5,14 @@ import shutil
 import pytest
 import torch
 
-import cpu_kernels
 import quantize
 import quantized_layers
 from checkpoint import load_model
-from conftest import filled, plain_model, quantized_copy, shared_text
+from conftest import filled, quantized_copy, shared_text
 from cpu_kernels import QuantizedCPULinear
 from generate import main
 from generation import compile_steps, generate
+from prepare import prepare
 from quantize import HessianAccumulator, gptq_layer
 from quantized_layers import Int4Linear, Int8Linear, dequantize_int4, int4_group_params, int4_values, quantize_int8
 from sampling import Sampling
@@ -84,7 +84,7 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
     argv = ["--checkpoint_path", str(directory), "--mode", mode, "--quantize_embedding",
             "--calibration_samples", "4", "--calibration_seq_length", "32"] + (
         ["--groupsize", str(groupsize)] if groupsize else [])
-    model = load_model(directory, device_forms=False)
+    model = load_model(directory)
     if mode == "int4-gptq":
         calibration = quantize.calibration_tokens(model, load_tokenizer(directory), None, 4, 32)
         quantize.quantize_gptq(model, calibration, groupsize, True)
@@ -94,10 +94,10 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
     written = quantize.output_path(directory, mode, groupsize)
     renamed = directory / "anything.safetensors"  # loading reads the metadata, not the file name
     written.rename(renamed)
-    loaded = load_model(renamed)
+    loaded = prepare(load_model(renamed), "cpu")
     tokens, positions = torch.tensor([[5, 60, 200, 7, 31]]), torch.arange(5)
     model.setup_caches(1, 16), loaded.setup_caches(1, 16)
-    cpu_kernels.swap_in(model)  # as loading does: the same kernels on both sides
+    prepare(model, "cpu")  # the same kernels on both sides
     with torch.no_grad():
         assert torch.allclose(loaded(tokens, positions), model(tokens, positions), atol=1e-5)
     layer = loaded.layers[1].attention.wk  # the plain layer, or brisk's kernel form of it
@@ -111,7 +111,7 @@ def test_saved_file_loads_to_the_same_outputs(tiny_dir, tmp_path, mode, groupsiz
 
 def test_gptq_output_error_is_below_rounding_on_real_activations(smollm2_dir):
     """SmolLM2's first attention block's q projection, its inputs from Shakespeare through the real model."""
-    model, tokenizer = plain_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
     ids = torch.tensor(tokenizer.encode(shared_text("tinyshakespeare.txt")[:40000])[:2048]).view(8, 256)
     block, accumulator = model.layers[3], HessianAccumulator(576)
     hook = block.attention.wq.register_forward_hook(accumulator.add)

@@ -9,10 +9,10 @@ import torch
 
 from checkpoint import load_model, parameter_count
 from cpu_kernels import QuantizedCPULinear, native_kernels
-from conftest import (IDS, ROOT, dequantized_twin, forward_logits, plain_model, quantized_copy,
-                      save_hf_model_as_gguf)
+from conftest import IDS, ROOT, dequantized_twin, forward_logits, quantized_copy, save_hf_model_as_gguf
 from model import BiasAfter
 from model_args import ModelArgs
+from prepare import prepare
 from quantized_layers import Int4Linear, Int8Linear
 from scripts.convert_gguf import convert as convert_gguf
 
@@ -32,11 +32,11 @@ def test_a_qwen2_gguf_converts_to_the_logits_of_transformers(tiny_qwen2_hf_dir, 
     assert (args.qkv_bias, args.rope_base, args.tie_embeddings) == (True, 1e6, False)
     with torch.no_grad():
         expected = qwen2_reference(torch.tensor([IDS])).logits[0]
-    assert (forward_logits(load_model(out), IDS) - expected).abs().max().item() <= 1e-4
+    assert (forward_logits(prepare(load_model(out), "cpu"), IDS) - expected).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("mode, layer_type", [("int8", Int8Linear), ("int4", Int4Linear)])
-def test_quantized_layers_keep_their_biases(tiny_qwen2_dir, tmp_path, mode, layer_type, plain_layers):
+def test_quantized_layers_keep_their_biases(tiny_qwen2_dir, tmp_path, mode, layer_type):
     """A quantized file keeps each q/k/v bias as it was, and the quantized model's plain layers add them:
     prefill and cached decode steps give the logits of the float model with the dequantized weights."""
     quantized = load_model(quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32"))
@@ -57,9 +57,9 @@ def test_the_kernels_forms_add_the_biases_after_the_product(tiny_qwen2_dir, tmp_
     activations the kernel rounds to int8 exactly (integers within +-127, 127 among them, times 2^-4), it
     gives the plain layer's outputs, bias included, to the rounding of the scales it reads in fp16."""
     path = quantized_copy(tiny_qwen2_dir, tmp_path / "q", "--mode", mode, "--groupsize", "32")
-    wq = load_model(path).layers[0].attention.wq
+    wq = prepare(load_model(path), "cpu").layers[0].attention.wq
     assert isinstance(wq, BiasAfter) and isinstance(wq.form, QuantizedCPULinear)
-    plain = plain_model(path).layers[0].attention.wq
+    plain = load_model(path).layers[0].attention.wq
     x = torch.randint(-127, 128, (3, wq.form.in_features)).float()
     x[:, ::32] = 127
     with torch.no_grad():

@@ -12,13 +12,14 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 import quantized_kv_cache
 import serve
 from checkpoint import load_model
-from cpu_kernels import CPUExperts
 from conftest import ROOT, greedy_alone, run_engine
 from engine import Busy, Engine, Request, TextStream
+from prepare import CompiledExperts, prepare
 from sampling import Sampling
 from scheduler import FirstComeFirstServed, SkipJoinMLFQ
 from tokenizer import load_tokenizer
@@ -29,7 +30,8 @@ openai = pytest.importorskip("openai")
 @pytest.mark.parametrize("kv_cache", ["float", "int8", "int4"])
 @pytest.mark.parametrize("static_rows", [False, True])
 def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_rows, kv_cache):
-    model = quantized_kv_cache.use(load_model(tiny_dir), kv_cache)  # alone and sharing, with the same cache
+    # alone and sharing, with the same cache
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), kv_cache)
     prompts = [[5, 17, 33], list(range(40, 140)), [9], [200, 3, 77, 12, 1, 60], list(range(100, 170))]
     lengths = [12, 7, 20, 3, 15]
     expected = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
@@ -41,7 +43,7 @@ def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_ro
 
 
 def test_a_stop_token_ends_a_request_and_is_not_sent(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     prompt = [5, 17, 33]
     alone = greedy_alone(model, prompt, 10)
     stop = alone[4]
@@ -51,7 +53,7 @@ def test_a_stop_token_ends_a_request_and_is_not_sent(tiny_dir):
 
 
 def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     sampling = Sampling(temperature=1.0, top_k=None)
     alone = run_engine(Engine(model, slots=1, max_seq_length=256), [Request([5, 17], 12, sampling, seed=7)])
     crowded = run_engine(Engine(model, slots=3, max_seq_length=256), [
@@ -62,7 +64,7 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(tiny_d
 
 
 def test_a_preempted_request_resumes_where_it_was_and_both_get_what_they_get_alone(tiny_dir):
-    model = load_model(tiny_dir)
+    model = prepare(load_model(tiny_dir), "cpu")
     long_prompt, short_prompt = list(range(40, 100)), [7, 8, 9]
     expected = [greedy_alone(model, long_prompt, 40), greedy_alone(model, short_prompt, 5)]
     # every iteration uses up a quantum, so the long request sinks to the last queue while it runs; the short
@@ -97,7 +99,8 @@ def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
         def charge(self, running: list, seconds: float, now: float):
             charged.append(sorted(len(request.prompt) for request in running))
 
-    engine = Engine(load_model(tiny_dir), slots=2, max_seq_length=256, prefill_chunk=16, scheduler=Recording())
+    engine = Engine(prepare(load_model(tiny_dir), "cpu"), slots=2, max_seq_length=256, prefill_chunk=16,
+                    scheduler=Recording())
     run_engine(engine, [Request([5, 17, 33], 4), Request(list(range(40, 80)), 2)])
     # A (3 tokens) is prefilled and decodes; B's 40 tokens go in 3 chunks, one per iteration beside A's steps;
     # a request that has just made its last token is not charged (A in the 3rd step, B in the 4th)
@@ -105,7 +108,8 @@ def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
 
 
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
-    engine = Engine(load_model(tiny_dir), slots=1, max_seq_length=64, max_waiting=1)  # its loop not running
+    # its loop not running
+    engine = Engine(prepare(load_model(tiny_dir), "cpu"), slots=1, max_seq_length=64, max_waiting=1)
     engine.submit(Request([1], 1))  # the free slot will take it
     engine.submit(Request([2], 1))  # waits
     with pytest.raises(Busy):
@@ -131,7 +135,7 @@ def server(tiny_dir):
 
 
 def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True):
-    model, tokenizer = load_model(checkpoint_dir), load_tokenizer(checkpoint_dir)
+    model, tokenizer = prepare(load_model(checkpoint_dir), "cpu"), load_tokenizer(checkpoint_dir)
     http_server = serve.Server(("127.0.0.1", 0), api_key)
     engine = Engine(model, slots=slots, max_seq_length=model.args.max_seq_length, prefill_chunk=64,
                     max_waiting=max_waiting)
@@ -288,7 +292,7 @@ def test_bad_arguments_are_one_line_and_status_2(capsys):
 def test_smollm2_chats_in_a_busy_server_equal_each_alone(smollm2_dir):
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Name three colours.",
                  "What is 12 times 12?", "Say hello in Spanish."]
-    model, tokenizer = load_model(smollm2_dir), load_tokenizer(smollm2_dir)
+    model, tokenizer = prepare(load_model(smollm2_dir), "cpu"), load_tokenizer(smollm2_dir)
     prompts = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in questions]
     alone = [greedy_alone(model, prompt, 24) for prompt in prompts]
     engine = Engine(model, slots=3, max_seq_length=512, prefill_chunk=16)
@@ -336,7 +340,7 @@ def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir, 
     """Two ranks under torchrun, one slot: a long completion streams, a short one preempts it (its KV rows are
     swapped out and back on each rank, each holding its half of the heads), and both texts equal generate()'s
     greedy ones in one process; the other rank compiles its steps as rank 0 does."""
-    model, tokenizer = load_model(tiny_dir), load_tokenizer(tiny_dir)
+    model, tokenizer = prepare(load_model(tiny_dir), "cpu"), load_tokenizer(tiny_dir)
     long_ids, short_ids = tokenizer.encode("the"), tokenizer.encode("and so")
     expected = [tokenizer.decode(greedy_alone(model, ids, n)) for ids, n in ((long_ids, 200), (short_ids, 8))]
     process, port = start_server(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -360,7 +364,12 @@ def test_a_tensor_parallel_server_preempts_and_answers_as_one_process(tiny_dir, 
         assert "serve.py" not in process.stderr.read()  # a rank's traceback, or torchrun naming one that failed
 
 
-def test_a_compiled_server_runs_the_cpu_forms_a_compiled_generate_runs(tiny_mixtral_dir):
+def test_a_compiled_server_runs_the_model_a_compiled_generate_runs(tiny_mixtral_dir):
+    """serve.py --compile prepares its model as generate.py --compile does (prepare.prepare, step "compiled"):
+    the same forms of every layer, in the same dtype."""
     args = serve.parse_args(["--checkpoint_path", str(tiny_mixtral_dir), "--device", "cpu", "--compile"])
     _, model, *_ = serve.load(args)
-    assert isinstance(model.layers[0].feed_forward.experts, CPUExperts)  # eagerly, the plain experts
+    expected = prepare(load_model(tiny_mixtral_dir, "cpu", torch.bfloat16), "cpu", "compiled")
+    assert [type(module) for module in model.modules()] == [type(module) for module in expected.modules()]
+    assert isinstance(model.layers[0].feed_forward.experts, CompiledExperts)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16

@@ -7,6 +7,7 @@ from generate import main
 from generation import generate
 from model import Transformer
 from model_args import ModelArgs
+from prepare import prepare
 from sampling import Sampling, probabilities
 from speculative import (DraftModel, Lookahead, lookahead_generate, lookahead_logits, prompt_lookup_guesses,
                          speculative_generate, target_logits, verify)
@@ -34,7 +35,7 @@ def plain_greedy(model, prompt, n, stop_ids=()):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    model = load_model(smollm2_dir)
+    model = prepare(load_model(smollm2_dir), "cpu")
     model.setup_caches(1, 256)
     return model, load_tokenizer(smollm2_dir)
 
@@ -98,7 +99,7 @@ def test_lookahead_refuses_sampling(capsys, tiny_dir):
 
 def test_greedy_with_a_quantized_draft_equals_plain_greedy_on_smollm2(smollm2, smollm2_int8):
     model, tokenizer = smollm2
-    draft = load_model(smollm2_int8)
+    draft = prepare(load_model(smollm2_int8), "cpu")
     draft.setup_caches(1, 256)
     prompt = tokenizer.encode("The three primary colours are")
     output, stats = speculative_generate(model, prompt, 30, GREEDY, 4, DraftModel(draft))
