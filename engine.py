@@ -1,13 +1,14 @@
-"""The serving engine: many requests decoded together by one model, each in a slot of its own.
+"""The serving engine: many requests decoded together by one model, each in a row of the KV cache of its own
+(what serve.py's --slots counts, as llama-server calls them), each row one sequence at its own length.
 
-The KV cache has one row per slot, and each slot holds one sequence at its own length. One thread owns the
-model and runs iteration-level scheduling (Orca, Yu et al. 2022): before each step, finished and cancelled
-requests leave their slots, and the scheduler (scheduler.py) says which waiting requests join the free
-slots and which running ones give theirs up (preempted: their KV rows are copied out, and copied back into
-whichever slot they get next); a joining prompt is prefilled one chunk per iteration, so that the others keep
-decoding beside it; then one decode step runs over every slot at once, each row at its own position. A
-request's tokens come back through its queue as they are made; `TextStream` turns them into text. serve.py
-puts HTTP in front of this.
+Two parts, as in nano-vLLM: the `ModelRunner` owns the model, its cache and every call on the device; the
+`Engine` owns the requests and runs iteration-level scheduling (Orca, Yu et al. 2022) on one thread: before
+each step, ended requests leave their rows, and the scheduler (scheduler.py) says which waiting requests
+join the free rows and which running ones give theirs up (preempted: their KV rows are copied out, and
+copied back into whichever row they get next); a joining prompt is prefilled one chunk per iteration, so
+that the others keep decoding beside it; then one decode step runs over the rows at once, each at its own
+position. A request's tokens come back through its queue as they are made (tokenizer.TextStream turns them
+into text); what the engine counts is metrics.py's. serve.py puts HTTP in front of this.
 """
 import collections
 import queue
@@ -21,35 +22,16 @@ from torch import Tensor
 
 import tp
 from generation import slots_to_attend
+from metrics import Histogram, Snapshot
 from model import ForwardOptions, Transformer
 from sampling import Sampling, sample
-from scheduler import FirstComeFirstServed
-from tokenizer import StreamDecoder, Tokenizer
-
-
-class Histogram:
-    """Observations counted into cumulative buckets, as Prometheus histograms are: bucket i counts those at
-    most bounds[i]; the last bucket (+Inf) counts all of them."""
-
-    def __init__(self, bounds: tuple):
-        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
-
-    def observe(self, value: float):
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-        self.counts[-1] += 1
-        self.sum += value
-
-
-LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 
 
 class Busy(Exception):
     """More requests wait than the engine accepts (serve.py answers 429)."""
 
 
-@dataclass
+@dataclass(eq=False)  # a request is equal only to itself, whatever its fields
 class Request:
     """One sequence to continue. The engine puts each new token id on `events` as it is made, then the reason
     it finished: "stop" (a stop token, not put), "length" (max_tokens reached) or "cancelled"."""
@@ -67,7 +49,7 @@ class Request:
     position: int = 0  # tokens in the cache
     generated: int = 0
     generator: Optional[torch.Generator] = None
-    swapped: bool = False  # preempted: its KV rows wait in host memory (SlotModel.saved) for a slot
+    swapped: bool = False  # preempted: its KV rows wait in host memory (ModelRunner.saved) for a row
     last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
 
     @property
@@ -76,42 +58,49 @@ class Request:
         return self.prefilled == len(self.prompt)
 
     def cancel(self, reason: str = "cancelled"):
-        """End the request at the engine's next iteration, freeing its slot; reason: its outcome in /metrics."""
+        """End the request at the engine's next iteration, freeing its row; reason: its outcome in /metrics."""
         self.cancelled = reason
 
 
 def decode_logits(model: Transformer, tokens: Tensor, input_pos: Tensor, attended_slots: int) -> Tensor:
-    """One decode step over the slots: tokens (rows, 1), each row at its own cache slot input_pos (rows, 1).
-    A function of its own so that --compile can compile it (static shapes: every slot, each step)."""
+    """One decode step over the rows: tokens (rows, 1), each row at its own cache slot input_pos (rows, 1).
+    A function of its own so that --compile can compile it (static shapes: every row, each step)."""
     return model(tokens, input_pos, ForwardOptions(attended_slots=attended_slots))[:, -1]
 
 
-class SlotModel:
-    """The model and its KV cache of `slots` rows, and what the engine does with them, asked for in plain data
-    (token ids, slots, positions) so that every tensor-parallel rank can do it alike. Under torchrun, rank 0's
-    engine calls `run`, which sends the call to the other ranks before making it; each of them sits in `follow`,
-    making every call it hears on its own share of the heads and of the cache (tp.py). Alone, `run` just calls.
-    Every rank computes the same logits; only rank 0's are sampled."""
+class ModelRunner:
+    """The model and its KV cache of `rows` rows, and every call the engine makes on them, in plain data (token
+    ids, rows, slots) so that every tensor-parallel rank can make it alike. The calls are `commands`, by name:
+    under torchrun, rank 0's engine calls `run`, which sends the command to the other ranks before making it;
+    each of them sits in `follow`, making every command it hears on its own share of the heads and of the cache
+    (tp.py), until `stop`. Alone, `run` just makes the call. Every rank computes the same logits; only rank 0's
+    are sampled."""
 
-    def __init__(self, model: Transformer, slots: int, max_seq_length: int, decode: Callable = decode_logits):
-        model.setup_caches(slots, max_seq_length)
-        self.model, self.decode, self.device = model, decode, model.rope.device
+    def __init__(self, model: Transformer, rows: int, max_seq_length: int, decode: Callable = decode_logits):
+        model.setup_caches(rows, max_seq_length)
+        self.model, self.rows, self.decode, self.device = model, rows, decode, model.rope.device
         self.saved = {}  # preempted requests' KV rows in host memory: key -> each layer's (keys, values)
+        self.commands = {"decode_rows": self.decode_rows, "prefill": self.prefill, "swap_out": self.swap_out,
+                         "swap_in": self.swap_in, "forget": self.forget}
 
-    def run(self, call: str, *args):
-        tp.on_rank_0(lambda: (call, args))  # under torchrun: the other ranks, in follow(), hear it
-        return getattr(self, call)(*args)
+    @property
+    def max_seq_length(self) -> int:
+        return self.model.max_seq_length
+
+    def run(self, command: str, *args):
+        tp.on_rank_0(lambda: (command, args))  # under torchrun: the other ranks, in follow(), hear it
+        return self.commands[command](*args)
+
+    def stop(self):
+        """The engine has stopped: the other ranks leave follow()."""
+        tp.on_rank_0(lambda: ("stop", ()))
 
     @torch.no_grad()
     def follow(self):
-        """The other ranks' loop: make each call rank 0 makes, until it stops."""
-        call = None
-        while call != "stop":
-            call, args = tp.on_rank_0(lambda: None)
-            getattr(self, call)(*args)
-
-    def stop(self):
-        """The engine has stopped (the followers leave `follow`)."""
+        """The other ranks' loop: make each command rank 0 makes, until it says "stop"."""
+        while (message := tp.on_rank_0(lambda: None))[0] != "stop":
+            command, args = message
+            self.commands[command](*args)
 
     def decode_rows(self, tokens: list, positions: list, attended: int) -> Tensor:
         """One decode step: row i feeds tokens[i] at cache slot positions[i]; the logits of every row."""
@@ -134,59 +123,86 @@ class SlotModel:
                            for layer in self.model.layers]
 
     def swap_in(self, row: int, length: int, key: int):
-        """The KV slots kept under key back into a cache row (any row: positions are slots, not rows)."""
+        """The KV slots kept under key back into a cache row (any row: a sequence's positions are slots, not
+        rows)."""
         for layer, kept in zip(self.model.layers, self.saved.pop(key)):
             for buffer, slots in zip(layer.attention.kv_cache.buffers(), kept):
                 buffer[row, :, :length].copy_(slots, non_blocking=True)
 
     def forget(self, key: int):
-        """A preempted request ended before it got a slot back: its kept rows go."""
+        """A preempted request ended before it got a row back: its kept rows go."""
         del self.saved[key]
+
+    def dummy_step(self, attended: Optional[int] = None):
+        """A decode step on dummy rows at the cache's last slot (which no prompt reaches), attending over
+        `attended` slots (the fewest by default): what a compiled step is warmed up with."""
+        last = self.max_seq_length - 1
+        attended = attended or slots_to_attend(1, self.max_seq_length)
+        self.run("decode_rows", [0] * self.rows, [last] * self.rows, attended)
+
+    def dummy_chunk(self, length: int):
+        """A prompt chunk of `length` dummy tokens prefilled into row 0."""
+        self.run("prefill", 0, [0] * length, 0, slots_to_attend(length, self.max_seq_length))
+
+    @torch.no_grad()
+    def measure(self, prefill_chunk: int) -> tuple:
+        """Seconds of one decode step over every row and of one prefill chunk, measured on dummy rows before any
+        request comes (the second of two runs each): what MLFQ's quanta and prefill estimates are made of."""
+        timings = []
+        chunk = min(prefill_chunk, self.max_seq_length - 1)
+        for run in (self.dummy_step, lambda: self.dummy_chunk(chunk)):
+            run()
+            started = time.perf_counter()
+            run()
+            timings.append(time.perf_counter() - started)
+        return tuple(timings)
 
 
 class Engine:
-    """Slots, the scheduler that holds the waiting requests, and the loop that runs them (`run`, on a thread of
-    its own).
+    """The requests, the scheduler that holds the waiting ones, and the loop that runs them (`run`) through the
+    runner.
 
-    decode: decode_logits, or a compiled form of it. prefill_chunk: prompt tokens prefilled per iteration.
-    max_waiting: requests that may wait for a slot before submit() refuses more (Busy). scheduler: who gets
-    the slots (scheduler.py; first come first served by default). static_rows: every decode step runs over
-    every slot (a compiled step: one shape); otherwise over the slots up to the last busy one."""
+    scheduler: who gets the rows (scheduler.py). prefill_chunk: prompt tokens prefilled per iteration.
+    max_waiting: requests that may wait for a row before submit() refuses more (Busy). static_rows: every
+    decode step runs over every row (a compiled step: one shape); otherwise over the rows up to the last busy
+    one."""
 
-    def __init__(self, model: Transformer, slots: int, max_seq_length: int, prefill_chunk: int = 256,
-                 max_waiting: int = 64, decode: Callable = decode_logits, scheduler=None, static_rows: bool = False):
-        self.slot_model = SlotModel(model, slots, max_seq_length, decode)
+    def __init__(self, runner: ModelRunner, scheduler, prefill_chunk: int = 256, max_waiting: int = 64,
+                 static_rows: bool = False):
+        self.runner, self.scheduler = runner, scheduler
         self.prefill_chunk, self.max_waiting, self.static_rows = prefill_chunk, max_waiting, static_rows
-        self.scheduler = scheduler or FirstComeFirstServed()
-        self.device = model.rope.device
-        self.slots: list = [None] * slots  # the request in each slot, None where it is free
+        self.rows: list = [None] * runner.rows  # the request in each cache row, None where it is free
         self.condition = threading.Condition()  # guards the scheduler; wakes the loop when a request arrives
         self.stopped = False
         self.counts = collections.Counter()  # for /metrics: requests by outcome, tokens, steps, preemptions
-        self.time_to_first_token, self.inter_token_latency = Histogram(LATENCY_BOUNDS), Histogram(LATENCY_BOUNDS)
+        self.time_to_first_token, self.inter_token_latency = Histogram(), Histogram()
 
     @property
     def max_seq_length(self) -> int:
-        return self.slot_model.model.max_seq_length
+        return self.runner.max_seq_length
 
     def submit(self, request: Request):
         """Queue a request (its prompt plus max_tokens must fit the cache: serve.py checks before)."""
         if request.seed is not None:
-            request.generator = torch.Generator(self.device).manual_seed(request.seed)
+            request.generator = torch.Generator(self.runner.device).manual_seed(request.seed)
         with self.condition:
-            # requests that free slots will take at the next iteration do not count as waiting
-            if len(self.scheduler.waiting(time.perf_counter())) >= self.max_waiting + self.slots.count(None):
+            # requests that free rows will take at the next iteration do not count as waiting
+            if len(self.scheduler.waiting(time.perf_counter())) >= self.max_waiting + self.rows.count(None):
                 raise Busy(f"{self.queue_depth()} requests are waiting for a slot already")
             self.scheduler.add(request, len(request.prompt), time.perf_counter())
             self.condition.notify()
 
     def queue_depth(self) -> int:
-        """Requests waiting that no free slot will take at the next iteration."""
+        """Requests waiting that no free row will take at the next iteration."""
         with self.condition:
-            return max(0, len(self.scheduler.waiting(time.perf_counter())) - self.slots.count(None))
+            return max(0, len(self.scheduler.waiting(time.perf_counter())) - self.rows.count(None))
 
-    def running(self) -> int:
-        return sum(request is not None for request in self.slots)
+    def snapshot(self) -> Snapshot:
+        """The figures /metrics shows, as they stand."""
+        with self.condition:
+            return Snapshot(collections.Counter(self.counts), self.scheduler.waiting_per_queue(),
+                            sum(request is not None for request in self.rows), self.time_to_first_token.copy(),
+                            self.inter_token_latency.copy())
 
     def stop(self):
         with self.condition:
@@ -205,30 +221,28 @@ class Engine:
             self.iteration()
         for job in list(self.scheduler.jobs.values()):
             job.request.events.put("cancelled")
-        self.slot_model.run("stop")
+        self.runner.stop()
 
     def iteration(self):
-        """Leave, preempt and join as the scheduler says, one prefill chunk, one decode step."""
+        """End the cancelled requests, preempt and join as the scheduler says, one prefill chunk, one decode
+        step."""
         now = time.perf_counter()
         with self.condition:
-            for request in self.scheduler.waiting(now):
+            for request in self.scheduler.waiting(now) + list(filter(None, self.rows)):
                 if request.cancelled:
                     self.end(request, request.cancelled)
-            for slot, request in enumerate(self.slots):
-                if request is not None and request.cancelled:
-                    self.finish(slot, request.cancelled)
-            preempt, join = self.scheduler.plan(list(filter(None, self.slots)), self.slots.count(None), now)
+            preempt, join = self.scheduler.plan(list(filter(None, self.rows)), self.rows.count(None), now)
         for request in preempt:
             self.swap_out(request)
         for request in join:
             self.place(request)
         # each request is charged the time of the work done for it: its prompt's chunk, or the decode step
-        prefilling = [slot for slot, request in enumerate(self.slots) if request is not None and not request.decoding]
+        prefilling = [row for row, request in enumerate(self.rows) if request is not None and not request.decoding]
         if prefilling:
-            request, started = self.slots[prefilling[0]], time.perf_counter()
+            request, started = self.rows[prefilling[0]], time.perf_counter()
             self.prefill(prefilling[0])
             self.charge([request], started)
-        decoding = [request for request in self.slots if request is not None and request.decoding]
+        decoding = [request for request in self.rows if request is not None and request.decoding]
         if decoding:
             started = time.perf_counter()
             self.decode_step()
@@ -236,141 +250,85 @@ class Engine:
 
     def charge(self, requests: list, started: float):
         """Tell the scheduler that the time since `started` went to these requests (those it still holds: not
-        the ones that have just finished)."""
+        the ones that have just ended)."""
         with self.condition:
             now, requests = time.perf_counter(), [r for r in requests if id(r) in self.scheduler.jobs]
             if requests:
                 self.scheduler.charge(requests, now - started, now)
 
-    @torch.no_grad()
-    def measure(self) -> tuple:
-        """Seconds of one decode step over every slot and of one prefill chunk, measured on dummy rows before
-        any request comes (the second of two runs each): what MLFQ's quanta and prefill estimates are
-        made of."""
-        timings = []
-        for run in (self.dummy_step, self.dummy_chunk):
-            run()
-            started = time.perf_counter()
-            run()
-            timings.append(time.perf_counter() - started)
-        return tuple(timings)
-
-    def dummy_step(self, attended: Optional[int] = None):
-        """A decode step on dummy rows at the cache's last slot (which no prompt reaches), attending over
-        `attended` slots (the fewest by default): what a compiled step is warmed up with."""
-        slots, last = len(self.slots), self.max_seq_length - 1
-        attended = attended or slots_to_attend(1, self.max_seq_length)
-        self.slot_model.run("decode_rows", [0] * slots, [last] * slots, attended)
-
-    def dummy_chunk(self):
-        length = min(self.prefill_chunk, self.max_seq_length - 1)
-        self.slot_model.run("prefill", 0, [0] * length, 0, slots_to_attend(length, self.max_seq_length))
-
     def swap_out(self, request: Request):
-        """Preempt a running request: its KV rows are copied out (to host memory) and its slot is freed."""
-        slot = self.slots.index(request)
-        self.slot_model.run("swap_out", slot, request.position, id(request))
-        request.swapped, self.slots[slot] = True, None
+        """Preempt a running request: its KV rows are copied out (to host memory) and its row is freed."""
+        row = self.rows.index(request)
+        self.runner.run("swap_out", row, request.position, id(request))
+        request.swapped, self.rows[row] = True, None
         self.counts["preemptions"] += 1
 
     def place(self, request: Request):
-        """A joining request takes a free slot; a preempted one gets its KV rows back there."""
-        slot = self.slots.index(None)
-        self.slots[slot] = request
+        """A joining request takes a free row; a preempted one gets its KV rows back there."""
+        row = self.rows.index(None)
+        self.rows[row] = request
         if request.swapped:
-            self.slot_model.run("swap_in", slot, request.position, id(request))
+            self.runner.run("swap_in", row, request.position, id(request))
             request.swapped = False
             self.counts["swaps_in"] += 1
 
-    def prefill(self, slot: int):
-        """The next chunk of the slot's prompt into its cache row; after the last chunk, its first token."""
-        request = self.slots[slot]
+    def prefill(self, row: int):
+        """The next chunk of the row's prompt into the cache; after the last chunk, its first token."""
+        request = self.rows[row]
         start = request.prefilled
         chunk = request.prompt[start:start + self.prefill_chunk]
         end = start + len(chunk)
-        logits = self.slot_model.run("prefill", slot, chunk, start, slots_to_attend(end, self.max_seq_length))
+        logits = self.runner.run("prefill", row, chunk, start, slots_to_attend(end, self.max_seq_length))
         request.prefilled = request.position = end
         self.counts["prompt_tokens"] += len(chunk)
         if request.decoding:
-            self.emit(slot, sample(logits, request.sampling, request.generator).item())
+            self.emit(request, sample(logits, request.sampling, request.generator).item())
 
     def decode_step(self):
-        """One step over the slots: every slot in a compiled step (static shapes), else the slots up to the last
-        one decoding (requests take the lowest free slots, so these are few when few requests run). A row that
+        """One step over the rows: every row in a compiled step (static shapes), else the rows up to the last
+        one decoding (requests take the lowest free rows, so these are few when few requests run). A row that
         is free or still prefilling decodes a dummy token at the cache's last slot, which no prompt reaches (a
         prompt leaves room for at least one new token) and which a sequence that gets there writes itself
         before reading."""
         last = self.max_seq_length - 1
-        decoding = [request is not None and request.decoding for request in self.slots]
+        decoding = [request is not None and request.decoding for request in self.rows]
         if not self.static_rows:
-            decoding = decoding[:max(slot for slot, live in enumerate(decoding) if live) + 1]
-        tokens = [request.next_token if live else 0 for request, live in zip(self.slots, decoding)]
-        positions = [request.position if live else last for request, live in zip(self.slots, decoding)]
+            decoding = decoding[:max(row for row, live in enumerate(decoding) if live) + 1]
+        tokens = [request.next_token if live else 0 for request, live in zip(self.rows, decoding)]
+        positions = [request.position if live else last for request, live in zip(self.rows, decoding)]
         attended = slots_to_attend(max(p for p, live in zip(positions, decoding) if live) + 1, self.max_seq_length)
-        logits = self.slot_model.run("decode_rows", tokens, positions, attended)
+        logits = self.runner.run("decode_rows", tokens, positions, attended)
         self.counts["decode_steps"] += 1
-        for slot, live in enumerate(decoding):
+        for row, live in enumerate(decoding):
             if live:
-                request = self.slots[slot]
+                request = self.rows[row]
                 request.position += 1
-                self.emit(slot, sample(logits[slot:slot + 1], request.sampling, request.generator).item())
+                self.emit(request, sample(logits[row:row + 1], request.sampling, request.generator).item())
 
-    def emit(self, slot: int, token: int):
-        """A new token of the slot's request: sent on, or the request finishes."""
-        request, now = self.slots[slot], time.perf_counter()
+    def emit(self, request: Request, token: int):
+        """A new token of a running request: sent on, or the request ends."""
+        now = time.perf_counter()
         request.generated += 1
         self.counts["completion_tokens"] += 1
         latency = self.inter_token_latency if request.last_token_at else self.time_to_first_token
         latency.observe(now - (request.last_token_at or request.arrived))
         request.last_token_at = now
         if token in request.stop_ids:
-            self.finish(slot, "stop")
+            self.end(request, "stop")
             return
         request.events.put(token)
         request.next_token = token
         if request.generated == request.max_tokens:
-            self.finish(slot, "length")
-
-    def finish(self, slot: int, reason: str):
-        self.end(self.slots[slot], reason)
-        self.slots[slot] = None
+            self.end(request, "length")
 
     def end(self, request: Request, reason: str):
-        """A request is over (running or waiting): the scheduler forgets it, its client hears why."""
+        """A request is over, running, preempted or waiting: it leaves its row, the scheduler forgets it, its
+        client hears why."""
+        if request in self.rows:
+            self.rows[self.rows.index(request)] = None
         with self.condition:
             self.scheduler.remove(request)
         if request.swapped:
-            self.slot_model.run("forget", id(request))
+            self.runner.run("forget", id(request))
         self.counts[f"requests_{reason}"] += 1
         request.events.put(reason)
-
-
-class TextStream:
-    """A request's tokens as text, piece by piece: never half a UTF-8 character, and never text that might
-    still turn out to be the start of one of the stop strings (held back until it cannot). `push` returns the
-    text that is safe to show; `stopped` says a stop string was met (it and what follows are never shown)."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list):
-        self.decoder, self.stop = StreamDecoder(tokenizer), [s for s in stop if s]
-        self.pending, self.stopped = "", False
-
-    def push(self, token_id: int) -> str:
-        return self.release(self.pending + self.decoder.push(token_id))
-
-    def flush(self) -> str:
-        """What is held back, once no more tokens will come."""
-        text = self.release(self.pending + self.decoder.flush())
-        text, self.pending = text + self.pending, ""
-        return text
-
-    def release(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        found = [text.index(stop) for stop in self.stop if stop in text]
-        if found:
-            self.stopped, self.pending = True, ""
-            return text[:min(found)]
-        # hold back the longest tail that begins some stop string
-        held = max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        self.pending = text[len(text) - held:]
-        return text[:len(text) - held]

@@ -1,15 +1,15 @@
 """Who runs next: the policy the serving engine (engine.py) asks before each step which waiting requests take
-the free slots and which running ones give theirs up. Pure bookkeeping over the clock times it is given, so
+the KV cache's free rows and which running ones give theirs up. Pure bookkeeping over the clock times it is given, so
 that tests can drive it with a fake clock.
 
-- `FirstComeFirstServed`: requests take free slots in the order they came and keep them to the end.
+- `FirstComeFirstServed`: requests take free rows in the order they came and keep them to the end.
 - `SkipJoinMLFQ`: FastServe's skip-join multi-level feedback queue (Wu et al. 2023, "Fast Distributed
   Inference Serving for Large Language Models"). Queue i has a quantum base * 2^i of running time. A new
   request joins the highest queue whose quantum is at least its prefill time (it skips the queues above, where
   its first iteration alone would use the quantum up); a request that has used its queue's quantum moves one
-  queue down. The slots go to the highest queues, first come first served within a queue, and a running
-  request is preempted (its KV rows set aside until a slot is free again) when a request of a strictly
-  higher queue waits and no slot is free. Short requests so finish ahead of long ones they arrived behind,
+  queue down. The rows go to the highest queues, first come first served within a queue, and a running
+  request is preempted (its KV rows set aside until a row is free again) when a request of a strictly
+  higher queue waits and no row is free. Short requests so finish ahead of long ones they arrived behind,
   without knowing output lengths in advance; a request that waits longer than `starve_after` seconds goes
   back to the top queue, so none starves.
 """
@@ -31,7 +31,7 @@ class Job:
 
 
 class FirstComeFirstServed:
-    """Free slots to the longest-waiting requests; no preemption."""
+    """Free rows to the longest-waiting requests; no preemption."""
 
     queues = 1
 
@@ -51,7 +51,7 @@ class FirstComeFirstServed:
         return (job.order,)
 
     def waiting(self, now: float) -> list:
-        """The requests without a slot, in the order they should get one."""
+        """The requests without a row, in the order they should get one."""
         return [job.request for job in sorted((j for j in self.jobs.values() if j.waiting_since is not None),
                                               key=self.priority)]
 
@@ -60,10 +60,10 @@ class FirstComeFirstServed:
         counts = collections.Counter(job.queue for job in self.jobs.values() if job.waiting_since is not None)
         return [counts[queue] for queue in range(self.queues)]
 
-    def plan(self, running: list, free_slots: int, now: float) -> tuple:
-        """(requests to preempt, requests to give a slot to) for this iteration; running: the requests
-        holding slots now."""
-        join = self.waiting(now)[:free_slots]
+    def plan(self, running: list, free_rows: int, now: float) -> tuple:
+        """(requests to preempt, requests to give a row to) for this iteration; running: the requests
+        holding rows now."""
+        join = self.waiting(now)[:free_rows]
         self.started(join)
         return [], join
 
@@ -102,12 +102,12 @@ class SkipJoinMLFQ(FirstComeFirstServed):
     def priority(self, job: Job) -> tuple:
         return job.queue, job.order
 
-    def plan(self, running: list, free_slots: int, now: float) -> tuple:
+    def plan(self, running: list, free_rows: int, now: float) -> tuple:
         for job in self.jobs.values():  # the starvation guard
             if job.waiting_since is not None and now - job.waiting_since > self.starve_after:
                 job.queue, job.used, job.waiting_since = 0, 0.0, now
         waiting = self.waiting(now)
-        join, waiting = waiting[:free_slots], waiting[free_slots:]
+        join, waiting = waiting[:free_rows], waiting[free_rows:]
         # lowest priority last: preempted first while a waiting request belongs to a strictly higher queue
         holding = sorted(running, key=lambda request: self.priority(self.jobs[id(request)]))
         preempt = []

@@ -30,13 +30,15 @@ import quantized_kv_cache
 import tp
 from checkpoint import stored_weights
 from cli import UsageError, fail, pick_device
-from engine import Busy, Engine, Histogram, Request, SlotModel, TextStream, decode_logits
-from generation import cache_bytes_per_slot, compile_step, slots_to_attend
+from engine import Busy, Engine, ModelRunner, Request, decode_logits
+from generation import compile_step, slots_to_attend
+from metrics import prometheus_text
 from model import Transformer
 from prepare import activation_dtype, prepare
-from runtime import cache_rows_in_budget, checkpoint_tokenizer, load_checkpoint, model_flags
+from runtime import announce_cache, cache_rows_in_budget, checkpoint_tokenizer, load_checkpoint, model_flags
 from sampling import Sampling
-from scheduler import SkipJoinMLFQ
+from scheduler import FirstComeFirstServed, SkipJoinMLFQ
+from tokenizer import TextStream
 
 
 class BadRequest(Exception):
@@ -168,21 +170,8 @@ class Handler(BaseHTTPRequestHandler):
             "id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "brisk"}]})
 
     def metrics(self):
-        engine = self.ready_engine()
-        counts = engine.counts
-        lines = ["# TYPE brisk_requests_total counter"]
-        lines += [f'brisk_requests_total{{outcome="{outcome}"}} {counts[f"requests_{outcome}"]}'
-                  for outcome in ("stop", "length", "cancelled")]
-        for name in ("prompt_tokens", "completion_tokens", "decode_steps", "preemptions", "swaps_in"):
-            lines += [f"# TYPE brisk_{name}_total counter", f"brisk_{name}_total {counts[name]}"]
-        with engine.condition:
-            per_queue = engine.scheduler.waiting_per_queue()
-        lines += ["# TYPE brisk_waiting gauge"] + [f'brisk_waiting{{queue="{queue}"}} {n}'
-                                                    for queue, n in enumerate(per_queue)]
-        lines += ["# TYPE brisk_running gauge", f"brisk_running {engine.running()}"]
-        lines += histogram_lines("brisk_time_to_first_token_seconds", engine.time_to_first_token)
-        lines += histogram_lines("brisk_inter_token_latency_seconds", engine.inter_token_latency)
-        self.send_bytes(HTTPStatus.OK, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4")
+        text = prometheus_text(self.ready_engine().snapshot())
+        self.send_bytes(HTTPStatus.OK, text.encode(), "text/plain; version=0.0.4")
 
     # --- POST --------------------------------------------------------------------------------------------
     def read_body(self) -> dict:
@@ -245,14 +234,6 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
-
-
-def histogram_lines(name: str, histogram: Histogram) -> list:
-    """A histogram in Prometheus' text format: cumulative buckets, then the sum and count."""
-    bounds = [str(bound) for bound in histogram.bounds] + ["+Inf"]
-    return ([f"# TYPE {name} histogram"] +
-            [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(bounds, histogram.counts)] +
-            [f"{name}_sum {histogram.sum:.6f}", f"{name}_count {histogram.counts[-1]}"])
 
 
 def error_type(status: HTTPStatus) -> str:
@@ -322,7 +303,7 @@ class Reply:
             self.send_event(b"data: [DONE]\n\n")
             handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
-            self.request.cancel()  # the client went away: its slot is freed at the engine's next step
+            self.request.cancel()  # the client went away: its row is freed at the engine's next step
 
     def choice(self, piece: str, reason, role: bool = False) -> dict:
         if self.chat:
@@ -372,8 +353,8 @@ def check_args(args):
 
 
 def load(args) -> tuple:
-    """The tokenizer, the model (this rank's share of it under torchrun) with its KV cache type, its decode step,
-    the context and the number of slots."""
+    """The tokenizer, and the runner of the model (this rank's share of it under torchrun, with its KV cache type
+    and decode step) over as many cache rows as --slots and --memory_budget give."""
     device = pick_device(args.device)
     step = "compiled" if args.compile else "eager"
     dtype = activation_dtype(args.dtype, device, step, stored_weights(args.checkpoint_path))
@@ -382,11 +363,11 @@ def load(args) -> tuple:
                     device, step)
     decode = compile_step(decode_logits, device) if args.compile else decode_logits
     max_seq_length = min(args.max_seq_length, model.args.max_seq_length)  # no longer than the model was trained for
-    return tokenizer, model, decode, max_seq_length, slots_within_budget(args, model, max_seq_length)
+    return tokenizer, ModelRunner(model, rows_within_budget(args, model, max_seq_length), max_seq_length, decode)
 
 
-def slots_within_budget(args, model: Transformer, max_seq_length: int) -> int:
-    """--slots, or with --memory_budget as many slots of max_seq_length as the KV cache may hold (at most --slots)."""
+def rows_within_budget(args, model: Transformer, max_seq_length: int) -> int:
+    """--slots, or with --memory_budget as many cache rows of max_seq_length as it holds (at most --slots)."""
     if not args.memory_budget:
         return args.slots or 4
     fits = cache_rows_in_budget(model, args.memory_budget, max_seq_length, args.kv_cache)
@@ -394,36 +375,32 @@ def slots_within_budget(args, model: Transformer, max_seq_length: int) -> int:
 
 
 def build_engine(args) -> tuple:
-    """The tokenizer and a warm engine (a compiled step compiled for every attention length it will use)."""
-    tokenizer, model, decode, max_seq_length, slots = load(args)
-    engine = Engine(model, slots, max_seq_length, args.prefill_chunk, args.max_waiting, decode,
-                    static_rows=args.compile)
-    size = cache_bytes_per_slot(model) * slots * max_seq_length
-    print(f"KV cache ({args.kv_cache}): {slots} slots x {max_seq_length} tokens, {size / 1e6:.1f} MB",
-          file=sys.stderr, flush=True)
+    """The tokenizer and a warm engine (a compiled step compiled for every attention length it will use) with
+    its scheduler."""
+    tokenizer, runner = load(args)
+    announce_cache(runner.model, args.kv_cache)
     if args.compile:
-        warm_up(engine)
-    if args.schedule == "mlfq":
-        engine.scheduler = mlfq(engine)
-    return tokenizer, engine
+        warm_up(runner)
+    scheduler = mlfq(runner, args.prefill_chunk) if args.schedule == "mlfq" else FirstComeFirstServed()
+    return tokenizer, Engine(runner, scheduler, args.prefill_chunk, args.max_waiting, static_rows=args.compile)
 
 
 @torch.no_grad()
-def warm_up(engine: Engine):
+def warm_up(runner: ModelRunner):
     """Run the compiled step once at every attention length a request can reach (256, 512, ... slots), before
     the server says it is ready."""
-    attended = slots_to_attend(1, engine.max_seq_length)
-    engine.dummy_step(attended)
-    while attended < engine.max_seq_length:
-        attended = slots_to_attend(attended + 1, engine.max_seq_length)
-        engine.dummy_step(attended)
+    attended = slots_to_attend(1, runner.max_seq_length)
+    runner.dummy_step(attended)
+    while attended < runner.max_seq_length:
+        attended = slots_to_attend(attended + 1, runner.max_seq_length)
+        runner.dummy_step(attended)
 
 
-def mlfq(engine: Engine) -> SkipJoinMLFQ:
-    """FastServe's scheduler with quanta from this machine: the smallest is one decode step over every slot; a
+def mlfq(runner: ModelRunner, prefill_chunk: int) -> SkipJoinMLFQ:
+    """FastServe's scheduler with quanta from this machine: the smallest is one decode step over every row; a
     prompt's prefill takes its share of a full chunk's time (what the engine charges it while it prefills)."""
-    step_seconds, chunk_seconds = engine.measure()
-    return SkipJoinMLFQ(step_seconds, lambda length: length / engine.prefill_chunk * chunk_seconds)
+    step_seconds, chunk_seconds = runner.measure(prefill_chunk)
+    return SkipJoinMLFQ(step_seconds, lambda length: length / prefill_chunk * chunk_seconds)
 
 
 def serve(args) -> int:
@@ -441,7 +418,7 @@ def serve(args) -> int:
     name = args.checkpoint_path if args.checkpoint_path.is_dir() else args.checkpoint_path.parent
     server.tokenizer, server.model_name = tokenizer, name.name
     server.engine = engine
-    print(f"serving {server.model_name} on http://{args.host}:{server.server_port}/v1 ({len(engine.slots)} slots)",
+    print(f"serving {server.model_name} on http://{args.host}:{server.server_port}/v1 ({len(engine.rows)} slots)",
           file=sys.stderr, flush=True)
     # Ctrl-C stops the engine after its iteration (under torchrun, the other ranks with it), from a thread of its
     # own: the handler may run while this thread holds the engine's lock
@@ -459,8 +436,8 @@ def follow(args) -> int:
     """A rank other than 0 under torchrun: no HTTP, no scheduler; it makes each model call rank 0's engine makes
     (warm-up and measurement included), on its share, until rank 0 stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every rank; rank 0 says when to stop
-    _, model, decode, max_seq_length, slots = load(args)
-    SlotModel(model, slots, max_seq_length, decode).follow()
+    _, runner = load(args)
+    runner.follow()
     return 0
 
 

@@ -5,7 +5,8 @@ only as a fallback for a vocabulary tiktoken cannot reproduce exactly.
 A converted checkpoint directory holds either `tokenizer.model` (a sentencepiece protobuf) or
 `tokenizer.tiktoken` (base64 token, rank per line), plus `tokenizer_config.json` with the special
 tokens, the pre-tokenizer pattern, and whether a BOS token is prepended; and, if the model has
-one, `chat_template.jinja`.
+one, `chat_template.jinja`. Text as tokens come: `StreamDecoder` never shows half a UTF-8 character, and
+`TextStream` (the server's) also holds back what may be the start of a stop string.
 """
 import base64
 import json
@@ -222,6 +223,37 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.window)[self.offset:]
         self.window, self.offset = [], 0
         return text
+
+
+class TextStream:
+    """A request's tokens as text, piece by piece: never half a UTF-8 character, and never text that might
+    still turn out to be the start of one of the stop strings (held back until it cannot). `push` returns the
+    text that is safe to show; `stopped` says a stop string was met (it and what follows are never shown)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list):
+        self.decoder, self.stop = StreamDecoder(tokenizer), [s for s in stop if s]
+        self.pending, self.stopped = "", False
+
+    def push(self, token_id: int) -> str:
+        return self.release(self.pending + self.decoder.push(token_id))
+
+    def flush(self) -> str:
+        """What is held back, once no more tokens will come."""
+        text = self.release(self.pending + self.decoder.flush())
+        text, self.pending = text + self.pending, ""
+        return text
+
+    def release(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        found = [text.index(stop) for stop in self.stop if stop in text]
+        if found:
+            self.stopped, self.pending = True, ""
+            return text[:min(found)]
+        # hold back the longest tail that begins some stop string
+        held = max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self.pending = text[len(text) - held:]
+        return text[:len(text) - held]
 
 
 def byte_level_alphabet() -> dict:

@@ -19,15 +19,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model, stored_weights  # noqa: E402
 from cli import DEFAULT_CHECKPOINT  # noqa: E402
-from engine import Engine, Request  # noqa: E402
+from engine import Engine, ModelRunner, Request  # noqa: E402
 from prepare import activation_dtype, prepare  # noqa: E402
+from scheduler import FirstComeFirstServed  # noqa: E402
 
 PROMPT = list(range(1000, 1024))  # 24 tokens: prefill is a small part of each run
 
 
 def tokens_per_second(model, slots: int, tokens: int) -> float:
     """Every slot's request generated, from submission to the last token: their tokens over the wall time."""
-    engine = Engine(model, slots, len(PROMPT) + tokens + 1)
+    engine = Engine(ModelRunner(model, slots, len(PROMPT) + tokens + 1), FirstComeFirstServed())
     requests = [Request(PROMPT, tokens) for _ in range(slots)]
     started = time.perf_counter()
     for request in requests:

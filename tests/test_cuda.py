@@ -8,18 +8,19 @@ import sys
 
 import pytest
 import torch
-from prepare import prepare
 from torch._dynamo.utils import counters
 
 import offload
 from checkpoint import load_model
 from conftest import ROOT, greedy_alone, has_module, quantized_copy, run_engine
 from cuda_kernels import Int4TinyGemmLinear, cuda_form
-from engine import Engine, Request, decode_logits
+from engine import Engine, ModelRunner, Request, decode_logits
 from generation import Steps, compile_step, compile_steps, generate
+from prepare import prepare
 from quantize import set_rtn
 from quantized_layers import Int4Linear
 from sampling import Sampling
+from scheduler import FirstComeFirstServed
 from tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -103,7 +104,8 @@ def test_the_servers_batched_steps_give_each_request_its_tokens_alone(checkpoint
     alone = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
     # 3 slots for 5 requests: later ones join as earlier ones finish, prefilled 8 tokens a step
     decode = compile_step(decode_logits, "cuda") if compiled else decode_logits
-    engine = Engine(model, slots=3, max_seq_length=256, prefill_chunk=8, decode=decode, static_rows=compiled)
+    engine = Engine(ModelRunner(model, rows=3, max_seq_length=256, decode=decode), FirstComeFirstServed(), prefill_chunk=8,
+                    static_rows=compiled)
     results = run_engine(engine, [Request(prompt, n) for prompt, n in zip(prompts, lengths)], timeout_s=300)
     assert results == [(ids, "length") for ids in alone]
 

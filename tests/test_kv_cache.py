@@ -11,7 +11,7 @@ import quantized_kv_cache
 import serve
 from checkpoint import load_model
 from cli import UsageError
-from engine import SlotModel
+from engine import ModelRunner
 from generate import main
 from generation import cache_bytes_per_slot, compile_steps, generate, kv_cache_bytes
 from model import Transformer
@@ -148,15 +148,15 @@ def test_compiled_decode_with_a_quantized_cache_equals_eager(tiny_dir, kind):
 def test_a_preempted_rows_quantized_slots_come_back_whole(tiny_dir):
     """The engine swaps every buffer of a row out and back: values, scales and minimums."""
     model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), "int4")
-    slot_model = SlotModel(model, slots=2, max_seq_length=64)
+    runner = ModelRunner(model, rows=2, max_seq_length=64)
     with torch.no_grad():
-        slot_model.prefill(0, [5, 17, 29, 3, 60, 2, 7, 31], 0, 64)
+        runner.prefill(0, [5, 17, 29, 3, 60, 2, 7, 31], 0, 64)
     cache = model.layers[0].attention.kv_cache
     kept = [buffer[0, :, :8].clone() for buffer in cache.buffers()]
-    slot_model.swap_out(0, 8, key=1)
+    runner.swap_out(0, 8, key=1)
     for buffer in cache.buffers():
         buffer.zero_()
-    slot_model.swap_in(1, 8, key=1)
+    runner.swap_in(1, 8, key=1)
     assert len(kept) == 6  # keys and values: packed values, scales, minimums
     assert all(torch.equal(buffer[1, :, :8], slots) and slots.count_nonzero() for buffer, slots in
                zip(cache.buffers(), kept))
@@ -186,13 +186,13 @@ def test_memory_budget_picks_the_largest_batch_that_fits(tiny_dir, capsys, tmp_p
                         r"with --kv_cache int4\): raise it, or quantize the cache \(--kv_cache\)", last_line)
 
 
-def test_the_server_fills_its_memory_budget_with_slots(tiny_dir):
+def test_the_server_fills_its_memory_budget_with_cache_rows(tiny_dir):
     model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), "int8")
-    slot = cache_bytes_per_slot(model) * 64  # one slot of 64 tokens
-    args = argparse.Namespace(memory_budget=f"{5 * slot + 1}B", slots=None, kv_cache="int8")
-    assert serve.slots_within_budget(args, model, 64) == 5
+    row = cache_bytes_per_slot(model) * 64  # one row of 64 tokens
+    args = argparse.Namespace(memory_budget=f"{5 * row + 1}B", slots=None, kv_cache="int8")
+    assert serve.rows_within_budget(args, model, 64) == 5
     args.slots = 3  # --slots, given, is the most it takes
-    assert serve.slots_within_budget(args, model, 64) == 3
-    args.memory_budget = f"{slot - 1}B"
+    assert serve.rows_within_budget(args, model, 64) == 3
+    args.memory_budget = f"{row - 1}B"
     with pytest.raises(UsageError, match="cannot hold one row of KV cache for 64 tokens"):
-        serve.slots_within_budget(args, model, 64)
+        serve.rows_within_budget(args, model, 64)

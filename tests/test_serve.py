@@ -18,11 +18,11 @@ import quantized_kv_cache
 import serve
 from checkpoint import load_model
 from conftest import ROOT, greedy_alone, run_engine
-from engine import Busy, Engine, Request, TextStream
+from engine import Busy, Engine, ModelRunner, Request
 from prepare import CompiledExperts, prepare
 from sampling import Sampling
 from scheduler import FirstComeFirstServed, SkipJoinMLFQ
-from tokenizer import load_tokenizer
+from tokenizer import TextStream, load_tokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -37,7 +37,8 @@ def test_requests_sharing_slots_each_get_what_they_get_alone(tiny_dir, static_ro
     expected = [greedy_alone(model, prompt, n) for prompt, n in zip(prompts, lengths)]
     # 2 slots for 5 requests: later ones join as earlier ones finish; prompts of 100 and 70 tokens are
     # prefilled 32 tokens a step while the other slot keeps decoding
-    engine = Engine(model, slots=2, max_seq_length=256, prefill_chunk=32, static_rows=static_rows)
+    engine = Engine(ModelRunner(model, rows=2, max_seq_length=256), FirstComeFirstServed(), prefill_chunk=32,
+                    static_rows=static_rows)
     results = run_engine(engine, [Request(p, n) for p, n in zip(prompts, lengths)])
     assert results == [(ids, "length") for ids in expected]
 
@@ -47,7 +48,7 @@ def test_a_stop_token_ends_a_request_and_is_not_sent(tiny_dir):
     prompt = [5, 17, 33]
     alone = greedy_alone(model, prompt, 10)
     stop = alone[4]
-    engine = Engine(model, slots=1, max_seq_length=256)
+    engine = Engine(ModelRunner(model, rows=1, max_seq_length=256), FirstComeFirstServed())
     [(ids, reason)] = run_engine(engine, [Request(prompt, 10, stop_ids=frozenset([stop]))])
     assert (ids, reason) == (alone[:alone.index(stop)], "stop")
 
@@ -55,8 +56,9 @@ def test_a_stop_token_ends_a_request_and_is_not_sent(tiny_dir):
 def test_a_seeded_request_samples_the_same_tokens_whatever_runs_beside_it(tiny_dir):
     model = prepare(load_model(tiny_dir), "cpu")
     sampling = Sampling(temperature=1.0, top_k=None)
-    alone = run_engine(Engine(model, slots=1, max_seq_length=256), [Request([5, 17], 12, sampling, seed=7)])
-    crowded = run_engine(Engine(model, slots=3, max_seq_length=256), [
+    alone = run_engine(Engine(ModelRunner(model, rows=1, max_seq_length=256), FirstComeFirstServed()),
+                       [Request([5, 17], 12, sampling, seed=7)])
+    crowded = run_engine(Engine(ModelRunner(model, rows=3, max_seq_length=256), FirstComeFirstServed()), [
         Request([9, 9, 9], 12, sampling, seed=1), Request([5, 17], 12, sampling, seed=7),
         Request([40, 41], 12, sampling)])
     assert crowded[1] == alone[0]
@@ -70,7 +72,7 @@ def test_a_preempted_request_resumes_where_it_was_and_both_get_what_they_get_alo
     # every iteration uses up a quantum, so the long request sinks to the last queue while it runs; the short
     # one joins the top queue and takes the only slot from it
     scheduler = SkipJoinMLFQ(base_seconds=1e-9, prefill_seconds=lambda length: 0.0, queues=4)
-    engine = Engine(model, slots=1, max_seq_length=256, prefill_chunk=16, scheduler=scheduler)
+    engine = Engine(ModelRunner(model, rows=1, max_seq_length=256), scheduler, prefill_chunk=16)
     loop = threading.Thread(target=engine.run)
     loop.start()
     try:
@@ -99,8 +101,8 @@ def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
         def charge(self, running: list, seconds: float, now: float):
             charged.append(sorted(len(request.prompt) for request in running))
 
-    engine = Engine(prepare(load_model(tiny_dir), "cpu"), slots=2, max_seq_length=256, prefill_chunk=16,
-                    scheduler=Recording())
+    runner = ModelRunner(prepare(load_model(tiny_dir), "cpu"), rows=2, max_seq_length=256)
+    engine = Engine(runner, Recording(), prefill_chunk=16)
     run_engine(engine, [Request([5, 17, 33], 4), Request(list(range(40, 80)), 2)])
     # A (3 tokens) is prefilled and decodes; B's 40 tokens go in 3 chunks, one per iteration beside A's steps;
     # a request that has just made its last token is not charged (A in the 3rd step, B in the 4th)
@@ -109,7 +111,8 @@ def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
 
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
     # its loop not running
-    engine = Engine(prepare(load_model(tiny_dir), "cpu"), slots=1, max_seq_length=64, max_waiting=1)
+    runner = ModelRunner(prepare(load_model(tiny_dir), "cpu"), rows=1, max_seq_length=64)
+    engine = Engine(runner, FirstComeFirstServed(), max_waiting=1)
     engine.submit(Request([1], 1))  # the free slot will take it
     engine.submit(Request([2], 1))  # waits
     with pytest.raises(Busy):
@@ -137,8 +140,8 @@ def server(tiny_dir):
 def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True):
     model, tokenizer = prepare(load_model(checkpoint_dir), "cpu"), load_tokenizer(checkpoint_dir)
     http_server = serve.Server(("127.0.0.1", 0), api_key)
-    engine = Engine(model, slots=slots, max_seq_length=model.args.max_seq_length, prefill_chunk=64,
-                    max_waiting=max_waiting)
+    engine = Engine(ModelRunner(model, rows=slots, max_seq_length=model.args.max_seq_length), FirstComeFirstServed(),
+                    prefill_chunk=64, max_waiting=max_waiting)
     http_server.tokenizer, http_server.model_name, http_server.engine = tokenizer, checkpoint_dir.name, engine
     threads = [threading.Thread(target=http_server.serve_forever)] + ([threading.Thread(target=engine.run)] * loop)
     for thread in threads:
@@ -280,7 +283,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     deadline = time.monotonic() + 30
     while engine.counts["requests_cancelled"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.counts["requests_cancelled"] == 1 and engine.running() == 0
+    assert engine.counts["requests_cancelled"] == 1 and engine.snapshot().running == 0
 
 
 def test_bad_arguments_are_one_line_and_status_2(capsys):
@@ -295,7 +298,7 @@ def test_smollm2_chats_in_a_busy_server_equal_each_alone(smollm2_dir):
     model, tokenizer = prepare(load_model(smollm2_dir), "cpu"), load_tokenizer(smollm2_dir)
     prompts = [tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in questions]
     alone = [greedy_alone(model, prompt, 24) for prompt in prompts]
-    engine = Engine(model, slots=3, max_seq_length=512, prefill_chunk=16)
+    engine = Engine(ModelRunner(model, rows=3, max_seq_length=512), FirstComeFirstServed(), prefill_chunk=16)
     results = run_engine(engine, [Request(prompt, 24) for prompt in prompts])
     assert [ids for ids, _ in results] == alone
 
@@ -368,8 +371,10 @@ def test_a_compiled_server_runs_the_model_a_compiled_generate_runs(tiny_mixtral_
     """serve.py --compile prepares its model as generate.py --compile does (prepare.prepare, step "compiled"):
     the same forms of every layer, in the same dtype."""
     args = serve.parse_args(["--checkpoint_path", str(tiny_mixtral_dir), "--device", "cpu", "--compile"])
-    _, model, *_ = serve.load(args)
+    runner = serve.load(args)[1]
+    model = runner.model
     expected = prepare(load_model(tiny_mixtral_dir, "cpu", torch.bfloat16), "cpu", "compiled")
+    expected.setup_caches(runner.rows, runner.max_seq_length)
     assert [type(module) for module in model.modules()] == [type(module) for module in expected.modules()]
     assert isinstance(model.layers[0].feed_forward.experts, CompiledExperts)
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
