@@ -180,21 +180,21 @@ void int4_panel_g32(const uint8_t* __restrict panel, const at::Half* __restrict 
                     const Tile& x, __m256* acc) {
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; g++) {
-    __m256i quad[4], sum[R];
+    __m256i quad[4], low_sum[R], high_sum[R];  // two sums a row: two dependency chains run at once
     load_piece(panel, g, quad);
-    for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+    for (int r = 0; r < R; r++) low_sum[r] = high_sum[r] = _mm256_setzero_si256();
     for (int c = 0; c < 4; c++) {
       const __m256i low = _mm256_and_si256(quad[c], nibble);
       const __m256i high = _mm256_and_si256(_mm256_srli_epi16(quad[c], 4), nibble);
       for (int r = 0; r < R; r++) {
         const int8_t* block = x.values + r * x.in + 32 * g;
-        sum[r] = Isa::add16(sum[r], low, broadcast4(block + 4 * c));
-        sum[r] = Isa::add16(sum[r], high, broadcast4(block + 16 + 4 * c));
+        low_sum[r] = Isa::add16(low_sum[r], low, broadcast4(block + 4 * c));
+        high_sum[r] = Isa::add16(high_sum[r], high, broadcast4(block + 16 + 4 * c));
       }
     }
     const __m256 scale = halves_to_floats(scale_min + 16 * g), min = halves_to_floats(scale_min + 16 * g + 8);
     for (int r = 0; r < R; r++) {
-      const __m256 dot = _mm256_cvtepi32_ps(Isa::widen(sum[r]));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(Isa::widen(low_sum[r]), Isa::widen(high_sum[r])));
       acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(x.scales[r * x.blocks + g])), acc[r]);
       acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(x.sums[r * x.blocks + g]), acc[r]);
     }
@@ -336,7 +336,7 @@ void matmul(const Weight& w, bool int4, const Q8Rows& q, float* out) {
 // No rounding here: a weight row's dot product with an activation row in fp32. Decoding streams each
 // weight once, so what counts is reading the stored bytes (2 a value for bf16 and fp16) at memory speed:
 // each thread walks its weight rows front to back, one row at a time (one stream from memory, which the
-// CPU's prefetcher follows; four rows side by side read a third slower), 32 columns a step, and each 32
+// CPU's prefetcher follows, where four rows side by side read more slowly), 32 columns a step, and each 32
 // weights, once widened, serve up to 4 activation rows.
 //
 // Widening bf16 takes no shuffle: bf16 is the top half of an fp32, so in 32 bytes of bf16 the odd columns

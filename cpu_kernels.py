@@ -13,7 +13,7 @@ behind each choice are in docs/cpu_kernels.md.
   one line on stderr says so and the plain layers compute.
 - Float layers (fp32, bf16, fp16) over a few rows call brisk's float kernel, torch.ops.brisk.float_linear,
   which reads each weight as stored and widens it to fp32 in registers: a decode step streams the weights
-  at memory speed, where MKL's one-row GEMV, on AMD CPUs, reads half as fast (docs/cpu_kernels.md). Over
+  at memory speed, where MKL's one-row GEMV, on AMD CPUs, falls well short of it (docs/cpu_kernels.md). Over
   many rows (prefill), the library's GEMM. Without the kernels, a compiled step writes a float layer as a
   multiply-and-sum, which Inductor turns into one vectorized loop per layer; attention over the KV cache in
   a compiled step likewise becomes sums of products that Inductor fuses with the rest of the block. Eagerly,
