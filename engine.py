@@ -45,12 +45,22 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     # the engine's bookkeeping: prompt tokens in the cache, the token to feed next and where it goes
     prefilled: int = 0
+    cached_tokens: int = 0  # of those, the ones a previous request left in its row (prefix reuse)
     next_token: int = 0
     position: int = 0  # tokens in the cache
-    generated: int = 0
+    output: list = field(default_factory=list)  # the token ids made so far
     generator: Optional[torch.Generator] = None
     swapped: bool = False  # preempted: its KV rows wait in host memory (ModelRunner.saved) for a row
     last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
+
+    @property
+    def generated(self) -> int:
+        return len(self.output)
+
+    @property
+    def tokens_in_cache(self) -> list:
+        """The ids whose keys and values its row holds: the prompt, then each token made and fed back."""
+        return (self.prompt + self.output)[:self.position]
 
     @property
     def decoding(self) -> bool:
@@ -172,6 +182,9 @@ class Engine:
         self.runner, self.scheduler = runner, scheduler
         self.prefill_chunk, self.max_waiting, self.static_rows = prefill_chunk, max_waiting, static_rows
         self.rows: list = [None] * runner.rows  # the request in each cache row, None where it is free
+        # the token ids whose keys and values each row holds from its last request (a free row keeps them until
+        # another request writes over them), for the next request that starts with the same tokens
+        self.kept: list = [[] for _ in range(runner.rows)]
         self.condition = threading.Condition()  # guards the scheduler; wakes the loop when a request arrives
         self.stopped = False
         self.counts = collections.Counter()  # for /metrics: requests by outcome, tokens, steps, preemptions
@@ -189,7 +202,8 @@ class Engine:
             # requests that free rows will take at the next iteration do not count as waiting
             if len(self.scheduler.waiting(time.perf_counter())) >= self.max_waiting + self.rows.count(None):
                 raise Busy(f"{self.queue_depth()} requests are waiting for a slot already")
-            self.scheduler.add(request, len(request.prompt), time.perf_counter())
+            uncached = len(request.prompt) - max(shared_prefix(kept, request.prompt) for kept in self.kept)
+            self.scheduler.add(request, uncached, time.perf_counter())
             self.condition.notify()
 
     def queue_depth(self) -> int:
@@ -258,19 +272,28 @@ class Engine:
 
     def swap_out(self, request: Request):
         """Preempt a running request: its KV rows are copied out (to host memory) and its row is freed."""
-        row = self.rows.index(request)
-        self.runner.run("swap_out", row, request.position, id(request))
-        request.swapped, self.rows[row] = True, None
+        self.runner.run("swap_out", self.rows.index(request), request.position, id(request))
+        self.leave(request)
+        request.swapped = True
         self.counts["preemptions"] += 1
 
     def place(self, request: Request):
-        """A joining request takes a free row; a preempted one gets its KV rows back there."""
-        row = self.rows.index(None)
+        """A joining request takes the free row whose kept tokens start as its prompt does for longest, and
+        prefills only the rest (at least its last token, whose logits give the first new one): keys and values
+        depend only on the tokens up to their own, so the kept ones are what a prefill would write (to float
+        rounding, where a kept token was decoded: its keys and values came from a one-row pass). A preempted
+        request gets its own KV rows back instead."""
+        free = [row for row, occupant in enumerate(self.rows) if occupant is None]
+        row = max(free, key=lambda row: shared_prefix(self.kept[row], request.prompt))
         self.rows[row] = request
         if request.swapped:
             self.runner.run("swap_in", row, request.position, id(request))
             request.swapped = False
             self.counts["swaps_in"] += 1
+        else:
+            reused = min(shared_prefix(self.kept[row], request.prompt), len(request.prompt) - 1)
+            request.prefilled = request.position = request.cached_tokens = reused
+            self.counts["cached_prompt_tokens"] += reused
 
     def prefill(self, row: int):
         """The next chunk of the row's prompt into the cache; after the last chunk, its first token."""
@@ -308,7 +331,7 @@ class Engine:
     def emit(self, request: Request, token: int):
         """A new token of a running request: sent on, or the request ends."""
         now = time.perf_counter()
-        request.generated += 1
+        request.output.append(token)
         self.counts["completion_tokens"] += 1
         latency = self.inter_token_latency if request.last_token_at else self.time_to_first_token
         latency.observe(now - (request.last_token_at or request.arrived))
@@ -321,14 +344,30 @@ class Engine:
         if request.generated == request.max_tokens:
             self.end(request, "length")
 
+    def leave(self, request: Request):
+        """A running request gives up its row, which keeps the request's tokens for whoever shares them next."""
+        row = self.rows.index(request)
+        with self.condition:
+            self.rows[row], self.kept[row] = None, request.tokens_in_cache
+
     def end(self, request: Request, reason: str):
         """A request is over, running, preempted or waiting: it leaves its row, the scheduler forgets it, its
         client hears why."""
         if request in self.rows:
-            self.rows[self.rows.index(request)] = None
+            self.leave(request)
         with self.condition:
             self.scheduler.remove(request)
         if request.swapped:
             self.runner.run("forget", id(request))
         self.counts[f"requests_{reason}"] += 1
         request.events.put(reason)
+
+
+def shared_prefix(kept: list, prompt: list) -> int:
+    """How many tokens two lists of ids share from their start."""
+    shared = 0
+    for a, b in zip(kept, prompt):
+        if a != b:
+            break
+        shared += 1
+    return shared

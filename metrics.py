@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 OUTCOMES = ("stop", "length", "cancelled")  # how a request ends (engine.Request)
-COUNTED = ("prompt_tokens", "completion_tokens", "decode_steps", "preemptions", "swaps_in")
+# prompt tokens prefilled, and those found in a row's kept tokens instead (prefix reuse)
+COUNTED = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "decode_steps", "preemptions", "swaps_in")
 
 
 class Histogram:

@@ -267,7 +267,8 @@ class Reply:
 
     def usage(self) -> dict:
         prompt, completion = len(self.request.prompt), self.request.generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.request.cached_tokens}}
 
     def envelope(self, choices: list, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")

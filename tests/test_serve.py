@@ -109,6 +109,37 @@ def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
     assert charged == [[3], [3], [40], [3], [40], [40]]
 
 
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_a_request_that_continues_an_ended_one_prefills_only_what_is_new(tiny_dir, kv_cache):
+    """A chat's next turn: the ended request's row keeps its tokens (prompt and answer, all but the last token,
+    never fed back), and the next prompt that starts with them prefills only the rest, yet gets the tokens a
+    cold prefill gets."""
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), kv_cache)
+    first_prompt = list(range(40, 100))
+    answer = greedy_alone(model, first_prompt, 8)
+    second_prompt = first_prompt + answer + [7, 8, 9]
+    expected = greedy_alone(model, second_prompt, 6)
+    engine = Engine(ModelRunner(model, rows=1, max_seq_length=256), FirstComeFirstServed(), prefill_chunk=16)
+    first, second = Request(first_prompt, 8), Request(second_prompt, 6)
+    assert run_engine(engine, [first, second]) == [(answer, "length"), (expected, "length")]
+    assert (first.cached_tokens, second.cached_tokens) == (0, 60 + 7)
+    assert (engine.counts["cached_prompt_tokens"], engine.counts["prompt_tokens"]) == (67, 60 + 4)
+
+
+def test_a_new_request_takes_the_free_row_that_shares_most_of_its_prompt(tiny_dir):
+    model = prepare(load_model(tiny_dir), "cpu")
+    engine = Engine(ModelRunner(model, rows=2, max_seq_length=128), FirstComeFirstServed())
+    earlier = [Request(list(range(10, 30)), 2), Request(list(range(50, 70)), 2)]
+    later = Request(list(range(50, 60)) + [3, 4], 2)  # the second's first 10 tokens, then its own
+    for requests in (earlier, [later]):
+        for request in requests:
+            engine.submit(request)
+        while engine.scheduler.jobs:
+            engine.iteration()
+    assert later.cached_tokens == 10 and engine.rows == [None, None]
+    assert [event for event in iter(later.events.get_nowait, "length")] == greedy_alone(model, later.prompt, 2)
+
+
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
     # its loop not running
     runner = ModelRunner(prepare(load_model(tiny_dir), "cpu"), rows=1, max_seq_length=64)
@@ -220,6 +251,21 @@ def test_the_same_seed_gives_the_same_text(server):
                                                     seed=seed, extra_body={"ignore_eos": True}).choices[0].text
              for seed in (3, 3, 4)]
     assert texts[0] == texts[1] != texts[2]
+
+
+def test_a_second_chat_turn_reports_the_prompt_tokens_it_reused(server):
+    http_server, engine, tokenizer, model = server
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    first = client(http_server).chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0,
+                                                        extra_body={"ignore_eos": True})
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And the sky?"}]
+    second = client(http_server).chat.completions.create(model="m", messages=messages, max_tokens=10,
+                                                         temperature=0, extra_body={"ignore_eos": True})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    reused = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens < reused < second.usage.prompt_tokens
+    assert "brisk_cached_prompt_tokens_total %d" % reused in raw(http_server, "GET", "/metrics")[1].decode()
 
 
 def test_health_models_and_metrics(server):
