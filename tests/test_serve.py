@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import urllib.request
 import pytest
 import torch
 
+import api
 import quantized_kv_cache
 import serve
 from checkpoint import load_model
@@ -168,9 +170,10 @@ def server(tiny_dir):
     yield from running_server(tiny_dir, slots=3)
 
 
-def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True):
+def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True,
+                   cors_origin=None, limits=api.Limits()):
     model, tokenizer = prepare(load_model(checkpoint_dir), "cpu"), load_tokenizer(checkpoint_dir)
-    http_server = serve.Server(("127.0.0.1", 0), api_key)
+    http_server = api.Server(("127.0.0.1", 0), api_key, cors_origin, limits)
     engine = Engine(ModelRunner(model, rows=slots, max_seq_length=model.args.max_seq_length), FirstComeFirstServed(),
                     prefill_chunk=64, max_waiting=max_waiting)
     http_server.tokenizer, http_server.model_name, http_server.engine = tokenizer, checkpoint_dir.name, engine
@@ -295,6 +298,99 @@ def test_bad_requests_are_json_errors_naming_the_field(server, body, status, par
     answer_status, answer, _ = raw(server[0], "POST", "/v1/completions", body)
     assert answer_status == status
     assert answer["error"]["param"] == param and answer["error"]["message"]
+
+
+@pytest.mark.parametrize("messages", [[{"content": "hi"}], ["hi"], [{"role": "user", "content": 3}]])
+def test_a_malformed_chat_message_is_a_400_naming_messages(server, messages):
+    status, answer, _ = raw(server[0], "POST", "/v1/chat/completions", {"messages": messages})
+    assert (status, answer["error"]["param"]) == (400, "messages")
+
+
+def test_a_body_larger_than_the_cap_is_refused_with_413_unread(server):
+    status, answer, headers = raw(server[0], "POST", "/v1/completions", {"prompt": "hi"},
+                                  {"Content-Length": "10000000000000"})
+    assert (status, headers.get("Connection")) == (413, "close") and "--max_request_bytes" in answer["error"]["message"]
+
+
+def test_options_head_and_a_models_retrieval(server):
+    http_server = server[0]
+    status, _, headers = raw(http_server, "OPTIONS", "/v1/chat/completions")
+    assert (status, headers["Allow"]) == (204, "GET, HEAD, POST, OPTIONS")
+    assert "Access-Control-Allow-Origin" not in headers
+    status, body, headers = raw(http_server, "HEAD", "/health")  # GET's headers: {"status": "ok"} is 16 bytes
+    assert (status, body, headers["Content-Length"]) == (200, b"", "16")
+    assert client(http_server).models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client(http_server).models.retrieve("gpt-4")
+
+
+def test_a_cors_origin_is_named_only_when_given(tiny_dir):
+    for http_server, *_ in running_server(tiny_dir, slots=1, cors_origin="http://localhost:3000"):
+        headers = raw(http_server, "OPTIONS", "/v1/completions")[2]
+        assert headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert raw(http_server, "GET", "/health")[2]["Access-Control-Allow-Origin"] == "http://localhost:3000"
+
+
+def test_tokenize_and_detokenize_as_llama_server_does(server):
+    http_server, engine, tokenizer, model = server
+    text = "the quick brown fox"
+    status, answer, _ = raw(http_server, "POST", "/tokenize", {"content": text})
+    assert (status, answer["tokens"]) == (200, tokenizer.encode(text, bos=False))
+    assert raw(http_server, "POST", "/tokenize", {"content": text, "add_special": True})[1]["tokens"] == \
+        tokenizer.encode(text)
+    assert raw(http_server, "POST", "/detokenize", {"tokens": answer["tokens"]})[1] == {"content": text}
+    status, answer, _ = raw(http_server, "POST", "/detokenize", {"tokens": [tokenizer.vocab_size]})
+    assert (status, answer["error"]["param"]) == (400, "tokens")
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(tiny_dir):
+    for http_server, *_ in running_server(tiny_dir, slots=1, limits=api.Limits(idle_timeout_s=0.3)):
+        with socket.create_connection(("127.0.0.1", http_server.server_port), timeout=10) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""  # the server closed it
+            assert 0.2 < time.monotonic() - started < 5
+
+
+def test_connections_past_the_limit_get_a_json_503(tiny_dir):
+    for http_server, *_ in running_server(tiny_dir, slots=1, limits=api.Limits(max_connections=1)):
+        with socket.create_connection(("127.0.0.1", http_server.server_port), timeout=10):  # holds the only one
+            time.sleep(0.2)
+            status, answer, _ = raw(http_server, "GET", "/health")
+        assert (status, answer["error"]["type"]) == (503, "server_error")
+        deadline = time.monotonic() + 10  # free again once the server has seen the first one close
+        while raw(http_server, "GET", "/health")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert raw(http_server, "GET", "/health")[0] == 200
+
+
+def test_a_failure_inside_the_server_is_a_json_500_and_a_logged_traceback(server, monkeypatch, capsys):
+    monkeypatch.setattr(api.Handler, "health", lambda self: 1 / 0)
+    status, answer, _ = raw(server[0], "GET", "/health")
+    assert (status, answer["error"]["type"]) == (500, "server_error")
+    assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_connection_that_fails_between_requests_is_at_most_one_line(server, capsys):
+    for error in (ConnectionResetError(104, "Connection reset by peer"), ValueError("odd bytes")):
+        try:
+            raise error
+        except Exception:
+            server[0].handle_error(None, ("127.0.0.1", 5000))
+    assert capsys.readouterr().err == "serve.py: connection from 127.0.0.1: ValueError: odd bytes\n"
+
+
+def test_a_client_that_leaves_a_whole_request_cancels_it(tiny_dir):
+    for http_server, engine, *_ in running_server(tiny_dir, slots=1, loop=False):
+        connection = http.client.HTTPConnection("127.0.0.1", http_server.server_port, timeout=60)
+        connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "the", "max_tokens": 50}))
+        deadline = time.monotonic() + 30
+        while not engine.scheduler.jobs and time.monotonic() < deadline:  # it waits: the loop is not running
+            time.sleep(0.05)
+        [job] = engine.scheduler.jobs.values()
+        connection.sock.close()
+        while job.request.cancelled is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.request.cancelled == "cancelled"
 
 
 def test_unknown_paths_and_methods(server):
