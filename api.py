@@ -20,10 +20,11 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
 from engine import Busy, Engine, Request
 from metrics import prometheus_text
-from sampling import Sampling
+from sampling import Penalties, Sampling
 from tokenizer import TextStream
 
 
@@ -47,10 +48,26 @@ def field(body: dict, name: str, kinds, default=None, check=lambda value: True, 
 
 
 UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "response_format", "suffix", "echo",
-               "best_of", "logit_bias")
+               "best_of")
 
 
-def sampling_fields(body: dict, max_seq_length: int, prompt_length: int, default_max_tokens: int) -> dict:
+def penalty_fields(body: dict, vocab_size: int) -> Optional[Penalties]:
+    """presence_penalty, frequency_penalty, repetition_penalty and logit_bias, checked; None where all are
+    neutral."""
+    presence = field(body, "presence_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2")
+    frequency = field(body, "frequency_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2")
+    repetition = field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "a number above 0")
+    bias = field(body, "logit_bias", (dict,), {}, lambda v: all(
+        key.isdigit() and int(key) < vocab_size and isinstance(value, (int, float)) and not isinstance(value, bool)
+        and -100 <= value <= 100 for key, value in v.items()),
+        f"an object of token ids (0 to {vocab_size - 1}) to numbers from -100 to 100")
+    penalties = Penalties(float(presence), float(frequency), float(repetition),
+                          tuple((int(token), float(value)) for token, value in bias.items()))
+    return None if penalties == Penalties() else penalties
+
+
+def sampling_fields(body: dict, max_seq_length: int, prompt_length: int, default_max_tokens: int,
+                    vocab_size: int) -> dict:
     """The fields every completion request shares, checked: Request's keyword arguments."""
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, 0, [], {}):
@@ -69,11 +86,13 @@ def sampling_fields(body: dict, max_seq_length: int, prompt_length: int, default
     temperature = field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")
     top_p = field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = field(body, "top_k", (int,), None, lambda v: v >= 1, "an integer >= 1")
+    min_p = field(body, "min_p", (int, float), 0.0, lambda v: 0 <= v <= 1, "a number from 0 to 1")
     stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or (
         len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings")
-    return {"max_tokens": max_tokens, "seed": field(body, "seed", (int,)),
-            "sampling": Sampling(temperature=float(temperature), top_k=top_k, top_p=None if top_p >= 1 else top_p),
-            "stop": [stop] if isinstance(stop, str) else stop}
+    sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=None if top_p >= 1 else top_p,
+                        min_p=float(min_p) or None)
+    return {"max_tokens": max_tokens, "seed": field(body, "seed", (int,)), "sampling": sampling,
+            "stop": [stop] if isinstance(stop, str) else stop, "penalties": penalty_fields(body, vocab_size)}
 
 
 def chat_turn(message) -> dict:
@@ -293,12 +312,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(HTTPStatus.OK, {"content": self.server.tokenizer.decode(tokens)})
 
     def complete(self, engine: Engine, body: dict, ids: list, default_max_tokens: int, chat: bool):
-        fields = sampling_fields(body, engine.max_seq_length, len(ids), default_max_tokens)
+        fields = sampling_fields(body, engine.max_seq_length, len(ids), default_max_tokens,
+                                 self.server.tokenizer.vocab_size)
         stream = field(body, "stream", (bool,), False)
         include_usage = stream and field(body, "stream_options", (dict,), {}).get("include_usage") is True
         stop_ids = frozenset() if field(body, "ignore_eos", (bool,), False) else frozenset(
             self.server.tokenizer.stop_ids)
-        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"])
+        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], fields["penalties"])
         try:
             engine.submit(request)
         except Busy as error:

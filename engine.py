@@ -24,7 +24,7 @@ import tp
 from generation import slots_to_attend
 from metrics import Histogram, Snapshot
 from model import ForwardOptions, Transformer
-from sampling import Sampling, sample
+from sampling import Penalties, Sampling, penalize, sample
 
 
 class Busy(Exception):
@@ -40,6 +40,7 @@ class Request:
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
     stop_ids: frozenset = frozenset()
     seed: Optional[int] = None
+    penalties: Optional[Penalties] = None
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: Optional[str] = None  # why the client's side ended it (a disconnect, a stop string met)
     arrived: float = field(default_factory=time.perf_counter)
@@ -305,7 +306,7 @@ class Engine:
         request.prefilled = request.position = end
         self.counts["prompt_tokens"] += len(chunk)
         if request.decoding:
-            self.emit(request, sample(logits, request.sampling, request.generator).item())
+            self.emit(request, self.next_token(request, logits))
 
     def decode_step(self):
         """One step over the rows: every row in a compiled step (static shapes), else the rows up to the last
@@ -326,7 +327,13 @@ class Engine:
             if live:
                 request = self.rows[row]
                 request.position += 1
-                self.emit(request, sample(logits[row:row + 1], request.sampling, request.generator).item())
+                self.emit(request, self.next_token(request, logits[row:row + 1]))
+
+    def next_token(self, request: Request, logits: Tensor) -> int:
+        """The request's next token from its (1, vocab) logits: its penalties, then its sampling."""
+        if request.penalties is not None:
+            logits = penalize(logits, request.penalties, request.prompt, request.output)
+        return sample(logits, request.sampling, request.generator).item()
 
     def emit(self, request: Request, token: int):
         """A new token of a running request: sent on, or the request ends."""

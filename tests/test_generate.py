@@ -14,7 +14,7 @@ from conftest import ROOT, quantized_copy
 from generate import main
 from generation import generate
 from prepare import prepare
-from sampling import Sampling, sample
+from sampling import Penalties, Sampling, penalize, probabilities, sample
 from speculative import load_draft
 from tokenizer import load_tokenizer
 
@@ -215,6 +215,22 @@ def test_tiny_top_p_keeps_only_the_most_likely_token():
     logits = torch.randn(4, 100)
     assert torch.equal(sample(logits, Sampling(temperature=1.0, top_k=None, top_p=1e-6)),
                        logits.argmax(-1, keepdim=True))
+
+
+def test_min_p_keeps_the_tokens_at_least_that_share_of_the_likeliest():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    probs = probabilities(logits, Sampling(temperature=1.0, top_k=None, min_p=0.5))  # floor 0.25: 0.5 and 0.3 stay
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_penalties_change_the_logits_of_the_tokens_seen():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.0, 0.5]])
+    frequency = penalize(logits, Penalties(presence=0.5, frequency=0.25), prompt=[4], generated=[0, 0, 2])
+    assert torch.equal(frequency, torch.tensor([[1.0, -2.0, 0.25, 0.0, 0.5]]))  # 0: 0.5 + 2 x 0.25; 2: 0.75
+    repetition = penalize(logits, Penalties(repetition=2.0), prompt=[4], generated=[1])
+    assert torch.equal(repetition, torch.tensor([[2.0, -4.0, 1.0, 0.0, 0.25]]))  # positive halved, negative doubled
+    bias = penalize(logits, Penalties(logit_bias=((3, 100.0),)), prompt=[], generated=[])
+    assert torch.equal(bias, torch.tensor([[2.0, -2.0, 1.0, 100.0, 0.5]]))
 
 
 def test_sampling_follows_the_softmax_distribution():

@@ -271,6 +271,18 @@ def test_a_second_chat_turn_reports_the_prompt_tokens_it_reused(server):
     assert "brisk_cached_prompt_tokens_total %d" % reused in raw(http_server, "GET", "/metrics")[1].decode()
 
 
+def test_a_logit_bias_and_a_frequency_penalty_steer_the_answer(server):
+    http_server, engine, tokenizer, model = server
+    prompt = "the quick brown fox"
+    forced = client(http_server).completions.create(model="m", prompt=prompt, max_tokens=5, temperature=0,
+                                                    logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert tokenizer.encode(forced.choices[0].text, bos=False) == [42] * 5
+    greedy = greedy_alone(model, tokenizer.encode(prompt), 12)
+    penalized = client(http_server).completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0,
+                                                       frequency_penalty=2, extra_body={"ignore_eos": True})
+    assert len(set(tokenizer.encode(penalized.choices[0].text, bos=False))) > len(set(greedy))
+
+
 def test_health_models_and_metrics(server):
     http_server, *_ = server
     assert raw(http_server, "GET", "/health")[:2] == (200, {"status": "ok"})
@@ -291,6 +303,11 @@ def test_health_models_and_metrics(server):
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "hi", "max_tokens": 1000}, 400, "max_tokens"),
 ])
