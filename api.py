@@ -47,8 +47,7 @@ def field(body: dict, name: str, kinds, default=None, check=lambda value: True, 
     return value
 
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "tools", "functions", "tool_choice", "response_format", "suffix", "echo",
-               "best_of")
+UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "suffix", "echo", "best_of")
 
 
 def penalty_fields(body: dict, vocab_size: int) -> Optional[Penalties]:
@@ -93,6 +92,19 @@ def sampling_fields(body: dict, max_seq_length: int, prompt_length: int, default
                         min_p=float(min_p) or None)
     return {"max_tokens": max_tokens, "seed": field(body, "seed", (int,)), "sampling": sampling,
             "stop": [stop] if isinstance(stop, str) else stop, "penalties": penalty_fields(body, vocab_size)}
+
+
+def logprobs_field(body: dict, chat: bool) -> Optional[int]:
+    """How many likeliest tokens to give with each token's log-probability, or None for no log-probabilities:
+    chat's logprobs (true / false) and top_logprobs (0 to 20); completions' logprobs (0 to 5)."""
+    if not chat:
+        return field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer from 0 to 5")
+    top = field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer from 0 to 20")
+    if not field(body, "logprobs", (bool,), False):
+        if top is not None:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
 
 
 def chat_turn(message) -> dict:
@@ -318,7 +330,8 @@ class Handler(BaseHTTPRequestHandler):
         include_usage = stream and field(body, "stream_options", (dict,), {}).get("include_usage") is True
         stop_ids = frozenset() if field(body, "ignore_eos", (bool,), False) else frozenset(
             self.server.tokenizer.stop_ids)
-        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], fields["penalties"])
+        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], fields["penalties"],
+                          logprobs_field(body, chat))
         try:
             engine.submit(request)
         except Busy as error:
@@ -378,6 +391,8 @@ class Reply:
         self.handler, self.request, self.text, self.chat = handler, request, text, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
+        self.sent_tokens = 0  # tokens received so far: the next one's log-probabilities are at this index
+        self.new_logprobs = []  # with logprobs: (token text, log-probability, [(text, log-probability)]) not yet sent
 
     def pieces(self, watch_client: bool = False):
         """(text, None) pieces as tokens come, then ("", finish reason). A stop string ends the request, and so,
@@ -394,6 +409,11 @@ class Reply:
                 yield self.text.flush(), event if not self.text.stopped else "stop"
                 return
             piece = self.text.push(event)
+            if self.request.logprobs is not None:
+                logprob, top = self.request.token_logprobs[self.sent_tokens]
+                decode = self.handler.server.tokenizer.decode
+                self.new_logprobs.append((decode([event]), logprob, [(decode([id_]), lp) for id_, lp in top]))
+            self.sent_tokens += 1
             if self.text.stopped:
                 self.request.cancel("stop")
                 yield piece, None
@@ -421,7 +441,7 @@ class Reply:
             raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
                   else {"index": 0, "text": text})
-        payload = self.envelope([{**choice, "finish_reason": reason, "logprobs": None}], chunk=False)
+        payload = self.envelope([{**choice, "finish_reason": reason, "logprobs": self.take_logprobs()}], chunk=False)
         self.handler.send_json(HTTPStatus.OK, {**payload, "usage": self.usage()})
 
     def stream(self, include_usage: bool):
@@ -444,10 +464,23 @@ class Reply:
     def choice(self, piece: str, reason, role: bool = False) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": self.take_logprobs()}
         else:
-            choice = {"index": 0, "text": piece, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": piece, "finish_reason": reason, "logprobs": self.take_logprobs()}
         return self.envelope([choice], chunk=True)
+
+    def take_logprobs(self):
+        """The log-probabilities of the tokens received since the last call, in the shape of the API (chat:
+        {"content": [...]}; completions: parallel lists), or None where none were asked for."""
+        if self.request.logprobs is None:
+            return None
+        entries, self.new_logprobs = self.new_logprobs, []
+        if self.chat:
+            return {"content": [{"token": text, "logprob": logprob, "bytes": list(text.encode()),
+                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
+                                                  for t, lp in top]} for text, logprob, top in entries]}
+        return {"tokens": [text for text, _, _ in entries], "token_logprobs": [logprob for _, logprob, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries]}
 
     def send_chunk(self, payload: dict):
         self.send_event(b"data: " + json.dumps(payload).encode() + b"\n\n")

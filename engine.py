@@ -41,6 +41,7 @@ class Request:
     stop_ids: frozenset = frozenset()
     seed: Optional[int] = None
     penalties: Optional[Penalties] = None
+    logprobs: Optional[int] = None  # with each token made, its log-probability and the `logprobs` likeliest
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: Optional[str] = None  # why the client's side ended it (a disconnect, a stop string met)
     arrived: float = field(default_factory=time.perf_counter)
@@ -50,6 +51,8 @@ class Request:
     next_token: int = 0
     position: int = 0  # tokens in the cache
     output: list = field(default_factory=list)  # the token ids made so far
+    # with logprobs: for each token made, (its log-probability, [(id, log-probability) of the likeliest])
+    token_logprobs: list = field(default_factory=list)
     generator: Optional[torch.Generator] = None
     swapped: bool = False  # preempted: its KV rows wait in host memory (ModelRunner.saved) for a row
     last_token_at: Optional[float] = None  # when its last token was made (time.perf_counter)
@@ -330,10 +333,18 @@ class Engine:
                 self.emit(request, self.next_token(request, logits[row:row + 1]))
 
     def next_token(self, request: Request, logits: Tensor) -> int:
-        """The request's next token from its (1, vocab) logits: its penalties, then its sampling."""
+        """The request's next token from its (1, vocab) logits: its penalties, then its sampling. Asked for,
+        the model's own log-probabilities (before penalties and temperature, as vLLM gives them) go with it."""
+        model_logits = logits
         if request.penalties is not None:
             logits = penalize(logits, request.penalties, request.prompt, request.output)
-        return sample(logits, request.sampling, request.generator).item()
+        token = sample(logits, request.sampling, request.generator).item()
+        if request.logprobs is not None:
+            logprobs = model_logits[0].float().log_softmax(-1)
+            top = logprobs.topk(request.logprobs)
+            request.token_logprobs.append((logprobs[token].item(), list(zip(top.indices.tolist(),
+                                                                             top.values.tolist()))))
+        return token
 
     def emit(self, request: Request, token: int):
         """A new token of a running request: sent on, or the request ends."""

@@ -283,6 +283,46 @@ def test_a_logit_bias_and_a_frequency_penalty_steer_the_answer(server):
     assert len(set(tokenizer.encode(penalized.choices[0].text, bos=False))) > len(set(greedy))
 
 
+def reference_logprobs(model, prompt: list, tokens: list):
+    """log_softmax of the logits a full forward over the prompt and the tokens gives each token's position."""
+    model.setup_caches(1, model.args.max_seq_length)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]]), torch.arange(len(prompt) + len(tokens) - 1))
+    return logits[0, len(prompt) - 1:].float().log_softmax(-1)
+
+
+def test_chat_logprobs_are_the_models_log_softmax_of_each_greedy_token(server):
+    http_server, engine, tokenizer, model = server
+    messages = [{"role": "user", "content": "How are you?"}]
+    prompt = tokenizer.encode(tokenizer.render_chat(messages))
+    tokens = greedy_alone(model, prompt, 8)
+    expected = reference_logprobs(model, prompt, tokens)
+    for stream in (False, True):
+        reply = client(http_server).chat.completions.create(
+            model="m", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=stream,
+            extra_body={"ignore_eos": True})
+        content = ([entry for chunk in reply for entry in chunk.choices[0].logprobs.content] if stream
+                   else reply.choices[0].logprobs.content)
+        assert [entry.token for entry in content] == [tokenizer.decode([token]) for token in tokens]
+        assert max(abs(entry.logprob - expected[i, token].item())
+                   for i, (entry, token) in enumerate(zip(content, tokens))) <= 1e-4
+        assert all(len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token for entry in content)
+
+
+def test_completion_logprobs_come_as_parallel_lists(server):
+    http_server, engine, tokenizer, model = server
+    prompt = tokenizer.encode("the quick brown fox")
+    tokens = greedy_alone(model, prompt, 6)
+    expected = reference_logprobs(model, prompt, tokens)
+    logprobs = client(http_server).completions.create(model="m", prompt="the quick brown fox", max_tokens=6,
+                                                      temperature=0, logprobs=2,
+                                                      extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([token]) for token in tokens]
+    assert torch.allclose(torch.tensor(logprobs.token_logprobs), expected[torch.arange(6), tokens], atol=1e-4)
+    assert all(len(top) == 2 and max(top, key=top.get) == token for top, token in zip(logprobs.top_logprobs,
+                                                                                       logprobs.tokens))
+
+
 def test_health_models_and_metrics(server):
     http_server, *_ = server
     assert raw(http_server, "GET", "/health")[:2] == (200, {"status": "ok"})
@@ -302,7 +342,7 @@ def test_health_models_and_metrics(server):
     ({"prompt": "hi", "temperature": 5}, 400, "temperature"),
     ({"prompt": "hi", "n": 2}, 400, "n"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"prompt": "hi", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
@@ -321,6 +361,12 @@ def test_bad_requests_are_json_errors_naming_the_field(server, body, status, par
 def test_a_malformed_chat_message_is_a_400_naming_messages(server, messages):
     status, answer, _ = raw(server[0], "POST", "/v1/chat/completions", {"messages": messages})
     assert (status, answer["error"]["param"]) == (400, "messages")
+
+
+def test_top_logprobs_without_logprobs_is_a_400(server):
+    status, answer, _ = raw(server[0], "POST", "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert (status, answer["error"]["param"]) == (400, "top_logprobs")
 
 
 def test_a_body_larger_than_the_cap_is_refused_with_413_unread(server):
@@ -374,10 +420,11 @@ def test_connections_past_the_limit_get_a_json_503(tiny_dir):
             time.sleep(0.2)
             status, answer, _ = raw(http_server, "GET", "/health")
         assert (status, answer["error"]["type"]) == (503, "server_error")
-        deadline = time.monotonic() + 10  # free again once the server has seen the first one close
-        while raw(http_server, "GET", "/health")[0] != 200 and time.monotonic() < deadline:
+        deadline, status = time.monotonic() + 10, None  # free again once the server has seen the first one close
+        while status != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert raw(http_server, "GET", "/health")[0] == 200
+            status = raw(http_server, "GET", "/health")[0]
+        assert status == 200
 
 
 def test_a_failure_inside_the_server_is_a_json_500_and_a_logged_traceback(server, monkeypatch, capsys):
