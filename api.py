@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
@@ -328,9 +328,14 @@ class Handler(BaseHTTPRequestHandler):
                                  self.server.tokenizer.vocab_size)
         stream = field(body, "stream", (bool,), False)
         include_usage = stream and field(body, "stream_options", (dict,), {}).get("include_usage") is True
-        stop_ids = frozenset() if field(body, "ignore_eos", (bool,), False) else frozenset(
-            self.server.tokenizer.stop_ids)
-        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], fields["penalties"],
+        stop_ids, penalties = frozenset(self.server.tokenizer.stop_ids), fields["penalties"]
+        if field(body, "ignore_eos", (bool,), False):
+            # as llama-server does: no end-of-text token can be picked, so the text goes on as prose (not
+            # through one, into a turn the model writes for the user)
+            penalties = penalties or Penalties()
+            banned = tuple((token, -float("inf")) for token in sorted(stop_ids))
+            stop_ids, penalties = frozenset(), replace(penalties, logit_bias=penalties.logit_bias + banned)
+        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], penalties,
                           logprobs_field(body, chat))
         try:
             engine.submit(request)

@@ -323,6 +323,20 @@ def test_completion_logprobs_come_as_parallel_lists(server):
                                                                                        logprobs.tokens))
 
 
+def test_ignore_eos_bans_the_end_of_text_tokens_as_llama_server_does(server):
+    """A logit bias that makes the end-of-text token the likeliest: it ends the answer at once, and with
+    ignore_eos it is never picked, so the text goes on."""
+    http_server, engine, tokenizer, model = server
+    eos = tokenizer.stop_ids[0]
+    ended = client(http_server).completions.create(model="m", prompt="the", max_tokens=8, temperature=0,
+                                                   logit_bias={str(eos): 100})
+    assert (ended.choices[0].finish_reason, ended.usage.completion_tokens) == ("stop", 1)
+    going = client(http_server).completions.create(model="m", prompt="the", max_tokens=8, temperature=0,
+                                                   logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    assert (going.choices[0].finish_reason, going.usage.completion_tokens) == ("length", 8)
+    assert not set(tokenizer.encode(going.choices[0].text, bos=False)) & set(tokenizer.stop_ids)
+
+
 def test_health_models_and_metrics(server):
     http_server, *_ = server
     assert raw(http_server, "GET", "/health")[:2] == (200, {"status": "ok"})
