@@ -247,15 +247,16 @@ class Handler(BaseHTTPRequestHandler):
                        {"status": "ok" if ready else "loading"})
 
     def models(self):
-        self.send_json(HTTPStatus.OK, {"object": "list", "data": [{
-            "id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "brisk"}]})
+        self.send_json(HTTPStatus.OK, {"object": "list", "data": [self.model_card()]})
 
     def model(self, model_id: str):
         if model_id != self.server.model_name:
             raise BadRequest(HTTPStatus.NOT_FOUND, f"there is no model '{model_id}' here: this server has "
                              f"'{self.server.model_name}'", "model", "model_not_found")
-        self.send_json(HTTPStatus.OK, {"id": model_id, "object": "model", "created": self.server.created,
-                                       "owned_by": "brisk"})
+        self.send_json(HTTPStatus.OK, self.model_card())
+
+    def model_card(self) -> dict:
+        return {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "brisk"}
 
     def metrics(self):
         text = prometheus_text(self.ready_engine().snapshot())
@@ -396,7 +397,7 @@ class Reply:
         self.handler, self.request, self.text, self.chat = handler, request, text, chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.sent_tokens = 0  # tokens received so far: the next one's log-probabilities are at this index
+        self.received_tokens = 0  # so far: the next one's log-probabilities are at this index
         self.new_logprobs = []  # with logprobs: (token text, log-probability, [(text, log-probability)]) not yet sent
 
     def pieces(self, watch_client: bool = False):
@@ -415,10 +416,10 @@ class Reply:
                 return
             piece = self.text.push(event)
             if self.request.logprobs is not None:
-                logprob, top = self.request.token_logprobs[self.sent_tokens]
+                logprob, top = self.request.token_logprobs[self.received_tokens]
                 decode = self.handler.server.tokenizer.decode
                 self.new_logprobs.append((decode([event]), logprob, [(decode([id_]), lp) for id_, lp in top]))
-            self.sent_tokens += 1
+            self.received_tokens += 1
             if self.text.stopped:
                 self.request.cancel("stop")
                 yield piece, None

@@ -287,15 +287,16 @@ class Engine:
         depend only on the tokens up to their own, so the kept ones are what a prefill would write (to float
         rounding, where a kept token was decoded: its keys and values came from a one-row pass). A preempted
         request gets its own KV rows back instead."""
-        free = [row for row, occupant in enumerate(self.rows) if occupant is None]
-        row = max(free, key=lambda row: shared_prefix(self.kept[row], request.prompt))
+        shared = {row: shared_prefix(self.kept[row], request.prompt)
+                  for row, occupant in enumerate(self.rows) if occupant is None}
+        row = max(shared, key=shared.get)  # the lowest such row where several share as much
         self.rows[row] = request
         if request.swapped:
             self.runner.run("swap_in", row, request.position, id(request))
             request.swapped = False
             self.counts["swaps_in"] += 1
         else:
-            reused = min(shared_prefix(self.kept[row], request.prompt), len(request.prompt) - 1)
+            reused = min(shared[row], len(request.prompt) - 1)
             request.prefilled = request.position = request.cached_tokens = reused
             self.counts["cached_prompt_tokens"] += reused
 
