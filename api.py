@@ -20,103 +20,16 @@ import uuid
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 
+import llguidance
+
+from api_request import (BadRequest, chat_turn, field, logprobs_field, response_format_field,
+                         sampling_fields)
 from engine import Busy, Engine, Request
+from grammar import Constraint, grammar_tokenizer
 from metrics import prometheus_text
-from sampling import Penalties, Sampling
+from sampling import Penalties
 from tokenizer import TextStream
-
-
-class BadRequest(Exception):
-    """A request the server refuses: its HTTP status, message, and the field at fault."""
-
-    def __init__(self, status: HTTPStatus, message: str, param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def field(body: dict, name: str, kinds, default=None, check=lambda value: True, rule: str = ""):
-    """body[name], checked to be one of kinds (and to pass check), or default where it is absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or not check(value):
-        expected = rule or " or ".join(kind.__name__ for kind in kinds)
-        raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{name}' must be {expected}, not {json.dumps(value)}", name)
-    return value
-
-
-UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "suffix", "echo", "best_of")
-
-
-def penalty_fields(body: dict, vocab_size: int) -> Optional[Penalties]:
-    """presence_penalty, frequency_penalty, repetition_penalty and logit_bias, checked; None where all are
-    neutral."""
-    presence = field(body, "presence_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2")
-    frequency = field(body, "frequency_penalty", (int, float), 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2")
-    repetition = field(body, "repetition_penalty", (int, float), 1.0, lambda v: v > 0, "a number above 0")
-    bias = field(body, "logit_bias", (dict,), {}, lambda v: all(
-        key.isdigit() and int(key) < vocab_size and isinstance(value, (int, float)) and not isinstance(value, bool)
-        and -100 <= value <= 100 for key, value in v.items()),
-        f"an object of token ids (0 to {vocab_size - 1}) to numbers from -100 to 100")
-    penalties = Penalties(float(presence), float(frequency), float(repetition),
-                          tuple((int(token), float(value)) for token, value in bias.items()))
-    return None if penalties == Penalties() else penalties
-
-
-def sampling_fields(body: dict, max_seq_length: int, prompt_length: int, default_max_tokens: int,
-                    vocab_size: int) -> dict:
-    """The fields every completion request shares, checked: Request's keyword arguments."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, False, 0, [], {}):
-            raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{name}' is not supported by this server", name)
-    if field(body, "n", (int,), 1) != 1:
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "'n' must be 1: this server makes one choice per request", "n")
-    max_tokens = field(body, "max_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
-    max_tokens = field(body, "max_completion_tokens", (int,), max_tokens, lambda v: v >= 1, "an integer >= 1")
-    room = max_seq_length - prompt_length
-    max_tokens = min(default_max_tokens, room) if max_tokens is None else max_tokens
-    if max_tokens > room or room < 1:
-        raise BadRequest(HTTPStatus.BAD_REQUEST,
-                         f"the prompt ({prompt_length} tokens) plus max_tokens ({max_tokens}) exceeds the context of "
-                         f"{max_seq_length} tokens: shorten the prompt or lower max_tokens", "max_tokens",
-                         "context_length_exceeded")
-    temperature = field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")
-    top_p = field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    top_k = field(body, "top_k", (int,), None, lambda v: v >= 1, "an integer >= 1")
-    min_p = field(body, "min_p", (int, float), 0.0, lambda v: 0 <= v <= 1, "a number from 0 to 1")
-    stop = field(body, "stop", (str, list), [], lambda v: isinstance(v, str) or (
-        len(v) <= 4 and all(isinstance(s, str) for s in v)), "a string or a list of up to 4 strings")
-    sampling = Sampling(temperature=float(temperature), top_k=top_k, top_p=None if top_p >= 1 else top_p,
-                        min_p=float(min_p) or None)
-    return {"max_tokens": max_tokens, "seed": field(body, "seed", (int,)), "sampling": sampling,
-            "stop": [stop] if isinstance(stop, str) else stop, "penalties": penalty_fields(body, vocab_size)}
-
-
-def logprobs_field(body: dict, chat: bool) -> Optional[int]:
-    """How many likeliest tokens to give with each token's log-probability, or None for no log-probabilities:
-    chat's logprobs (true / false) and top_logprobs (0 to 20); completions' logprobs (0 to 5)."""
-    if not chat:
-        return field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 5, "an integer from 0 to 5")
-    top = field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer from 0 to 20")
-    if not field(body, "logprobs", (bool,), False):
-        if top is not None:
-            raise BadRequest(HTTPStatus.BAD_REQUEST, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        return None
-    return top or 0
-
-
-def chat_turn(message) -> dict:
-    """A chat message as the chat template takes it: its role, and its content as one string (OpenAI's content
-    may also be a list of text parts)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        content = "".join(str(part.get("text", "")) for part in content)
-    if not isinstance(content, str) or not isinstance(message.get("role"), str):
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "each of 'messages' must be an object with a string 'role' and "
-                         "a string (or text parts) 'content'", "messages")
-    return {"role": message["role"], "content": content}
 
 
 @dataclass(frozen=True)
@@ -140,6 +53,14 @@ class Server(ThreadingHTTPServer):
         self.cors_origin, self.limits = cors_origin, limits
         self.created = int(time.time())
         self.connections = threading.BoundedSemaphore(limits.max_connections)
+        self.vocabulary, self.vocabulary_lock = None, threading.Lock()
+
+    def grammar_vocabulary(self) -> llguidance.LLTokenizer:
+        """The tokenizer's index for structured output (grammar.py), built for the first request that asks."""
+        with self.vocabulary_lock:
+            if self.vocabulary is None:
+                self.vocabulary = grammar_tokenizer(self.tokenizer)
+            return self.vocabulary
 
     def process_request(self, request, client_address):
         """A thread for the connection, or, past max_connections, a JSON 503 and the connection closed."""
@@ -327,6 +248,7 @@ class Handler(BaseHTTPRequestHandler):
     def complete(self, engine: Engine, body: dict, ids: list, default_max_tokens: int, chat: bool):
         fields = sampling_fields(body, engine.max_seq_length, len(ids), default_max_tokens,
                                  self.server.tokenizer.vocab_size)
+        grammar = response_format_field(body, self.server.grammar_vocabulary)
         stream = field(body, "stream", (bool,), False)
         include_usage = stream and field(body, "stream_options", (dict,), {}).get("include_usage") is True
         stop_ids, penalties = frozenset(self.server.tokenizer.stop_ids), fields["penalties"]
@@ -336,13 +258,23 @@ class Handler(BaseHTTPRequestHandler):
             penalties = penalties or Penalties()
             banned = tuple((token, -float("inf")) for token in sorted(stop_ids))
             stop_ids, penalties = frozenset(), replace(penalties, logit_bias=penalties.logit_bias + banned)
-        request = Request(ids, fields["max_tokens"], fields["sampling"], stop_ids, fields["seed"], penalties,
-                          logprobs_field(body, chat))
+        events, seed = queue.Queue(), fields["seed"]
+        # n copies of the request, each its own answer (copy i seeded with seed + i); they share the prompt's
+        # prefill (Engine.take_shared_prefix)
+        requests = [Request(ids, fields["max_tokens"], fields["sampling"], stop_ids,
+                            None if seed is None else seed + index, penalties, logprobs_field(body, chat),
+                            Constraint(self.server.grammar_vocabulary(), grammar) if grammar else None,
+                            ChoiceEvents(events, index))
+                    for index in range(fields["n"])]
         try:
-            engine.submit(request)
+            for request in requests:
+                engine.submit(request)
         except Busy as error:
+            for request in requests:
+                request.cancel()
             raise BadRequest(HTTPStatus.TOO_MANY_REQUESTS, f"the server is busy ({error}): retry later") from None
-        reply = Reply(self, request, TextStream(self.server.tokenizer, fields["stop"]), chat)
+        reply = Reply(self, [Choice(request, TextStream(self.server.tokenizer, fields["stop"])) for request in requests],
+                      events, chat)
         reply.stream(include_usage) if stream else reply.whole()
 
     # --- writing -----------------------------------------------------------------------------------------
@@ -390,47 +322,76 @@ def error_type(status: HTTPStatus) -> str:
         status, "invalid_request_error")
 
 
-class Reply:
-    """One completion's answer, whole or streamed, in the OpenAI shapes (chat or text completion)."""
+class ChoiceEvents:
+    """Where the engine puts the events of one of a reply's requests (engine.Request.events): the reply's one
+    queue, each event tagged with the index of the choice it belongs to."""
 
-    def __init__(self, handler: Handler, request: Request, text: TextStream, chat: bool):
-        self.handler, self.request, self.text, self.chat = handler, request, text, chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
+    def __init__(self, events: queue.Queue, index: int):
+        self.events, self.index = events, index
+
+    def put(self, event):
+        self.events.put((self.index, event))
+
+
+class Choice:
+    """One of a reply's n answers: its request, its text as it comes, and how it finished (None while it runs)."""
+
+    def __init__(self, request: Request, text: TextStream):
+        self.request, self.text = request, text
+        self.finish_reason = None
         self.received_tokens = 0  # so far: the next one's log-probabilities are at this index
         self.new_logprobs = []  # with logprobs: (token text, log-probability, [(text, log-probability)]) not yet sent
 
+
+class Reply:
+    """One completion's answer, its n choices whole or streamed, in the OpenAI shapes (chat or text completion)."""
+
+    def __init__(self, handler: Handler, choices: list, events: queue.Queue, chat: bool):
+        self.handler, self.choices, self.events, self.chat = handler, choices, events, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
     def pieces(self, watch_client: bool = False):
-        """(text, None) pieces as tokens come, then ("", finish reason). A stop string ends the request, and so,
-        with watch_client (a whole answer, which writes nothing until the end), does the client leaving."""
-        while True:
+        """(choice, text) pieces as tokens come, and (choice, "") once a choice has finished, until all have. A
+        stop string ends its choice's request, and, with watch_client (a whole answer, which writes nothing until
+        the end), the client leaving ends them all."""
+        while any(choice.finish_reason is None for choice in self.choices):
             try:
-                event = self.request.events.get(timeout=0.25 if watch_client else None)
+                index, event = self.events.get(timeout=0.25 if watch_client else None)
             except queue.Empty:
                 if self.handler.client_gone():
-                    self.request.cancel()
+                    self.cancel()
                     self.handler.close_connection = True
                 continue
+            choice = self.choices[index]
+            if choice.finish_reason is not None:
+                continue  # what the engine made before it heard that a stop string ended the choice
             if isinstance(event, str):
-                yield self.text.flush(), event if not self.text.stopped else "stop"
-                return
-            piece = self.text.push(event)
-            if self.request.logprobs is not None:
-                logprob, top = self.request.token_logprobs[self.received_tokens]
+                piece = choice.text.flush()
+                choice.finish_reason = "stop" if choice.text.stopped else event
+                yield choice, piece
+                continue
+            piece = choice.text.push(event)
+            if choice.request.logprobs is not None:
+                logprob, top = choice.request.token_logprobs[choice.received_tokens]
                 decode = self.handler.server.tokenizer.decode
-                self.new_logprobs.append((decode([event]), logprob, [(decode([id_]), lp) for id_, lp in top]))
-            self.received_tokens += 1
-            if self.text.stopped:
-                self.request.cancel("stop")
-                yield piece, None
-                yield "", "stop"
-                return
-            yield piece, None
+                choice.new_logprobs.append((decode([event]), logprob, [(decode([id_]), lp) for id_, lp in top]))
+            choice.received_tokens += 1
+            if choice.text.stopped:  # a stop string: the text ends before it, and so does the choice's request
+                choice.request.cancel("stop")
+                choice.finish_reason = "stop"
+            yield choice, piece
+
+    def cancel(self):
+        for choice in self.choices:
+            choice.request.cancel()
 
     def usage(self) -> dict:
-        prompt, completion = len(self.request.prompt), self.request.generated
+        """The prompt counted once (its copies share its prefill), the completions of every choice."""
+        first = self.choices[0].request
+        prompt, completion = len(first.prompt), sum(choice.request.generated for choice in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": self.request.cached_tokens}}
+                "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
     def envelope(self, choices: list, chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
@@ -438,17 +399,21 @@ class Reply:
                 "choices": choices}
 
     def whole(self):
-        text, reason = "", None
-        for piece, reason in self.pieces(watch_client=True):
-            text += piece
-        if reason == "cancelled" and self.handler.close_connection:
+        texts = {id(choice): "" for choice in self.choices}
+        for choice, piece in self.pieces(watch_client=True):
+            texts[id(choice)] += piece
+        reasons = {choice.finish_reason for choice in self.choices}
+        if "cancelled" in reasons and self.handler.close_connection:
             return  # the client left: nobody to answer
-        if reason == "cancelled":
+        if "cancelled" in reasons:
             raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
-                  else {"index": 0, "text": text})
-        payload = self.envelope([{**choice, "finish_reason": reason, "logprobs": self.take_logprobs()}], chunk=False)
-        self.handler.send_json(HTTPStatus.OK, {**payload, "usage": self.usage()})
+        choices = []
+        for index, choice in enumerate(self.choices):
+            text = texts[id(choice)]
+            answer = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": index, **answer, "finish_reason": choice.finish_reason,
+                            "logprobs": self.take_logprobs(choice)})
+        self.handler.send_json(HTTPStatus.OK, {**self.envelope(choices, chunk=False), "usage": self.usage()})
 
     def stream(self, include_usage: bool):
         handler = self.handler
@@ -456,31 +421,36 @@ class Reply:
                                             "Transfer-Encoding": "chunked"})
         try:
             if self.chat:
-                self.send_chunk(self.choice("", None, role=True))
-            for piece, reason in self.pieces():
-                if piece or reason:
-                    self.send_chunk(self.choice(piece, None if reason == "cancelled" else reason))
+                for choice in self.choices:
+                    self.send_chunk(self.chunk(choice, "", role=True))
+            for choice, piece in self.pieces():
+                if piece or choice.finish_reason:
+                    self.send_chunk(self.chunk(choice, piece))
             if include_usage:
                 self.send_chunk({**self.envelope([], chunk=True), "usage": self.usage()})
             self.send_event(b"data: [DONE]\n\n")
             handler.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
-            self.request.cancel()  # the client went away: its row is freed at the engine's next step
+            self.cancel()  # the client went away: the rows are freed at the engine's next step
 
-    def choice(self, piece: str, reason, role: bool = False) -> dict:
+    def chunk(self, choice: Choice, piece: str, role: bool = False) -> dict:
+        """One streamed event of a choice: its new text, and its finish reason once it has finished."""
+        reason = None if choice.finish_reason == "cancelled" else choice.finish_reason
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": self.take_logprobs()}
+            answer = {"delta": delta}
         else:
-            choice = {"index": 0, "text": piece, "finish_reason": reason, "logprobs": self.take_logprobs()}
-        return self.envelope([choice], chunk=True)
+            answer = {"text": piece}
+        index = self.choices.index(choice)
+        return self.envelope([{"index": index, **answer, "finish_reason": None if role else reason,
+                               "logprobs": self.take_logprobs(choice)}], chunk=True)
 
-    def take_logprobs(self):
-        """The log-probabilities of the tokens received since the last call, in the shape of the API (chat:
-        {"content": [...]}; completions: parallel lists), or None where none were asked for."""
-        if self.request.logprobs is None:
+    def take_logprobs(self, choice: Choice):
+        """The log-probabilities of the choice's tokens received since the last call, in the shape of the API
+        (chat: {"content": [...]}; completions: parallel lists), or None where none were asked for."""
+        if choice.request.logprobs is None:
             return None
-        entries, self.new_logprobs = self.new_logprobs, []
+        entries, choice.new_logprobs = choice.new_logprobs, []
         if self.chat:
             return {"content": [{"token": text, "logprob": logprob, "bytes": list(text.encode()),
                                  "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}

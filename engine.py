@@ -22,6 +22,7 @@ from torch import Tensor
 
 import tp
 from generation import slots_to_attend
+from grammar import Constraint
 from metrics import Histogram, Snapshot
 from model import ForwardOptions, Transformer
 from sampling import Penalties, Sampling, penalize, sample
@@ -33,8 +34,9 @@ class Busy(Exception):
 
 @dataclass(eq=False)  # a request is equal only to itself, whatever its fields
 class Request:
-    """One sequence to continue. The engine puts each new token id on `events` as it is made, then the reason
-    it finished: "stop" (a stop token, not put), "length" (max_tokens reached) or "cancelled"."""
+    """One sequence to continue. The engine puts each new token id on `events` (a queue, or anything with put)
+    as it is made, then the reason it finished: "stop" (a stop token, not put), "length" (max_tokens reached) or
+    "cancelled"."""
     prompt: list
     max_tokens: int
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.0))
@@ -42,6 +44,7 @@ class Request:
     seed: Optional[int] = None
     penalties: Optional[Penalties] = None
     logprobs: Optional[int] = None  # with each token made, its log-probability and the `logprobs` likeliest
+    constraint: Optional[Constraint] = None  # structured output: the grammar its tokens keep to (grammar.py)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: Optional[str] = None  # why the client's side ended it (a disconnect, a stop string met)
     arrived: float = field(default_factory=time.perf_counter)
@@ -95,7 +98,7 @@ class ModelRunner:
         self.model, self.rows, self.decode, self.device = model, rows, decode, model.rope.device
         self.saved = {}  # preempted requests' KV rows in host memory: key -> each layer's (keys, values)
         self.commands = {"decode_rows": self.decode_rows, "prefill": self.prefill, "swap_out": self.swap_out,
-                         "swap_in": self.swap_in, "forget": self.forget}
+                         "swap_in": self.swap_in, "forget": self.forget, "copy_slots": self.copy_slots}
 
     @property
     def max_seq_length(self) -> int:
@@ -142,6 +145,12 @@ class ModelRunner:
         for layer, kept in zip(self.model.layers, self.saved.pop(key)):
             for buffer, slots in zip(layer.attention.kv_cache.buffers(), kept):
                 buffer[row, :, :length].copy_(slots, non_blocking=True)
+
+    def copy_slots(self, source: int, target: int, length: int):
+        """The first `length` slots of one cache row copied into another (a quantized cache's scales too)."""
+        for layer in self.model.layers:
+            for buffer in layer.attention.kv_cache.buffers():
+                buffer[target, :, :length].copy_(buffer[source, :, :length])
 
     def forget(self, key: int):
         """A preempted request ended before it got a row back: its kept rows go."""
@@ -302,6 +311,7 @@ class Engine:
 
     def prefill(self, row: int):
         """The next chunk of the row's prompt into the cache; after the last chunk, its first token."""
+        self.take_shared_prefix(row)
         request = self.rows[row]
         start = request.prefilled
         chunk = request.prompt[start:start + self.prefill_chunk]
@@ -311,6 +321,20 @@ class Engine:
         self.counts["prompt_tokens"] += len(chunk)
         if request.decoding:
             self.emit(request, self.next_token(request, logits))
+
+    def take_shared_prefix(self, row: int):
+        """Before a prompt's next chunk: where another busy row holds more of this prompt than this row does,
+        those slots are copied over instead of computed. So the copies of one request (n > 1) prefill their
+        prompt once, as do requests that arrive together with one system prompt."""
+        request = self.rows[row]
+        shared = {other: min(shared_prefix(occupant.tokens_in_cache, request.prompt), len(request.prompt) - 1)
+                  for other, occupant in enumerate(self.rows) if occupant is not None and other != row}
+        source = max(shared, key=shared.get, default=None)
+        if source is not None and shared[source] > request.prefilled:
+            self.runner.run("copy_slots", source, row, shared[source])
+            self.counts["cached_prompt_tokens"] += shared[source] - request.prefilled
+            request.cached_tokens += shared[source] - request.prefilled
+            request.prefilled = request.position = shared[source]
 
     def decode_step(self):
         """One step over the rows: every row in a compiled step (static shapes), else the rows up to the last
@@ -334,12 +358,17 @@ class Engine:
                 self.emit(request, self.next_token(request, logits[row:row + 1]))
 
     def next_token(self, request: Request, logits: Tensor) -> int:
-        """The request's next token from its (1, vocab) logits: its penalties, then its sampling. Asked for,
-        the model's own log-probabilities (before penalties and temperature, as vLLM gives them) go with it."""
+        """The request's next token from its (1, vocab) logits: its penalties, its grammar's mask, then its
+        sampling. Asked for, the model's own log-probabilities (before penalties, mask and temperature, as vLLM
+        gives them) go with it."""
         model_logits = logits
         if request.penalties is not None:
             logits = penalize(logits, request.penalties, request.prompt, request.output)
+        if request.constraint is not None:
+            logits = request.constraint.mask(logits)
         token = sample(logits, request.sampling, request.generator).item()
+        if request.constraint is not None:
+            request.constraint.advance(token)
         if request.logprobs is not None:
             logprobs = model_logits[0].float().log_softmax(-1)
             top = logprobs.topk(request.logprobs)

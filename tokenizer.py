@@ -126,6 +126,11 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self):
         return self.processor.get_piece_size()
 
+    def token_bytes(self) -> list:
+        """The bytes of each piece: "▁" is a space, a byte-fallback piece <0xNN> is that byte."""
+        return [bytes([int(piece[3:5], 16)]) if self.processor.is_byte(id_) else piece.replace("▁", " ").encode()
+                for id_, piece in enumerate(map(self.processor.id_to_piece, range(self.vocab_size)))]
+
 
 class TiktokenTokenizer(Tokenizer):
     def __init__(self, ranks_file, config: dict, chat_template=None):
@@ -135,6 +140,7 @@ class TiktokenTokenizer(Tokenizer):
         special = {text: int(id_) for text, id_ in config.get("special_tokens", {}).items()}
         self.encoding = tiktoken.Encoding(
             name=Path(ranks_file).parent.name, pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens=special)
+        self.token_ids = set(ranks.values()) | set(special.values())  # a vocabulary may leave ids unnamed
         self.normalization = config.get("normalizer")  # "NFC" for Qwen2's vocabulary, else None
         super().__init__(config, special, chat_template)
 
@@ -156,6 +162,11 @@ class TiktokenTokenizer(Tokenizer):
     @property
     def vocab_size(self):
         return self.encoding.n_vocab
+
+    def token_bytes(self) -> list:
+        """The bytes of each token id (none for an id that names no token)."""
+        return [self.encoding.decode_single_token_bytes(id_) if id_ in self.token_ids else b""
+                for id_ in range(self.vocab_size)]
 
 
 class TokenizersLibraryTokenizer(Tokenizer):
@@ -180,6 +191,23 @@ class TokenizersLibraryTokenizer(Tokenizer):
     @property
     def vocab_size(self):
         return self.library_tokenizer.get_vocab_size()
+
+    def token_bytes(self) -> list:
+        """The bytes of each token id: a byte-level vocabulary's tokens are written in GPT-2's byte alphabet; a
+        sentencepiece-style one's with "▁" for a space and <0xNN> for a byte."""
+        pieces = {id_: piece for piece, id_ in self.library_tokenizer.get_vocab(with_added_tokens=True).items()}
+        alphabet, special = byte_level_alphabet(), set(self.special_tokens.values())
+        byte_level = all(char in alphabet for id_, piece in pieces.items() if id_ not in special for char in piece)
+
+        def to_bytes(id_, piece):
+            if id_ in special:
+                return piece.encode()
+            if byte_level:
+                return bytes(alphabet[char] for char in piece)
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("▁", " ").encode()
+        return [to_bytes(id_, pieces[id_]) if id_ in pieces else b"" for id_ in range(self.vocab_size)]
 
 
 def load_tokenizer(checkpoint_dir) -> Tokenizer:

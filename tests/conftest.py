@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 converted once per session, independent references built with
 Hugging Face transformers / tokenizers / gguf, and a tiny random Llama saved as a Hugging Face directory."""
+import http.client
 import importlib.util
 import json
 import os
@@ -19,13 +20,17 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 import cpu_kernels  # noqa: E402
 import quantize  # noqa: E402
+import api  # noqa: E402
 from checkpoint import load_model  # noqa: E402
-from engine import Engine  # noqa: E402
+from engine import Engine, ModelRunner  # noqa: E402
 from generation import generate  # noqa: E402
+from prepare import prepare  # noqa: E402
 from sampling import Sampling  # noqa: E402
+from scheduler import FirstComeFirstServed  # noqa: E402
 from scripts.convert_gguf import convert as convert_gguf  # noqa: E402
 from scripts.convert_hf_checkpoint import convert as convert_hf  # noqa: E402
 from scripts.prepare_default import GGUF_NAME, embedded_gguf  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -387,3 +392,44 @@ def run_engine(engine: Engine, requests: list, timeout_s: float = 60) -> list:
         engine.stop()
         loop.join(timeout_s)
     return results
+
+
+def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True,
+                   cors_origin=None, limits=api.Limits()):
+    """serve.py's server (api.py over an eager engine) on a free port of 127.0.0.1, yielded as (server, engine,
+    tokenizer, model) and stopped after. loop: run the engine's loop (a test may drive it by hand instead)."""
+    model, tokenizer = prepare(load_model(checkpoint_dir), "cpu"), load_tokenizer(checkpoint_dir)
+    http_server = api.Server(("127.0.0.1", 0), api_key, cors_origin, limits)
+    engine = Engine(ModelRunner(model, rows=slots, max_seq_length=model.args.max_seq_length), FirstComeFirstServed(),
+                    prefill_chunk=64, max_waiting=max_waiting)
+    http_server.tokenizer, http_server.model_name, http_server.engine = tokenizer, checkpoint_dir.name, engine
+    threads = [threading.Thread(target=http_server.serve_forever)] + ([threading.Thread(target=engine.run)] * loop)
+    for thread in threads:
+        thread.start()
+    try:
+        yield http_server, engine, tokenizer, model
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        engine.stop()
+        for thread in threads:
+            thread.join(30)
+
+
+def client(http_server, api_key="unused"):
+    """The official openai client of a running_server."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{http_server.server_port}/v1", api_key=api_key,
+                         max_retries=0, timeout=60)
+
+
+def raw(http_server, method: str, path: str, body=None, headers=None):
+    """(status, parsed JSON body, headers) of one plain HTTP request."""
+    connection = http.client.HTTPConnection("127.0.0.1", http_server.server_port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, json.loads(payload) if payload.startswith(b"{") else payload, dict(response.headers)

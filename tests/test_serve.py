@@ -19,7 +19,7 @@ import api
 import quantized_kv_cache
 import serve
 from checkpoint import load_model
-from conftest import ROOT, greedy_alone, run_engine
+from conftest import ROOT, client, greedy_alone, raw, run_engine, running_server
 from engine import Busy, Engine, ModelRunner, Request
 from prepare import CompiledExperts, prepare
 from sampling import Sampling
@@ -142,6 +142,20 @@ def test_a_new_request_takes_the_free_row_that_shares_most_of_its_prompt(tiny_di
     assert [event for event in iter(later.events.get_nowait, "length")] == greedy_alone(model, later.prompt, 2)
 
 
+@pytest.mark.parametrize("kv_cache", ["float", "int4"])
+def test_requests_that_arrive_together_with_one_prompt_prefill_it_once(tiny_dir, kv_cache):
+    """The second of two requests with one prompt copies the first's cache slots instead of computing them, and
+    gets what it gets alone; a third with a longer prompt copies the shared part and prefills its own."""
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), kv_cache)
+    prompt = list(range(40, 140))
+    engine = Engine(ModelRunner(model, rows=3, max_seq_length=256), FirstComeFirstServed(), prefill_chunk=32)
+    requests = [Request(prompt, 5), Request(prompt, 5), Request(prompt + [7, 8], 5)]
+    expected = [greedy_alone(model, request.prompt, 5) for request in requests]
+    assert run_engine(engine, requests) == [(ids, "length") for ids in expected]
+    assert [request.cached_tokens for request in requests] == [0, 99, 100]
+    assert engine.counts["prompt_tokens"] == 100 + 1 + 2
+
+
 def test_more_waiting_requests_than_allowed_are_refused(tiny_dir):
     # its loop not running
     runner = ModelRunner(prepare(load_model(tiny_dir), "cpu"), rows=1, max_seq_length=64)
@@ -168,42 +182,6 @@ def server(tiny_dir):
     """serve.py's server over the tiny model, 3 slots, on a free port of 127.0.0.1: (server, engine, tokenizer,
     model). Stopped after the test."""
     yield from running_server(tiny_dir, slots=3)
-
-
-def running_server(checkpoint_dir, slots: int, max_waiting: int = 8, api_key=None, loop: bool = True,
-                   cors_origin=None, limits=api.Limits()):
-    model, tokenizer = prepare(load_model(checkpoint_dir), "cpu"), load_tokenizer(checkpoint_dir)
-    http_server = api.Server(("127.0.0.1", 0), api_key, cors_origin, limits)
-    engine = Engine(ModelRunner(model, rows=slots, max_seq_length=model.args.max_seq_length), FirstComeFirstServed(),
-                    prefill_chunk=64, max_waiting=max_waiting)
-    http_server.tokenizer, http_server.model_name, http_server.engine = tokenizer, checkpoint_dir.name, engine
-    threads = [threading.Thread(target=http_server.serve_forever)] + ([threading.Thread(target=engine.run)] * loop)
-    for thread in threads:
-        thread.start()
-    try:
-        yield http_server, engine, tokenizer, model
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
-        engine.stop()
-        for thread in threads:
-            thread.join(30)
-
-
-def client(http_server, api_key="unused"):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{http_server.server_port}/v1", api_key=api_key,
-                         max_retries=0, timeout=60)
-
-
-def raw(http_server, method: str, path: str, body=None, headers=None):
-    """(status, parsed JSON body, headers) of one plain HTTP request."""
-    connection = http.client.HTTPConnection("127.0.0.1", http_server.server_port, timeout=60)
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    response = connection.getresponse()
-    payload = response.read()
-    connection.close()
-    return response.status, json.loads(payload) if payload.startswith(b"{") else payload, dict(response.headers)
 
 
 def test_a_completion_through_the_openai_client_is_the_greedy_text(server):
@@ -269,6 +247,40 @@ def test_a_second_chat_turn_reports_the_prompt_tokens_it_reused(server):
     reused = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens < reused < second.usage.prompt_tokens
     assert "brisk_cached_prompt_tokens_total %d" % reused in raw(http_server, "GET", "/metrics")[1].decode()
+
+
+def test_n_choices_of_a_greedy_request_each_equal_the_single_answer(server):
+    http_server, engine, tokenizer, model = server
+    prompt = "the quick brown fox"
+    single = client(http_server).completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0,
+                                                    extra_body={"ignore_eos": True})
+    three = client(http_server).completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0, n=3,
+                                                   extra_body={"ignore_eos": True})
+    assert [choice.index for choice in three.choices] == [0, 1, 2]
+    assert {choice.text for choice in three.choices} == {single.choices[0].text}
+    assert (three.usage.prompt_tokens, three.usage.completion_tokens) == (single.usage.prompt_tokens, 3 * 8)
+
+
+def test_n_seeded_choices_differ_from_each_other_and_repeat_with_the_seed(server):
+    http_server = server[0]
+    answers = [client(http_server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=10, temperature=1, seed=5, n=3,
+        extra_body={"ignore_eos": True}) for _ in range(2)]
+    texts = [[choice.message.content for choice in answer.choices] for answer in answers]
+    assert texts[0] == texts[1] and len(set(texts[0])) == 3
+
+
+def test_n_streamed_choices_equal_the_whole_ones(server):
+    http_server = server[0]
+    options = dict(model="m", prompt="the lazy dog", max_tokens=6, temperature=1, seed=2, n=2,
+                   extra_body={"ignore_eos": True})
+    whole = client(http_server).completions.create(**options)
+    texts, reasons = ["", ""], [None, None]
+    for chunk in client(http_server).completions.create(stream=True, **options):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    assert texts == [choice.text for choice in whole.choices] and reasons == ["length", "length"]
 
 
 def test_a_logit_bias_and_a_frequency_penalty_steer_the_answer(server):
@@ -354,7 +366,13 @@ def test_health_models_and_metrics(server):
     ([1, 2], 400, None),
     ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"prompt": "hi", "temperature": 5}, 400, "temperature"),
-    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "n": 9}, 400, "n"),
+    ({"prompt": "hi", "n": 0}, 400, "n"),
+    ({"prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "objekt"}}}},
+     400, "response_format"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}},
+     400, "response_format"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),

@@ -50,6 +50,16 @@ def test_smollm2_stops_at_end_of_turn_and_end_of_text(smollm2):
     assert smollm2.stop_ids == [0, 2]
 
 
+def test_token_bytes_spell_the_text_byte_for_byte(smollm2):
+    """What structured output matches grammars against: each id's bytes, a character split over tokens
+    included."""
+    text = "Caf\u00e9 \U0001F600 costs 3,50 \u20ac"
+    pieces = smollm2.token_bytes()
+    assert len(pieces) == smollm2.vocab_size
+    assert b"".join(pieces[id_] for id_ in smollm2.encode(text)) == text.encode()
+    assert pieces[smollm2.special_tokens["<|im_end|>"]] == b"<|im_end|>"
+
+
 def test_decode_inverts_encode(smollm2):
     text = "Naïve café — 東京 🚀 costs $3.50!\n\ttabs"
     assert smollm2.decode(smollm2.encode(text)) == text
@@ -131,6 +141,9 @@ def test_unsupported_pre_tokenizer_falls_back_to_the_tokenizers_library(tmp_path
     assert not (out / "tokenizer.tiktoken").exists() and (out / "tokenizer.json").is_file()
     text = "Hello, world... it's 12:30!"
     assert load_tokenizer(out).encode(text) == reference.encode(text).ids
+    ours = load_tokenizer(out)
+    pieces = ours.token_bytes()
+    assert b"".join(pieces[id_] for id_ in ours.encode("caf\u00e9 \u00fcber")) == "caf\u00e9 \u00fcber".encode()
 
 
 def test_merge_order_that_tiktoken_cannot_reproduce_is_refused():
@@ -157,6 +170,15 @@ def test_sentencepiece_prepends_bos_by_default(sentencepiece_dir):
     assert ids[0] == tokenizer.bos_id == 1
     assert tokenizer.decode(ids[1:]) == "hello world"
     assert tokenizer.stop_ids == [2]
+
+
+def test_sentencepiece_token_bytes_spell_the_text_with_its_leading_space(sentencepiece_dir):
+    """"\u2581" is a space and a character outside the vocabulary is spelled by byte-fallback pieces."""
+    tokenizer = load_tokenizer(sentencepiece_dir)
+    pieces = tokenizer.token_bytes()
+    ids = tokenizer.encode("hello w\u00f6rld", bos=False)
+    assert any(tokenizer.processor.is_byte(id_) for id_ in ids)
+    assert b"".join(pieces[id_] for id_ in ids) == " hello w\u00f6rld".encode()
 
 
 def test_sentencepiece_parses_special_tokens_in_text(sentencepiece_dir):
