@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP API in front of the serving engine (engine.py); serve.py is its command line.
 
 Endpoints: POST /v1/chat/completions (through the checkpoint's chat template) and /v1/completions, streamed
-as server-sent events or not; GET /v1/models and /v1/models/{id}, /health (503 until the model is loaded and
-warm), /metrics (Prometheus text); llama-server's POST /tokenize and /detokenize; OPTIONS for browsers (CORS
-only with an allowed origin). Errors are JSON, {"error": {"message", "type", "param", "code"}}, with the HTTP
-status that names them, a bug's included (500). HTTP comes from the standard library (ThreadingHTTPServer: one
-thread per connection, which only parses, waits on its request's queue and writes, within the Limits): no
-dependency, and all the work that matters happens on the engine's one thread.
+as server-sent events or not; GET / (a chat page, chat.html), /v1/models and /v1/models/{id}, /health (503
+until the model is loaded and warm), /metrics (Prometheus text); llama-server's POST /tokenize and /detokenize;
+OPTIONS for browsers (CORS only with an allowed origin). Errors are JSON, {"error": {"message", "type", "param",
+"code"}}, with the HTTP status that names them, a bug's included (500). HTTP comes from the standard library
+(ThreadingHTTPServer: one thread per connection, which only parses, waits on its request's queue and writes,
+within the Limits): no dependency, and all the work that matters happens on the engine's one thread.
 """
 import json
 import queue
@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import llguidance
 
@@ -89,7 +90,8 @@ class Server(ThreadingHTTPServer):
             print(f"serve.py: connection from {client_address[0]}: {type(error).__name__}: {error}", file=sys.stderr)
 
 
-KNOWN_PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
+CHAT_PAGE = Path(__file__).resolve().parent / "chat.html"
+KNOWN_PATHS = ("", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
                "/detokenize")
 
 
@@ -106,7 +108,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routing ---------------------------------------------------------------------------------------
     def do_GET(self):
-        self.route({"/health": self.health, "/v1/models": self.models, "/metrics": self.metrics})
+        self.route({"": self.chat_page, "/health": self.health, "/v1/models": self.models, "/metrics": self.metrics})
 
     do_HEAD = do_GET  # the same status and headers; send_bytes leaves the body out
 
@@ -162,6 +164,10 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.engine
 
     # --- GET ---------------------------------------------------------------------------------------------
+    def chat_page(self):
+        """The chat page (chat.html), which calls this server's API from the browser."""
+        self.send_bytes(HTTPStatus.OK, CHAT_PAGE.read_bytes(), "text/html; charset=utf-8")
+
     def health(self):
         ready = self.server.engine is not None
         self.send_json(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,

