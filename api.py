@@ -16,21 +16,23 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 import llguidance
 
-from api_request import (BadRequest, chat_turn, field, logprobs_field, response_format_field,
-                         sampling_fields)
+from api_request import (BadRequest, ToolUse, chat_turn, field, logprobs_field, response_format_field,
+                         sampling_fields, tools_field)
+from api_reply import Choice, ChoiceEvents, Reply
 from engine import Busy, Engine, Request
-from grammar import Constraint, grammar_tokenizer
+from grammar import Constraint, GrammarError, grammar_tokenizer
 from metrics import prometheus_text
 from sampling import Penalties
 from tokenizer import TextStream
+from tools import ToolCallText, tool_call_grammar
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def completions(self):
         engine, body = self.ready_engine(), self.read_body()
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, f"'{name}' is for /v1/chat/completions", name)
         prompt = field(body, "prompt", (str, list), None, lambda v: isinstance(v, str) or (
             len(v) == 1 and isinstance(v[0], str)), "a string")
         if prompt is None:
@@ -224,12 +229,15 @@ class Handler(BaseHTTPRequestHandler):
         if messages is None:
             raise BadRequest(HTTPStatus.BAD_REQUEST, "'messages' is required", "messages")
         turns = [chat_turn(message) for message in messages]
+        tools, tool_use = tools_field(body)
         tokenizer = self.server.tokenizer
+        if tools and not tokenizer.supports_tools:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, "this model's chat template takes no tools", "tools")
         try:
-            ids = tokenizer.encode(tokenizer.render_chat(turns))
+            ids = tokenizer.encode(tokenizer.render_chat(turns, tools=tools))
         except ValueError as error:  # the template refused the conversation (roles out of order, ...)
             raise BadRequest(HTTPStatus.BAD_REQUEST, str(error), "messages") from None
-        self.complete(engine, body, ids, engine.max_seq_length, chat=True)
+        self.complete(engine, body, ids, engine.max_seq_length, chat=True, tool_use=tool_use)
 
     def tokenize(self):
         """llama-server's /tokenize: {"content": text, "add_special": false} -> {"tokens": ids}."""
@@ -251,10 +259,16 @@ class Handler(BaseHTTPRequestHandler):
             f"a list of token ids from 0 to {vocab_size - 1}")
         self.send_json(HTTPStatus.OK, {"content": self.server.tokenizer.decode(tokens)})
 
-    def complete(self, engine: Engine, body: dict, ids: list, default_max_tokens: int, chat: bool):
+    def complete(self, engine: Engine, body: dict, ids: list, default_max_tokens: int, chat: bool,
+                 tool_use: Optional[ToolUse] = None):
         fields = sampling_fields(body, engine.max_seq_length, len(ids), default_max_tokens,
                                  self.server.tokenizer.vocab_size)
         grammar = response_format_field(body, self.server.grammar_vocabulary)
+        if tool_use is not None and tool_use.choice != "auto":  # a call is required: its grammar makes sure of it
+            if grammar is not None:
+                raise BadRequest(HTTPStatus.BAD_REQUEST, "a response_format and a required tool call cannot both "
+                                 "be kept to: drop one", "response_format")
+            grammar = self.tool_call_grammar(tool_use)
         stream = field(body, "stream", (bool,), False)
         include_usage = stream and field(body, "stream_options", (dict,), {}).get("include_usage") is True
         stop_ids, penalties = frozenset(self.server.tokenizer.stop_ids), fields["penalties"]
@@ -279,9 +293,19 @@ class Handler(BaseHTTPRequestHandler):
             for request in requests:
                 request.cancel()
             raise BadRequest(HTTPStatus.TOO_MANY_REQUESTS, f"the server is busy ({error}): retry later") from None
-        reply = Reply(self, [Choice(request, TextStream(self.server.tokenizer, fields["stop"])) for request in requests],
-                      events, chat)
+        reply = Reply(self, [Choice(request, TextStream(self.server.tokenizer, fields["stop"]),
+                                    ToolCallText() if tool_use else None) for request in requests], events, chat)
         reply.stream(include_usage) if stream else reply.whole()
+
+    def tool_call_grammar(self, tool_use: ToolUse) -> str:
+        """The grammar of the calls a request requires: of any of its functions, or of the one it names."""
+        name = None if tool_use.choice == "required" else tool_use.choice
+        try:
+            return tool_call_grammar(tool_use.functions, self.server.tokenizer, self.server.grammar_vocabulary(),
+                                     name, tool_use.parallel)
+        except GrammarError as error:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"a tool's parameters cannot be enforced: {error}",
+                             "tools") from None
 
     # --- writing -----------------------------------------------------------------------------------------
     def send_json(self, status: HTTPStatus, payload: dict, headers: dict = {}):
@@ -326,148 +350,3 @@ def error_type(status: HTTPStatus) -> str:
             HTTPStatus.NOT_FOUND: "not_found_error", HTTPStatus.SERVICE_UNAVAILABLE: "server_error",
             HTTPStatus.INTERNAL_SERVER_ERROR: "server_error"}.get(
         status, "invalid_request_error")
-
-
-class ChoiceEvents:
-    """Where the engine puts the events of one of a reply's requests (engine.Request.events): the reply's one
-    queue, each event tagged with the index of the choice it belongs to."""
-
-    def __init__(self, events: queue.Queue, index: int):
-        self.events, self.index = events, index
-
-    def put(self, event):
-        self.events.put((self.index, event))
-
-
-class Choice:
-    """One of a reply's n answers: its request, its text as it comes, and how it finished (None while it runs)."""
-
-    def __init__(self, request: Request, text: TextStream):
-        self.request, self.text = request, text
-        self.finish_reason = None
-        self.received_tokens = 0  # so far: the next one's log-probabilities are at this index
-        self.new_logprobs = []  # with logprobs: (token text, log-probability, [(text, log-probability)]) not yet sent
-
-
-class Reply:
-    """One completion's answer, its n choices whole or streamed, in the OpenAI shapes (chat or text completion)."""
-
-    def __init__(self, handler: Handler, choices: list, events: queue.Queue, chat: bool):
-        self.handler, self.choices, self.events, self.chat = handler, choices, events, chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def pieces(self, watch_client: bool = False):
-        """(choice, text) pieces as tokens come, and (choice, "") once a choice has finished, until all have. A
-        stop string ends its choice's request, and, with watch_client (a whole answer, which writes nothing until
-        the end), the client leaving ends them all."""
-        while any(choice.finish_reason is None for choice in self.choices):
-            try:
-                index, event = self.events.get(timeout=0.25 if watch_client else None)
-            except queue.Empty:
-                if self.handler.client_gone():
-                    self.cancel()
-                    self.handler.close_connection = True
-                continue
-            choice = self.choices[index]
-            if choice.finish_reason is not None:
-                continue  # what the engine made before it heard that a stop string ended the choice
-            if isinstance(event, str):
-                piece = choice.text.flush()
-                choice.finish_reason = "stop" if choice.text.stopped else event
-                yield choice, piece
-                continue
-            piece = choice.text.push(event)
-            if choice.request.logprobs is not None:
-                logprob, top = choice.request.token_logprobs[choice.received_tokens]
-                decode = self.handler.server.tokenizer.decode
-                choice.new_logprobs.append((decode([event]), logprob, [(decode([id_]), lp) for id_, lp in top]))
-            choice.received_tokens += 1
-            if choice.text.stopped:  # a stop string: the text ends before it, and so does the choice's request
-                choice.request.cancel("stop")
-                choice.finish_reason = "stop"
-            yield choice, piece
-
-    def cancel(self):
-        for choice in self.choices:
-            choice.request.cancel()
-
-    def usage(self) -> dict:
-        """The prompt counted once (its copies share its prefill), the completions of every choice."""
-        first = self.choices[0].request
-        prompt, completion = len(first.prompt), sum(choice.request.generated for choice in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
-
-    def envelope(self, choices: list, chunk: bool) -> dict:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.handler.server.model_name,
-                "choices": choices}
-
-    def whole(self):
-        texts = {id(choice): "" for choice in self.choices}
-        for choice, piece in self.pieces(watch_client=True):
-            texts[id(choice)] += piece
-        reasons = {choice.finish_reason for choice in self.choices}
-        if "cancelled" in reasons and self.handler.close_connection:
-            return  # the client left: nobody to answer
-        if "cancelled" in reasons:
-            raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
-        choices = []
-        for index, choice in enumerate(self.choices):
-            text = texts[id(choice)]
-            answer = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": index, **answer, "finish_reason": choice.finish_reason,
-                            "logprobs": self.take_logprobs(choice)})
-        self.handler.send_json(HTTPStatus.OK, {**self.envelope(choices, chunk=False), "usage": self.usage()})
-
-    def stream(self, include_usage: bool):
-        handler = self.handler
-        handler.start_reply(HTTPStatus.OK, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                            "Transfer-Encoding": "chunked"})
-        try:
-            if self.chat:
-                for choice in self.choices:
-                    self.send_chunk(self.chunk(choice, "", role=True))
-            for choice, piece in self.pieces():
-                if piece or choice.finish_reason:
-                    self.send_chunk(self.chunk(choice, piece))
-            if include_usage:
-                self.send_chunk({**self.envelope([], chunk=True), "usage": self.usage()})
-            self.send_event(b"data: [DONE]\n\n")
-            handler.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            self.cancel()  # the client went away: the rows are freed at the engine's next step
-
-    def chunk(self, choice: Choice, piece: str, role: bool = False) -> dict:
-        """One streamed event of a choice: its new text, and its finish reason once it has finished."""
-        reason = None if choice.finish_reason == "cancelled" else choice.finish_reason
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": piece} if piece else {})
-            answer = {"delta": delta}
-        else:
-            answer = {"text": piece}
-        index = self.choices.index(choice)
-        return self.envelope([{"index": index, **answer, "finish_reason": None if role else reason,
-                               "logprobs": self.take_logprobs(choice)}], chunk=True)
-
-    def take_logprobs(self, choice: Choice):
-        """The log-probabilities of the choice's tokens received since the last call, in the shape of the API
-        (chat: {"content": [...]}; completions: parallel lists), or None where none were asked for."""
-        if choice.request.logprobs is None:
-            return None
-        entries, choice.new_logprobs = choice.new_logprobs, []
-        if self.chat:
-            return {"content": [{"token": text, "logprob": logprob, "bytes": list(text.encode()),
-                                 "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())}
-                                                  for t, lp in top]} for text, logprob, top in entries]}
-        return {"tokens": [text for text, _, _ in entries], "token_logprobs": [logprob for _, logprob, _ in entries],
-                "top_logprobs": [dict(top) for _, _, top in entries]}
-
-    def send_chunk(self, payload: dict):
-        self.send_event(b"data: " + json.dumps(payload).encode() + b"\n\n")
-
-    def send_event(self, data: bytes):
-        # one HTTP/1.1 chunk per event: its length in hex, the bytes, CRLF; flushed so the client sees it now
-        self.handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        self.handler.wfile.flush()

@@ -4,6 +4,8 @@ is a BadRequest naming it, which api.py answers with its HTTP status; a field th
 the same way, never accepted and ignored.
 """
 import json
+import re
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Callable, Optional
 
@@ -32,7 +34,7 @@ def field(body: dict, name: str, kinds, default=None, check=lambda value: True, 
     return value
 
 
-UNSUPPORTED = ("tools", "functions", "tool_choice", "suffix", "echo", "best_of")
+UNSUPPORTED = ("functions", "function_call", "suffix", "echo", "best_of")
 MAX_CHOICES = 8  # n: the most answers one request may ask for (each takes a cache row while it runs)
 
 
@@ -94,14 +96,73 @@ def logprobs_field(body: dict, chat: bool) -> Optional[int]:
 
 def chat_turn(message) -> dict:
     """A chat message as the chat template takes it: its role, and its content as one string (OpenAI's content
-    may also be a list of text parts)."""
-    content = message.get("content") if isinstance(message, dict) else None
+    may also be a list of text parts); an assistant's tool calls, with their arguments as objects (as
+    transformers passes them to templates), in which case its content may be null; a tool's answer with the id
+    of the call it answers."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "each of 'messages' must be an object with a string 'role'",
+                         "messages")
+    content, calls = message.get("content"), message.get("tool_calls")
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         content = "".join(str(part.get("text", "")) for part in content)
-    if not isinstance(content, str) or not isinstance(message.get("role"), str):
-        raise BadRequest(HTTPStatus.BAD_REQUEST, "each of 'messages' must be an object with a string 'role' and "
-                         "a string (or text parts) 'content'", "messages")
-    return {"role": message["role"], "content": content}
+    if content is None and message["role"] == "assistant" and calls:
+        content = ""
+    if not isinstance(content, str):
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "each of 'messages' must have a string (or text parts) "
+                         "'content' (null only in an assistant message with 'tool_calls')", "messages")
+    turn = {"role": message["role"], "content": content}
+    if calls is not None and message["role"] == "assistant":
+        turn["tool_calls"] = [past_tool_call(call) for call in (calls if isinstance(calls, list) else [None])]
+    if message["role"] == "tool" and isinstance(message.get("tool_call_id"), str):
+        turn["tool_call_id"] = message["tool_call_id"]
+    return turn
+
+
+def past_tool_call(call) -> dict:
+    """A tool call of an earlier assistant message, its arguments (a JSON string in the API) as an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    try:
+        name, arguments = function["name"], json.loads(function["arguments"])
+    except (TypeError, KeyError, ValueError):
+        name, arguments = None, None
+    if not isinstance(name, str) or not isinstance(arguments, dict):
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "each of an assistant message's 'tool_calls' must be "
+                         '{"id", "type": "function", "function": {"name", "arguments": a JSON object as a string}}',
+                         "messages")
+    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a chat request lets the model do with its tools. functions: their specs ({"name", "description",
+    "parameters"}); choice: "auto" (call or answer), "required" (call), or the name of the function to call;
+    parallel: whether an answer may make more than one call."""
+    functions: list
+    choice: str
+    parallel: bool
+
+
+def tools_field(body: dict) -> tuple:
+    """(tools, ToolUse): the tools as the chat template takes them (None where none are given) and what the model
+    may do with them (None where it may not call them: no tools, or tool_choice "none")."""
+    tools = field(body, "tools", (list,), None, lambda v: all(
+        isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict)
+        and isinstance(tool["function"].get("name"), str) and re.fullmatch(r"[\w-]{1,64}", tool["function"]["name"])
+        and isinstance(tool["function"].get("parameters", {}), dict) for tool in v),
+        'a list of {"type": "function", "function": {"name": letters, digits, _ or - (up to 64), '
+        '"description", "parameters": a JSON schema}}')
+    functions = [tool["function"] for tool in tools or []]
+    names = [function["name"] for function in functions]
+    choice = field(body, "tool_choice", (str, dict), "auto" if tools else "none", lambda v: (
+        v in ("none", "auto", "required") if isinstance(v, str) else
+        isinstance(v.get("function"), dict) and v["function"].get("name") in names),
+        "'none', 'auto', 'required' or {\"type\": \"function\", \"function\": {\"name\": one of the tools}}")
+    if choice != "none" and not tools:
+        raise BadRequest(HTTPStatus.BAD_REQUEST, "'tool_choice' needs 'tools'", "tool_choice")
+    parallel = field(body, "parallel_tool_calls", (bool,), True)
+    if choice == "none":
+        return tools, None
+    return tools, ToolUse(functions, choice if isinstance(choice, str) else choice["function"]["name"], parallel)
 
 
 def response_format_field(body: dict, vocabulary: Callable[[], llguidance.LLTokenizer]) -> Optional[str]:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import unicodedata
+from datetime import datetime
 from pathlib import Path
 
 # Pre-tokenizer patterns: text is split by the pattern first, then each piece is BPE-merged.
@@ -82,18 +83,41 @@ class Tokenizer:
             return LLAMA3_TEMPLATE
         return LLAMA2_TEMPLATE
 
-    def render_chat(self, messages, add_generation_prompt=True) -> str:
-        """The model's chat template applied to [{"role": ..., "content": ...}, ...]."""
+    def render_chat(self, messages, add_generation_prompt=True, tools=None) -> str:
+        """The model's chat template applied to [{"role": ..., "content": ...}, ...] (assistant turns may carry
+        "tool_calls", as transformers passes them) and, where given, the tools' function specs ([{"type":
+        "function", "function": {...}}])."""
+        names = {id_: text for text, id_ in self.special_tokens.items()}
+        return self.chat_environment().from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            bos_token=names.get(self.bos_id, ""), eos_token=names.get(self.eos_id, ""))
+
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template reads a list of tools."""
+        from jinja2 import meta
+
+        return "tools" in meta.find_undeclared_variables(self.chat_environment().parse(self.chat_template))
+
+    @staticmethod
+    def chat_environment():
+        """A sandbox for chat templates, as transformers renders them: its raise_exception, strftime_now and
+        tojson (plain JSON, not HTML-escaped as Jinja's own), loop controls."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")
 
-        names = {id_: text for text, id_ in self.special_tokens.items()}
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return environment.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
-            bos_token=names.get(self.bos_id, ""), eos_token=names.get(self.eos_id, ""))
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=["jinja2.ext.loopcontrols"])
+        environment.filters["tojson"] = tojson
+        environment.globals.update(raise_exception=raise_exception,
+                                   strftime_now=lambda format: datetime.now().strftime(format))
+        return environment
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -278,10 +302,15 @@ class TextStream:
         if found:
             self.stopped, self.pending = True, ""
             return text[:min(found)]
-        # hold back the longest tail that begins some stop string
-        held = max((n for stop in self.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        held = unfinished_marker(text, self.stop)
         self.pending = text[len(text) - held:]
         return text[:len(text) - held]
+
+
+def unfinished_marker(text: str, markers: list) -> int:
+    """The length of the longest tail of text that begins one of the markers (0 if none does): what a stream
+    holds back until the next piece says whether the marker follows."""
+    return max((n for marker in markers for n in range(1, len(marker)) if text.endswith(marker[:n])), default=0)
 
 
 def byte_level_alphabet() -> dict:
