@@ -24,6 +24,7 @@ import tp
 from generation import slots_to_attend
 from grammar import Constraint
 from metrics import Histogram, Snapshot
+from mixed_step import mixed_logits
 from model import ForwardOptions, Transformer
 from sampling import Penalties, Sampling, penalize, sample
 
@@ -97,8 +98,9 @@ class ModelRunner:
         model.setup_caches(rows, max_seq_length)
         self.model, self.rows, self.decode, self.device = model, rows, decode, model.rope.device
         self.saved = {}  # preempted requests' KV rows in host memory: key -> each layer's (keys, values)
-        self.commands = {"decode_rows": self.decode_rows, "prefill": self.prefill, "swap_out": self.swap_out,
-                         "swap_in": self.swap_in, "forget": self.forget, "copy_slots": self.copy_slots}
+        self.commands = {"decode_rows": self.decode_rows, "prefill": self.prefill, "mixed": self.mixed,
+                         "swap_out": self.swap_out, "swap_in": self.swap_in, "forget": self.forget,
+                         "copy_slots": self.copy_slots}
 
     @property
     def max_seq_length(self) -> int:
@@ -129,6 +131,14 @@ class ModelRunner:
         return self.model(torch.tensor([tokens], device=self.device),
                           torch.arange(start, start + len(tokens), device=self.device),
                           ForwardOptions(cache_row=row, attended_slots=attended, logits_from=-1))[:, -1]
+
+    def mixed(self, tokens: list, positions: list, attended: int, row: int, chunk: list, start: int,
+              chunk_attended: int) -> tuple:
+        """decode_rows' step and prefill's chunk in one pass (mixed_step.py): both their logits."""
+        return mixed_logits(self.model, torch.tensor(tokens, device=self.device)[:, None],
+                            torch.tensor(positions, device=self.device)[:, None], attended,
+                            torch.tensor([chunk], device=self.device),
+                            torch.arange(start, start + len(chunk), device=self.device), row, chunk_attended)
 
     def swap_out(self, row: int, length: int, key: int):
         """Copy the first `length` slots of a cache row to host memory, kept under key. On CUDA the copy goes to
@@ -185,15 +195,17 @@ class Engine:
     """The requests, the scheduler that holds the waiting ones, and the loop that runs them (`run`) through the
     runner.
 
-    scheduler: who gets the rows (scheduler.py). prefill_chunk: prompt tokens prefilled per iteration.
-    max_waiting: requests that may wait for a row before submit() refuses more (Busy). static_rows: every
-    decode step runs over every row (a compiled step: one shape); otherwise over the rows up to the last busy
-    one."""
+    scheduler: who gets the rows (scheduler.py). prefill_chunk: prompt tokens prefilled per iteration while no
+    row decodes. max_waiting: requests that may wait for a row before submit() refuses more (Busy). static_rows:
+    every decode step runs over every row (a compiled step: one shape); otherwise over the rows up to the last
+    busy one. mixed_chunk: prompt tokens prefilled per iteration beside decoding rows, in one pass with their
+    step (mixed_step.py): what the decoding rows wait for between two tokens."""
 
     def __init__(self, runner: ModelRunner, scheduler, prefill_chunk: int = 256, max_waiting: int = 64,
-                 static_rows: bool = False):
+                 static_rows: bool = False, mixed_chunk: int = 32):
         self.runner, self.scheduler = runner, scheduler
         self.prefill_chunk, self.max_waiting, self.static_rows = prefill_chunk, max_waiting, static_rows
+        self.mixed_chunk = mixed_chunk
         self.rows: list = [None] * runner.rows  # the request in each cache row, None where it is free
         # the token ids whose keys and values each row holds from its last request (a free row keeps them until
         # another request writes over them), for the next request that starts with the same tokens
@@ -263,25 +275,32 @@ class Engine:
             self.swap_out(request)
         for request in join:
             self.place(request)
-        # each request is charged the time of the work done for it: its prompt's chunk, or the decode step
-        prefilling = [row for row, request in enumerate(self.rows) if request is not None and not request.decoding]
-        if prefilling:
-            request, started = self.rows[prefilling[0]], time.perf_counter()
-            self.prefill(prefilling[0])
-            self.charge([request], started)
+        # one pass: the next chunk of the first row still prefilling beside a decode step over the rows decoding,
+        # or either alone; each request is charged the time of the work done for it
+        prefilling = next((row for row, request in enumerate(self.rows) if request is not None and not request.decoding),
+                          None)
         decoding = [request for request in self.rows if request is not None and request.decoding]
-        if decoding:
-            started = time.perf_counter()
+        chunk_request, started = self.rows[prefilling] if prefilling is not None else None, time.perf_counter()
+        if chunk_request and decoding:
+            chunk_length = self.mixed_step(prefilling)
+            # every token of the pass costs alike: the chunk's share to its request, the rest to the decoding ones
+            elapsed, tokens = time.perf_counter() - started, chunk_length + len(decoding)
+            self.charge([chunk_request], elapsed * chunk_length / tokens)
+            self.charge(decoding, elapsed * len(decoding) / tokens)
+        elif chunk_request:
+            self.prefill(prefilling)
+            self.charge([chunk_request], time.perf_counter() - started)
+        elif decoding:
             self.decode_step()
-            self.charge(decoding, started)
+            self.charge(decoding, time.perf_counter() - started)
 
-    def charge(self, requests: list, started: float):
-        """Tell the scheduler that the time since `started` went to these requests (those it still holds: not
+    def charge(self, requests: list, seconds: float):
+        """Tell the scheduler that these seconds of running went to these requests (those it still holds: not
         the ones that have just ended)."""
         with self.condition:
-            now, requests = time.perf_counter(), [r for r in requests if id(r) in self.scheduler.jobs]
+            requests = [r for r in requests if id(r) in self.scheduler.jobs]
             if requests:
-                self.scheduler.charge(requests, now - started, now)
+                self.scheduler.charge(requests, seconds, time.perf_counter())
 
     def swap_out(self, request: Request):
         """Preempt a running request: its KV rows are copied out (to host memory) and its row is freed."""
@@ -311,14 +330,23 @@ class Engine:
 
     def prefill(self, row: int):
         """The next chunk of the row's prompt into the cache; after the last chunk, its first token."""
+        start, chunk = self.next_chunk(row, self.prefill_chunk)
+        logits = self.runner.run("prefill", row, chunk, start, slots_to_attend(start + len(chunk), self.max_seq_length))
+        self.chunk_done(row, len(chunk), logits)
+
+    def next_chunk(self, row: int, length: int) -> tuple:
+        """(first slot, tokens) of the row's next prompt chunk of up to `length` tokens, after whatever another
+        row shares of it."""
         self.take_shared_prefix(row)
+        start = self.rows[row].prefilled
+        return start, self.rows[row].prompt[start:start + length]
+
+    def chunk_done(self, row: int, length: int, logits: Tensor):
+        """A chunk of `length` tokens is in the row's cache; logits: its last token's. After the prompt's last
+        chunk, the request's first token."""
         request = self.rows[row]
-        start = request.prefilled
-        chunk = request.prompt[start:start + self.prefill_chunk]
-        end = start + len(chunk)
-        logits = self.runner.run("prefill", row, chunk, start, slots_to_attend(end, self.max_seq_length))
-        request.prefilled = request.position = end
-        self.counts["prompt_tokens"] += len(chunk)
+        request.prefilled = request.position = request.prefilled + length
+        self.counts["prompt_tokens"] += length
         if request.decoding:
             self.emit(request, self.next_token(request, logits))
 
@@ -337,22 +365,41 @@ class Engine:
             request.prefilled = request.position = shared[source]
 
     def decode_step(self):
-        """One step over the rows: every row in a compiled step (static shapes), else the rows up to the last
-        one decoding (requests take the lowest free rows, so these are few when few requests run). A row that
-        is free or still prefilling decodes a dummy token at the cache's last slot, which no prompt reaches (a
-        prompt leaves room for at least one new token) and which a sequence that gets there writes itself
-        before reading."""
+        """One step over the rows decoding (decode_batch)."""
+        batch = self.decode_batch(self.static_rows)
+        self.decoded(batch[0], self.runner.run("decode_rows", *batch[1:]))
+
+    def mixed_step(self, row: int) -> int:
+        """A decode step and the next chunk of the row's prompt in one pass (mixed_step.py): the chunk's length."""
+        live, tokens, positions, attended = self.decode_batch(static_rows=False)
+        start, chunk = self.next_chunk(row, self.mixed_chunk)
+        logits, chunk_logits = self.runner.run("mixed", tokens, positions, attended, row, chunk, start,
+                                               slots_to_attend(start + len(chunk), self.max_seq_length))
+        self.decoded(live, logits)
+        self.chunk_done(row, len(chunk), chunk_logits)
+        return len(chunk)
+
+    def decode_batch(self, static_rows: bool) -> tuple:
+        """A decode step's rows: (whether each decodes, each one's token, cache slot, the slots attention reads).
+        Every row where static_rows (a compiled step: static shapes), else the rows up to the last one decoding
+        (requests take the lowest free rows, so these are few when few requests run). A row that is free or
+        still prefilling decodes a dummy token at the cache's last slot, which no prompt reaches (a prompt
+        leaves room for at least one new token) and which a sequence that gets there writes itself before
+        reading."""
         last = self.max_seq_length - 1
-        decoding = [request is not None and request.decoding for request in self.rows]
-        if not self.static_rows:
-            decoding = decoding[:max(row for row, live in enumerate(decoding) if live) + 1]
-        tokens = [request.next_token if live else 0 for request, live in zip(self.rows, decoding)]
-        positions = [request.position if live else last for request, live in zip(self.rows, decoding)]
-        attended = slots_to_attend(max(p for p, live in zip(positions, decoding) if live) + 1, self.max_seq_length)
-        logits = self.runner.run("decode_rows", tokens, positions, attended)
+        live = [request is not None and request.decoding for request in self.rows]
+        if not static_rows:
+            live = live[:max(row for row, decodes in enumerate(live) if decodes) + 1]
+        tokens = [request.next_token if decodes else 0 for request, decodes in zip(self.rows, live)]
+        positions = [request.position if decodes else last for request, decodes in zip(self.rows, live)]
+        attended = slots_to_attend(max(p for p, decodes in zip(positions, live) if decodes) + 1, self.max_seq_length)
+        return live, tokens, positions, attended
+
+    def decoded(self, live: list, logits: Tensor):
+        """Each decoding row's next token from its logits (rows, vocab)."""
         self.counts["decode_steps"] += 1
-        for row, live in enumerate(decoding):
-            if live:
+        for row, decodes in enumerate(live):
+            if decodes:
                 request = self.rows[row]
                 request.position += 1
                 self.emit(request, self.next_token(request, logits[row:row + 1]))

@@ -38,7 +38,10 @@ def parse_args(argv=None):
     parser.add_argument("--slots", type=int, help="sequences decoded together (rows of the KV cache; default 4, or "
                         "as many as --memory_budget holds)")
     parser.add_argument("--max_seq_length", type=int, default=2048, help="prompt + completion tokens per slot")
-    parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    parser.add_argument("--prefill_chunk", type=int, default=256, help="prompt tokens prefilled per step while no "
+                        "slot decodes")
+    parser.add_argument("--mixed_chunk", type=int, default=32, help="prompt tokens prefilled per step beside "
+                        "decoding slots, in one pass with their step: what those wait for between two tokens")
     parser.add_argument("--max_waiting", type=int, default=64, help="requests waiting for a slot before 429")
     parser.add_argument("--schedule", default="mlfq", choices=["mlfq", "fcfs"],
                         help="who gets the slots: FastServe's skip-join MLFQ with preemption, or first come "
@@ -61,7 +64,8 @@ def parse_args(argv=None):
 def check_args(args):
     given_slots = 1 if args.slots is None else args.slots
     for flag, value, least in (("--slots", given_slots, 1), ("--max_seq_length", args.max_seq_length, 2),
-                               ("--prefill_chunk", args.prefill_chunk, 1), ("--max_waiting", args.max_waiting, 0),
+                               ("--prefill_chunk", args.prefill_chunk, 1), ("--mixed_chunk", args.mixed_chunk, 1),
+                               ("--max_waiting", args.max_waiting, 0),
                                ("--max_request_bytes", args.max_request_bytes, 1),
                                ("--max_connections", args.max_connections, 1)):
         if value < least:
@@ -102,7 +106,8 @@ def build_engine(args) -> tuple:
     if args.compile:
         warm_up(runner)
     scheduler = mlfq(runner, args.prefill_chunk) if args.schedule == "mlfq" else FirstComeFirstServed()
-    return tokenizer, Engine(runner, scheduler, args.prefill_chunk, args.max_waiting, static_rows=args.compile)
+    return tokenizer, Engine(runner, scheduler, args.prefill_chunk, args.max_waiting, static_rows=args.compile,
+                             mixed_chunk=args.mixed_chunk)
 
 
 @torch.no_grad()

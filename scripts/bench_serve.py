@@ -51,7 +51,7 @@ FALLBACK_TEXT = (
     "of his youth had carried away the lighthouse keeper's roof, the church bell and half of the village's "
     "patience. Children raced along the sea wall, counting the waves that broke over the rocks, and the baker "
     "left loaves to cool on the window sill where the cat pretended not to notice them. ") * 8
-KINDS = {"short": (24, 16), "long": (300, 128)}  # prompt words, max_tokens
+KINDS = {"short": (24, 16), "long": (300, 128)}  # prompt words, max_tokens (--uniform adds "uniform")
 
 
 @dataclass
@@ -64,10 +64,11 @@ class Job:
 
 
 def workload(text: str, count: int, long_share: float, rate: float, seed: int) -> list:
-    """The same requests for every server: kinds, prompts (windows of the text) and Poisson arrival times."""
+    """The same requests for every server: kinds, prompts (windows of the text) and Poisson arrival times.
+    long_share None: every request of the kind "uniform"."""
     rng, words, at, jobs = random.Random(seed), text.split(), 0.0, []
     for _ in range(count):
-        kind = "long" if rng.random() < long_share else "short"
+        kind = "uniform" if long_share is None else "long" if rng.random() < long_share else "short"
         length, max_tokens = KINDS[kind]
         start = rng.randrange(max(1, len(words) - length))
         jobs.append(Job(kind, " ".join(words[start:start + length]), max_tokens, at))
@@ -233,7 +234,19 @@ def summary(jobs: list, wall_s: float, slo_ttft: float, slo_tpot: float) -> dict
             figures[f"{kind}_{name}_p99"] = percentile(values, 99)
         itl = [gap for r in results for gap in r["itl"]]
         figures[f"{kind}_itl_p50"], figures[f"{kind}_itl_p99"] = percentile(itl, 50), percentile(itl, 99)
+    itl = [gap for r in done for gap in r["itl"]]
+    figures["itl_p50"], figures["itl_p99"] = percentile(itl, 50), percentile(itl, 99)
     return figures
+
+
+def table_row(engine: str, kind: str, load: float, f: dict) -> str:
+    """A run's line of the printed table: the first kind's first token, each kind's end to end, every
+    request's token gaps."""
+    first = next(iter(KINDS))
+    ends = " | ".join(f"{f[f'{k}_e2e_mean']:.2f} / {f[f'{k}_e2e_p99']:.2f}" for k in KINDS)
+    return (f"| {engine} | {kind} {load:g} | {f['tokens_per_s']:.1f} | {f['goodput_per_s']:.2f} | "
+            f"{f[f'{first}_ttft_p50']:.2f} / {f[f'{first}_ttft_p99']:.2f} | {ends} | "
+            f"{f['itl_p50']:.3f} / {f['itl_p99']:.3f} | {f['failed']} |")
 
 
 def plot(results: list, path: Path):
@@ -302,12 +315,12 @@ def start_server(engine: str, port: int, args) -> subprocess.Popen:
                    "--port", str(port), "--n_ctx", str(args.max_seq_length), "--n_threads", str(args.threads),
                    "--n_threads_batch", str(args.threads), "--interrupt_requests", "False"]
     else:
-        _, schedule, *chunk = engine.split("-")  # brisk-mlfq, or brisk-mlfq-64: prefill chunks of 64 tokens
+        _, schedule, *chunk = engine.split("-")  # brisk-mlfq, or brisk-mlfq-64: chunks of 64 beside decoding
         command = [sys.executable, "serve.py", "--port", str(port), "--slots", str(args.slots), "--schedule",
                    schedule, "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
                    "--checkpoint_path", str(args.checkpoint_path), "--device", args.device,
                    *(["--compile"] if args.compile else []),
-                   *(["--prefill_chunk", chunk[0]] if chunk else [])]
+                   *(["--mixed_chunk", chunk[0]] if chunk else [])]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
 
@@ -330,20 +343,22 @@ def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float
 
 def engine_name(name: str) -> str:
     if not re.fullmatch(r"brisk-(mlfq|fcfs)(-[1-9][0-9]*)?|llama-server|llama-cpp", name):
-        raise argparse.ArgumentTypeError(f"{name}: use brisk-mlfq, brisk-fcfs (either with a prefill chunk: "
-                                         "brisk-mlfq-64), llama-server or llama-cpp")
+        raise argparse.ArgumentTypeError(f"{name}: use brisk-mlfq, brisk-fcfs (either with a prompt chunk beside "
+                                         "decoding: brisk-mlfq-64), llama-server or llama-cpp")
     return name
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", nargs="+", default=["brisk-mlfq", "brisk-fcfs", "llama-server"],
-                        type=engine_name, help="brisk-mlfq, brisk-fcfs (a suffix sets brisk's --prefill_chunk: "
+                        type=engine_name, help="brisk-mlfq, brisk-fcfs (a suffix sets brisk's --mixed_chunk: "
                         "brisk-mlfq-64), llama-server, llama-cpp")
     parser.add_argument("--rates", nargs="*", type=float, default=[0.5, 1.0], help="open loop: requests/s")
     parser.add_argument("--clients", type=int, help="closed loop with this many clients instead of --rates")
     parser.add_argument("--requests", type=int, default=40, help="requests per run")
     parser.add_argument("--long_share", type=float, default=0.2, help="share of long requests")
+    parser.add_argument("--uniform", nargs=2, type=int, metavar=("WORDS", "TOKENS"),
+                        help="every request alike instead: a prompt of WORDS words, TOKENS tokens")
     parser.add_argument("--slots", type=int, default=8, help="brisk's --slots, llama-server's --parallel")
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
                         help="brisk's checkpoint (llama.cpp's servers run the embedded GGUF)")
@@ -362,10 +377,14 @@ def main(argv=None):
     parser.add_argument("--plot", type=Path, help="a PNG of end-to-end latency against load")
     args = parser.parse_args(argv)
     text = args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else FALLBACK_TEXT
+    if args.uniform:
+        KINDS.clear()
+        KINDS["uniform"] = tuple(args.uniform)
     loads = [("clients", args.clients)] if args.clients else [("rate", rate) for rate in args.rates]
-    print("| engine | load | tok/s | goodput req/s | short TTFT p50 / p99 | short e2e mean / p99 | "
-          "long e2e mean / p99 | ITL p50 / p99 | failed |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    ends = " | ".join(f"{kind} e2e mean / p99" for kind in KINDS)
+    print(f"| engine | load | tok/s | goodput req/s | {next(iter(KINDS))} TTFT p50 / p99 | {ends} | "
+          "ITL p50 / p99 | failed |")
+    print("| --- " * (7 + len(KINDS)) + "|")
     results = []
     for engine in args.engines:
         port = free_port()
@@ -378,18 +397,14 @@ def main(argv=None):
                 print(json.dumps(results[-1]), flush=True)
                 continue
             for kind, load in loads:
-                jobs = workload(text, args.requests, args.long_share, load if kind == "rate" else 0, args.seed)
+                jobs = workload(text, args.requests, None if args.uniform else args.long_share,
+                                load if kind == "rate" else 0, args.seed)
                 duration = args.duration or float("inf")
                 wall = (run_open_loop(port, jobs, args.timeout, duration) if kind == "rate"
                         else run_closed_loop(port, jobs, load, args.timeout, duration))
                 figures = {"engine": engine, kind: load, **summary(jobs, wall, args.slo_ttft, args.slo_tpot)}
                 results.append(figures)
-                f = figures
-                print(f"| {engine} | {kind} {load:g} | {f['tokens_per_s']:.1f} | {f['goodput_per_s']:.2f} | "
-                      f"{f['short_ttft_p50']:.2f} / {f['short_ttft_p99']:.2f} | "
-                      f"{f['short_e2e_mean']:.2f} / {f['short_e2e_p99']:.2f} | "
-                      f"{f['long_e2e_mean']:.2f} / {f['long_e2e_p99']:.2f} | "
-                      f"{f['short_itl_p50']:.3f} / {f['short_itl_p99']:.3f} | {f['failed']} |", flush=True)
+                print(table_row(engine, kind, load, figures), flush=True)
         finally:
             server.send_signal(signal.SIGINT)
             try:

@@ -94,21 +94,45 @@ def test_a_preempted_request_resumes_where_it_was_and_both_get_what_they_get_alo
     assert engine.counts["preemptions"] >= 1 and engine.counts["swaps_in"] == engine.counts["preemptions"]
 
 
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_a_mixed_pass_gives_the_logits_of_its_decode_step_and_its_chunk_apart(tiny_dir, kv_cache):
+    """mixed_step.py: two rows decoding and a third row's prompt chunk in one pass, against the same decode step
+    and the same chunk run as two passes on a copy of the cache."""
+    model = quantized_kv_cache.use(prepare(load_model(tiny_dir), "cpu"), kv_cache)
+    runner = ModelRunner(model, rows=3, max_seq_length=128)
+    for row, prompt in enumerate([list(range(10, 30)), list(range(50, 62))]):
+        runner.prefill(row, prompt, 0, 128)
+    runner.prefill(2, list(range(70, 80)), 0, 128)  # the first chunk of row 2's prompt
+    saved = [buffer.clone() for buffer in model.buffers()]
+    decode = ([7, 9], [20, 12], 128)
+    chunk = (2, list(range(80, 96)), 10, 128)
+    with torch.no_grad():
+        mixed, mixed_chunk = runner.mixed(*decode, *chunk)
+        for buffer, kept in zip(model.buffers(), saved):
+            buffer.copy_(kept)
+        apart, apart_chunk = runner.decode_rows(*decode), runner.prefill(*chunk)
+    torch.testing.assert_close(mixed, apart, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed_chunk, apart_chunk, rtol=1e-4, atol=1e-4)
+
+
 def test_each_request_is_charged_the_time_of_the_work_done_for_it(tiny_dir):
     """What MLFQ's clock counts: a prompt's chunk is charged to that request alone, a decode step to the
-    requests it decoded, so a decoding request does not pay for another's prefill."""
-    charged = []  # the prompt lengths of the requests in each charge, in order
+    requests it decoded, and a pass that does both is shared by its tokens, so a decoding request does not pay
+    for another's prefill."""
+    charged = []  # each charge: the prompt lengths of the requests charged, and the seconds
 
     class Recording(FirstComeFirstServed):
         def charge(self, running: list, seconds: float, now: float):
-            charged.append(sorted(len(request.prompt) for request in running))
+            charged.append((sorted(len(request.prompt) for request in running), seconds))
 
     runner = ModelRunner(prepare(load_model(tiny_dir), "cpu"), rows=2, max_seq_length=256)
-    engine = Engine(runner, Recording(), prefill_chunk=16)
+    engine = Engine(runner, Recording(), prefill_chunk=16, mixed_chunk=16)
     run_engine(engine, [Request([5, 17, 33], 4), Request(list(range(40, 80)), 2)])
-    # A (3 tokens) is prefilled and decodes; B's 40 tokens go in 3 chunks, one per iteration beside A's steps;
-    # a request that has just made its last token is not charged (A in the 3rd step, B in the 4th)
-    assert charged == [[3], [3], [40], [3], [40], [40]]
+    # A (3 tokens) is prefilled alone; B's 40 tokens go in 3 chunks (16, 16, 8), each in one pass with A's decode
+    # step; a request that has just made its last token is not charged (A in the 4th pass, B in the 5th)
+    assert [lengths for lengths, _ in charged] == [[3], [40], [3], [40], [3], [40]]
+    for (_, chunk_seconds), (_, decode_seconds) in (charged[1:3], charged[3:5]):
+        assert chunk_seconds == pytest.approx(16 * decode_seconds)
 
 
 @pytest.mark.parametrize("kv_cache", ["float", "int8"])
