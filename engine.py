@@ -277,8 +277,8 @@ class Engine:
             self.place(request)
         # one pass: the next chunk of the first row still prefilling beside a decode step over the rows decoding,
         # or either alone; each request is charged the time of the work done for it
-        prefilling = next((row for row, request in enumerate(self.rows) if request is not None and not request.decoding),
-                          None)
+        prefilling = next((row for row, request in enumerate(self.rows)
+                           if request is not None and not request.decoding), None)
         decoding = [request for request in self.rows if request is not None and request.decoding]
         chunk_request, started = self.rows[prefilling] if prefilling is not None else None, time.perf_counter()
         if chunk_request and decoding:

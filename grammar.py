@@ -31,7 +31,8 @@ class Vocabulary:
 
     def __init__(self, tokenizer: Tokenizer):
         special = set(tokenizer.special_tokens.values())
-        self.tokens = [b"\xff" + piece if id_ in special else piece for id_, piece in enumerate(tokenizer.token_bytes())]
+        self.tokens = [b"\xff" + piece if id_ in special else piece
+                       for id_, piece in enumerate(tokenizer.token_bytes())]
         self.special_token_ids = sorted(special)
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
         self.encode = tokenizer.encode

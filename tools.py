@@ -63,7 +63,9 @@ def parse_tool_calls(text: str) -> Optional[list]:
             call = json.loads(block)
         except ValueError:
             return None
-        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        if not isinstance(call.get("arguments"), dict):
             return None
         calls.append((call["name"], call["arguments"]))
     return calls

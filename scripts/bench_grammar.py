@@ -145,6 +145,7 @@ def main(argv=None):
     parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--seeds", type=int, default=1, help="answers per schema (seeds 0, 1, ...)")
     parser.add_argument("--max_tokens", type=int, default=400)
+    parser.add_argument("--schemas", type=int, default=len(SCHEMAS), help="the first this many schemas only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -158,7 +159,7 @@ def main(argv=None):
     with torch.no_grad():
         steps, masks, failures, tokens = [], [], [], 0
         for seed in range(args.seeds):
-            for question, schema in SCHEMAS:
+            for question, schema in SCHEMAS[:args.schemas]:
                 text, step_seconds, grammar_seconds = constrained_answer(runner, tokenizer, vocabulary, question,
                                                                          schema, seed, args.max_tokens)
                 steps, masks, tokens = steps + step_seconds, masks + grammar_seconds, tokens + len(step_seconds)
@@ -168,7 +169,7 @@ def main(argv=None):
                     failures.append((question, text, str(error).splitlines()[0]))
         eight_rows = step_over_rows(runner, 8, 60)
     step, mask = statistics.median(steps), statistics.median(masks)
-    answers = args.seeds * len(SCHEMAS)
+    answers = args.seeds * len(SCHEMAS[:args.schemas])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.checkpoint_path}; "
           f"the vocabulary's grammar index built in {index_seconds * 1000:.0f} ms", file=sys.stderr)
     print(f"{answers - len(failures)} of {answers} answers parse and validate ({tokens} tokens)")

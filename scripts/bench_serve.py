@@ -16,8 +16,15 @@ sequence for every server. Closed loop (--clients N): N clients each send their 
 last one is answered. Every request streams, greedy, past the end-of-text token where the server allows it
 (`ignore_eos`). Recorded per request: time to first token (TTFT), time per output token after the first
 (TPOT), the gaps between streamed tokens (ITL) and end-to-end latency; per run: output tokens/s, and goodput
-(requests/s that met --slo_ttft and --slo_tpot). Prompts come from --prompt_file (any text), else from a
-built-in paragraph.
+(requests/s that met --slo_ttft and --slo_tpot). --uniform WORDS TOKENS makes every request alike. Prompts
+come from --prompt_file (any text), else from a built-in paragraph.
+
+Chats (--chat_turns N): --clients clients at once (default 4), each holding a chat of N turns that starts
+with --history_words words of the text and a question, each next turn adding the answer and a follow-up, as a
+chat client resends the whole conversation; per turn, the time to first token and the prompt tokens the
+server reused (a server with prefix reuse, brisk's or llama-server's cache_prompt, prefills only what is new).
+
+    python scripts/bench_serve.py --engines brisk-mlfq llama-server --chat_turns 5 --prompt_file book.txt
 """
 import argparse
 import http.client
@@ -76,35 +83,83 @@ def workload(text: str, count: int, long_share: float, rate: float, seed: int) -
     return jobs
 
 
-def send(port: int, job: Job, timeout_s: float) -> dict:
-    """Stream one completion; what it took."""
-    body = {"prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+def stream(port: int, path: str, body: dict, timeout_s: float) -> dict:
+    """POST one streamed request; when each piece of text came, the text, the usage, or what went wrong."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    started, times, usage = time.perf_counter(), [], None
+    started, times, text, usage = time.perf_counter(), [], "", None
     try:
-        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
         if response.status != 200:
-            return {"kind": job.kind, "ok": False, "status": response.status}
+            return {"ok": False, "status": response.status}
         for line in response:
             if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
+            usage = chunk.get("usage") or usage
+            choice = (chunk.get("choices") or [{}])[0]
+            piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+            if piece:
                 times.append(time.perf_counter())
+                text += piece
     except (OSError, http.client.HTTPException) as error:
-        return {"kind": job.kind, "ok": False, "error": str(error)}
+        return {"ok": False, "error": str(error)}
     finally:
         connection.close()
-    ended = time.perf_counter()
-    tokens = usage["completion_tokens"] if usage else len(times)
     if not times:
-        return {"kind": job.kind, "ok": False, "error": "no text"}
+        return {"ok": False, "error": "no text"}
+    return {"ok": True, "started": started, "ended": time.perf_counter(), "times": times, "text": text,
+            "usage": usage}
+
+
+def send(port: int, job: Job, timeout_s: float) -> dict:
+    """Stream one completion; what it took."""
+    body = {"prompt": job.prompt, "max_tokens": job.max_tokens, "temperature": 0, "ignore_eos": True}
+    result = stream(port, "/v1/completions", body, timeout_s)
+    if not result["ok"]:
+        return {"kind": job.kind, **result}
+    times, started, ended = result["times"], result["started"], result["ended"]
+    tokens = result["usage"]["completion_tokens"] if result["usage"] else len(times)
     return {"kind": job.kind, "ok": True, "tokens": tokens, "ttft": times[0] - started, "e2e": ended - started,
             "tpot": (ended - times[0]) / max(tokens - 1, 1), "itl": [b - a for a, b in zip(times, times[1:])]}
+
+
+def chat(port: int, history: str, turns: int, max_tokens: int, timeout_s: float) -> list:
+    """One client's chat: the history and a question, then turns - 1 follow-ups, each with every earlier turn
+    (what a chat client sends); each turn's time to first token and the prompt tokens the server says it reused
+    (None where it does not say)."""
+    messages, results = [{"role": "user", "content": history + "\n\nWhat is this text about?"}], []
+    for turn in range(turns):
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        result = stream(port, "/v1/chat/completions", body, timeout_s)
+        if not result["ok"]:
+            results.append({"ok": False, **result})
+            break
+        usage = result["usage"] or {}
+        results.append({"ok": True, "ttft": result["times"][0] - result["started"],
+                        "prompt_tokens": usage.get("prompt_tokens"),
+                        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")})
+        messages += [{"role": "assistant", "content": result["text"]},
+                     {"role": "user", "content": f"Tell me more about part {turn + 2}."}]
+    return results
+
+
+def run_chats(port: int, text: str, clients: int, turns: int, history_words: int, max_tokens: int,
+              timeout_s: float) -> list:
+    """clients chats at once, each over its own window of the text: each client's turns."""
+    words, results = text.split(), [None] * clients
+
+    def client(index):
+        start = index * len(words) // clients % max(1, len(words) - history_words)
+        results[index] = chat(port, " ".join(words[start:start + history_words]), turns, max_tokens, timeout_s)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s * turns)
+    return results
 
 
 def run_open_loop(port: int, jobs: list, timeout_s: float, duration_s: float = float("inf")) -> float:
@@ -147,70 +202,6 @@ def run_closed_loop(port: int, jobs: list, clients: int, timeout_s: float, durat
     return time.perf_counter() - started
 
 
-MALFORMED = [b"{not json", b"[1, 2]", b'{"prompt": "hi", "max_tokens": "ten"}', b'{"prompt": "hi", "n": 3}',
-             b'{"prompt": "hi", "temperature": -1}', b'{"max_tokens": 4}']
-
-
-def soak_request(port: int, rng: random.Random, words: list, timeout_s: float) -> str:
-    """One request of the soak: malformed (10%), dropped after its first streamed chunk (10%), or a short
-    completion; its outcome: "ok", "refused" (a 4xx with a JSON error), "dropped", or what went wrong."""
-    draw = rng.random()
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        if draw < 0.1:
-            connection.request("POST", "/v1/completions", rng.choice(MALFORMED), {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            error = json.loads(response.read()).get("error", {})
-            return "refused" if 400 <= response.status < 500 and error.get("message") else f"bad {response.status}"
-        start = rng.randrange(len(words) - 8)
-        body = {"prompt": " ".join(words[start:start + 6]), "max_tokens": rng.randint(1, 6), "stream": draw < 0.6,
-                "ignore_eos": True}
-        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        response = connection.getresponse()
-        if response.status != 200:
-            return f"status {response.status}"
-        if draw < 0.2:
-            response.fp.readline()
-            connection.sock.close()
-            return "dropped"
-        response.read()
-        return "ok"
-    except (OSError, http.client.HTTPException, ValueError) as error:
-        return f"error {type(error).__name__}"
-    finally:
-        connection.close()
-
-
-def resident_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
-def soak(port: int, pid: int, seconds: float, clients: int, text: str, timeout_s: float) -> dict:
-    """clients clients sending soak requests back to back for `seconds`; outcomes, and the server's resident
-    memory each minute (its growth from the first minute to the last)."""
-    outcomes, lock, deadline, words = {}, threading.Lock(), time.monotonic() + seconds, text.split()
-
-    def client(seed):
-        rng = random.Random(seed)
-        while time.monotonic() < deadline:
-            outcome = soak_request(port, rng, words, timeout_s)
-            with lock:
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(clients)]
-    for thread in threads:
-        thread.start()
-    memory = []
-    while any(thread.is_alive() for thread in threads):
-        memory.append(resident_mb(pid))
-        time.sleep(min(60.0, max(0.0, deadline - time.monotonic())) or 1.0)
-    for thread in threads:
-        thread.join()
-    return {"requests": sum(outcomes.values()), "outcomes": outcomes, "resident_mb": memory,
-            "growth": memory[-1] / memory[1] - 1 if len(memory) > 2 else 0.0}
-
-
 def percentile(values: list, p: float) -> float:
     if not values:
         return float("nan")
@@ -247,6 +238,22 @@ def table_row(engine: str, kind: str, load: float, f: dict) -> str:
     return (f"| {engine} | {kind} {load:g} | {f['tokens_per_s']:.1f} | {f['goodput_per_s']:.2f} | "
             f"{f[f'{first}_ttft_p50']:.2f} / {f[f'{first}_ttft_p99']:.2f} | {ends} | "
             f"{f['itl_p50']:.3f} / {f['itl_p99']:.3f} | {f['failed']} |")
+
+
+def print_chats(engine: str, chats: list):
+    """Each turn's time to first token (median and slowest over the clients) and reused prompt tokens."""
+    print(f"\n{engine}: chats of {len(chats)} clients\n\n| turn | first token p50 / max s | prompt tokens | "
+          "reused (cached_tokens) | failed |\n| --- | --- | --- | --- | --- |")
+    for turn in range(max(len(turns) for turns in chats)):
+        results = [turns[turn] for turns in chats if len(turns) > turn]
+        done = [r for r in results if r["ok"]]
+        ttft = [r["ttft"] for r in done]
+        prompt = [r["prompt_tokens"] for r in done if r["prompt_tokens"] is not None]
+        cached = [r["cached_tokens"] for r in done if r["cached_tokens"] is not None]
+        first_token = f"{statistics.median(ttft):.2f} / {max(ttft):.2f}" if ttft else "-"
+        print(f"| {turn + 1} | {first_token} | " + (f"{statistics.fmean(prompt):.0f}" if prompt else "-") + " | "
+              + (f"{statistics.fmean(cached):.0f}" if cached else "not said") + f" | {len(results) - len(done)} |",
+              flush=True)
 
 
 def plot(results: list, path: Path):
@@ -305,7 +312,8 @@ def llama_server() -> Path:
     return binary
 
 
-def start_server(engine: str, port: int, args) -> subprocess.Popen:
+def start_server(engine: str, port: int, args, brisk_flags: tuple = ()) -> subprocess.Popen:
+    """One server on 127.0.0.1:port, of the flags server_flags added (brisk_flags: more of serve.py's)."""
     if engine == "llama-server":  # --slots slots, each with --max_seq_length tokens of context
         command = [str(llama_server()), "--model", str(embedded_gguf()), "--host", "127.0.0.1", "--port", str(port),
                    "--parallel", str(args.slots), "--ctx-size", str(args.slots * args.max_seq_length),
@@ -320,9 +328,29 @@ def start_server(engine: str, port: int, args) -> subprocess.Popen:
                    schedule, "--max_seq_length", str(args.max_seq_length), "--max_waiting", "100000",
                    "--checkpoint_path", str(args.checkpoint_path), "--device", args.device,
                    *(["--compile"] if args.compile else []),
-                   *(["--mixed_chunk", chunk[0]] if chunk else [])]
+                   *(["--mixed_chunk", chunk[0]] if chunk else []), *brisk_flags]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+
+
+def stop_server(process: subprocess.Popen):
+    """Ctrl-C, as a user stops it; killed if it has not stopped within a minute."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def server_flags(parser: argparse.ArgumentParser):
+    """The flags start_server reads: which model, slots, context, device and threads."""
+    parser.add_argument("--slots", type=int, default=8, help="brisk's --slots, llama-server's --parallel")
+    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="brisk's checkpoint (llama.cpp's servers run the embedded GGUF)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="brisk's --device")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="brisk's decode step compiled")
+    parser.add_argument("--max_seq_length", type=int, default=2048)
 
 
 def wait_ready(port: int, path: str, process: subprocess.Popen, timeout_s: float):
@@ -359,20 +387,17 @@ def main(argv=None):
     parser.add_argument("--long_share", type=float, default=0.2, help="share of long requests")
     parser.add_argument("--uniform", nargs=2, type=int, metavar=("WORDS", "TOKENS"),
                         help="every request alike instead: a prompt of WORDS words, TOKENS tokens")
-    parser.add_argument("--slots", type=int, default=8, help="brisk's --slots, llama-server's --parallel")
-    parser.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT,
-                        help="brisk's checkpoint (llama.cpp's servers run the embedded GGUF)")
+    server_flags(parser)
     parser.add_argument("--duration", type=float, help="seconds after which a run sends no new request")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="brisk's --device")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="brisk's decode step compiled")
-    parser.add_argument("--max_seq_length", type=int, default=2048)
     parser.add_argument("--prompt_file", type=Path, help="text the prompts are cut from (default: built in)")
     parser.add_argument("--slo_ttft", type=float, default=2.0, help="goodput: time to first token, seconds")
     parser.add_argument("--slo_tpot", type=float, default=0.5, help="goodput: time per output token, seconds")
     parser.add_argument("--timeout", type=float, default=600, help="seconds one request may take")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--soak", type=float, help="seconds of soak (with --clients, default 8) instead of a load")
+    parser.add_argument("--chat_turns", type=int, help="instead of a load: --clients chats (default 4) of this many "
+                        "turns each, over a history of --history_words words")
+    parser.add_argument("--history_words", type=int, default=750, help="a chat's first message, in words")
+    parser.add_argument("--chat_tokens", type=int, default=32, help="tokens of each chat answer")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="a PNG of end-to-end latency against load")
     args = parser.parse_args(argv)
@@ -381,20 +406,22 @@ def main(argv=None):
         KINDS.clear()
         KINDS["uniform"] = tuple(args.uniform)
     loads = [("clients", args.clients)] if args.clients else [("rate", rate) for rate in args.rates]
-    ends = " | ".join(f"{kind} e2e mean / p99" for kind in KINDS)
-    print(f"| engine | load | tok/s | goodput req/s | {next(iter(KINDS))} TTFT p50 / p99 | {ends} | "
-          "ITL p50 / p99 | failed |")
-    print("| --- " * (7 + len(KINDS)) + "|")
+    if not args.chat_turns:
+        ends = " | ".join(f"{kind} e2e mean / p99" for kind in KINDS)
+        print(f"| engine | load | tok/s | goodput req/s | {next(iter(KINDS))} TTFT p50 / p99 | {ends} | "
+              "ITL p50 / p99 | failed |")
+        print("| --- " * (7 + len(KINDS)) + "|")
     results = []
     for engine in args.engines:
         port = free_port()
         server = start_server(engine, port, args)
         try:
             wait_ready(port, "/v1/models" if engine == "llama-cpp" else "/health", server, 600)
-            if args.soak:
-                results.append({"engine": engine, **soak(port, server.pid, args.soak, args.clients or 8, text,
-                                                         args.timeout)})
-                print(json.dumps(results[-1]), flush=True)
+            if args.chat_turns:
+                chats = run_chats(port, text, args.clients or 4, args.chat_turns, args.history_words,
+                                  args.chat_tokens, args.timeout)
+                results.append({"engine": engine, "chats": chats})
+                print_chats(engine, chats)
                 continue
             for kind, load in loads:
                 jobs = workload(text, args.requests, None if args.uniform else args.long_share,
@@ -406,11 +433,7 @@ def main(argv=None):
                 results.append(figures)
                 print(table_row(engine, kind, load, figures), flush=True)
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=2))

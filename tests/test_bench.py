@@ -14,12 +14,14 @@ from conftest import ROOT
 from model_args import ModelArgs
 from scripts.bench import main
 from scripts.bench_gpu import main as bench_gpu
+from scripts.bench_grammar import main as bench_grammar
 from scripts.bench_kernels import main as bench_kernels
 from scripts.bench_peers import main as bench_peers
 from scripts.bench_scaling import main as bench_scaling
 from scripts.bench_serve import LLAMA_CPP_PYTHON, llama_server
 from scripts.bench_serve import main as bench_serve
 from scripts.bench_tp import main as bench_tp
+from scripts.soak_serve import main as soak_serve
 from scripts.random_checkpoint import main as write_random
 from tokenizer import load_tokenizer
 
@@ -122,6 +124,36 @@ def test_bench_serve_loads_a_server_and_reports_every_request(tiny_dir, tmp_path
     [run] = json.loads(output.read_text())["results"]
     assert (run["engine"], run["clients"], run["requests"], run["failed"]) == ("brisk-mlfq", 2, 3, 0)
     assert run["tokens_per_s"] > 0 and run["short_ttft_p50"] <= run["short_e2e_p50"]
+
+
+def test_bench_serve_chats_reuse_each_earlier_turn(tiny_dir, tmp_path):
+    output = tmp_path / "chats.json"
+    assert bench_serve(["--engines", "brisk-mlfq", "--checkpoint_path", str(tiny_dir), "--chat_turns", "3",
+                        "--clients", "2", "--history_words", "8", "--chat_tokens", "4", "--slots", "2",
+                        "--max_seq_length", "512", "--json", str(output)]) == 0
+    [run] = json.loads(output.read_text())["results"]
+    for turns in run["chats"]:
+        assert [turn["ok"] for turn in turns] == [True] * 3
+        for earlier, later in zip(turns, turns[1:]):
+            assert later["cached_tokens"] >= earlier["prompt_tokens"] and later["ttft"] > 0
+
+
+def test_a_short_soak_answers_or_refuses_every_kind_of_request(tiny_dir, tmp_path):
+    output = tmp_path / "soak.json"
+    assert soak_serve(["--checkpoint_path", str(tiny_dir), "--seconds", "8", "--clients", "2", "--slots", "2",
+                       "--max_seq_length", "256", "--json", str(output)]) == 0
+    run = json.loads(output.read_text())
+    assert run["requests"] > 0 and set(run["outcomes"]) <= {"ok", "refused", "closed", "dropped",
+                                                             "structured, cut by max_tokens"}
+
+
+def test_bench_grammar_validates_each_answer_and_times_the_mask(smollm2_dir, tmp_path, capsys):
+    output = tmp_path / "grammar.json"
+    assert bench_grammar(["--checkpoint_path", str(smollm2_dir), "--schemas", "2", "--json", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert (result["answers"], result["failures"]) == (2, [])
+    assert len(result["mask_s"]) > len(result["step_s"]) > 0
+    assert "2 of 2 answers parse and validate" in capsys.readouterr().out
 
 
 def test_bench_scaling_draws_each_cache_type_and_fills_a_budget(tiny_dir, tmp_path):
