@@ -6,9 +6,10 @@ Two parts, as in nano-vLLM: the `ModelRunner` owns the model, its cache and ever
 each step, ended requests leave their rows, and the scheduler (scheduler.py) says which waiting requests
 join the free rows and which running ones give theirs up (preempted: their KV rows are copied out, and
 copied back into whichever row they get next); a joining prompt is prefilled one chunk per iteration, so
-that the others keep decoding beside it; then one decode step runs over the rows at once, each at its own
-position. A request's tokens come back through its queue as they are made (tokenizer.TextStream turns them
-into text); what the engine counts is metrics.py's. serve.py puts HTTP in front of this.
+that the others keep decoding beside it, in the same pass as their decode step over the rows, each at its own
+position (mixed_step.py). A request's tokens come back through its events as they are made, masked by its
+grammar where it has one (grammar.py); what the engine counts is metrics.py's. api.py puts HTTP in front of
+this.
 """
 import collections
 import queue
@@ -263,8 +264,8 @@ class Engine:
         self.runner.stop()
 
     def iteration(self):
-        """End the cancelled requests, preempt and join as the scheduler says, one prefill chunk, one decode
-        step."""
+        """End the cancelled requests, preempt and join as the scheduler says, then one pass: a prompt's chunk
+        beside a decode step, or either alone."""
         now = time.perf_counter()
         with self.condition:
             for request in self.scheduler.waiting(now) + list(filter(None, self.rows)):
@@ -281,13 +282,13 @@ class Engine:
                            if request is not None and not request.decoding), None)
         decoding = [request for request in self.rows if request is not None and request.decoding]
         chunk_request, started = self.rows[prefilling] if prefilling is not None else None, time.perf_counter()
-        if chunk_request and decoding:
+        if chunk_request is not None and decoding:
             chunk_length = self.mixed_step(prefilling)
             # every token of the pass costs alike: the chunk's share to its request, the rest to the decoding ones
             elapsed, tokens = time.perf_counter() - started, chunk_length + len(decoding)
             self.charge([chunk_request], elapsed * chunk_length / tokens)
             self.charge(decoding, elapsed * len(decoding) / tokens)
-        elif chunk_request:
+        elif chunk_request is not None:
             self.prefill(prefilling)
             self.charge([chunk_request], time.perf_counter() - started)
         elif decoding:
