@@ -115,9 +115,9 @@ class Reply:
                 "choices": choices}
 
     def whole(self):
-        texts = {id(choice): "" for choice in self.choices}
+        texts = {choice: "" for choice in self.choices}
         for choice, piece in self.pieces(watch_client=True):
-            texts[id(choice)] += piece
+            texts[choice] += piece
         reasons = {choice.finish_reason for choice in self.choices}
         if "cancelled" in reasons and self.handler.close_connection:
             return  # the client left: nobody to answer
@@ -125,7 +125,7 @@ class Reply:
             raise BadRequest(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down")
         choices = []
         for index, choice in enumerate(self.choices):
-            text = texts[id(choice)]
+            text = texts[choice]
             if choice.tool_calls:  # no text beside the calls: content null, as OpenAI's API gives it
                 answer = {"message": {"role": "assistant", "content": text or None, "tool_calls": choice.tool_calls}}
             else:

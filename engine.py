@@ -325,9 +325,7 @@ class Engine:
             request.swapped = False
             self.counts["swaps_in"] += 1
         else:
-            reused = min(shared[row], len(request.prompt) - 1)
-            request.prefilled = request.position = request.cached_tokens = reused
-            self.counts["cached_prompt_tokens"] += reused
+            self.reuse(request, min(shared[row], len(request.prompt) - 1))
 
     def prefill(self, row: int):
         """The next chunk of the row's prompt into the cache; after the last chunk, its first token."""
@@ -361,9 +359,14 @@ class Engine:
         source = max(shared, key=shared.get, default=None)
         if source is not None and shared[source] > request.prefilled:
             self.runner.run("copy_slots", source, row, shared[source])
-            self.counts["cached_prompt_tokens"] += shared[source] - request.prefilled
-            request.cached_tokens += shared[source] - request.prefilled
-            request.prefilled = request.position = shared[source]
+            self.reuse(request, shared[source])
+
+    def reuse(self, request: Request, length: int):
+        """The first `length` tokens of the request's prompt are in its row already, kept there or copied: they
+        count as cached, and its prefill goes on after them."""
+        self.counts["cached_prompt_tokens"] += length - request.prefilled
+        request.cached_tokens += length - request.prefilled
+        request.prefilled = request.position = length
 
     def decode_step(self):
         """One step over the rows decoding (decode_batch)."""

@@ -9,6 +9,7 @@ one, `chat_template.jinja`. Text as tokens come: `StreamDecoder` never shows hal
 `TextStream` (the server's) also holds back what may be the start of a stop string.
 """
 import base64
+import functools
 import json
 import os
 import re
@@ -88,11 +89,16 @@ class Tokenizer:
         "tool_calls", as transformers passes them) and, where given, the tools' function specs ([{"type":
         "function", "function": {...}}])."""
         names = {id_: text for text, id_ in self.special_tokens.items()}
-        return self.chat_environment().from_string(self.chat_template).render(
+        return self.compiled_chat_template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
             bos_token=names.get(self.bos_id, ""), eos_token=names.get(self.eos_id, ""))
 
-    @property
+    @functools.cached_property
+    def compiled_chat_template(self):
+        """The chat template, compiled once (a server renders it for every chat request)."""
+        return self.chat_environment().from_string(self.chat_template)
+
+    @functools.cached_property
     def supports_tools(self) -> bool:
         """Whether the chat template reads a list of tools."""
         from jinja2 import meta

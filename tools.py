@@ -63,9 +63,8 @@ def parse_tool_calls(text: str) -> Optional[list]:
             call = json.loads(block)
         except ValueError:
             return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return None
-        if not isinstance(call.get("arguments"), dict):
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(
+                call.get("arguments"), dict):
             return None
         calls.append((call["name"], call["arguments"]))
     return calls

@@ -77,9 +77,10 @@ def tools_server(hermes_dir):
 def test_tools_and_past_calls_render_as_transformers_renders_them(hermes_dir, smollm2_reference_tokenizer):
     from transformers import PreTrainedTokenizerFast
 
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
     conversation = [{"role": "system", "content": "Be brief."}, *ASK,
-                    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-                        "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
                     {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
     ours = load_tokenizer(hermes_dir).render_chat([chat_turn(message) for message in conversation], tools=TOOLS)
     reference = PreTrainedTokenizerFast(tokenizer_object=smollm2_reference_tokenizer)
